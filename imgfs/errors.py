@@ -1,0 +1,80 @@
+"""The one exception tree of imgfs.
+
+Owns: every error type the core raises. Must not know: errno values, exit codes,
+FUSE or the CLI (those translate these classes once, at their own boundary).
+
+    ImgfsError
+    ├── StoreError              the store as a whole cannot be used
+    │   ├── StoreNotFound       no store at the given or configured path
+    │   ├── ConfigError         storage.conf unreadable/invalid; unknown or ambiguous driver
+    │   └── StorePermissionError  the store exists but we may not read it
+    ├── NotFound                a name that does not exist (image, blob)
+    │   ├── ImageNotFound
+    │   └── BlobNotFound
+    ├── AmbiguousName           an ID prefix that matches several images
+    └── CorruptStore            store content that cannot be served correctly
+        ├── MalformedMetadata   JSON/record/tar-split that does not parse or is out of bounds
+        ├── LayerUnavailable    layer missing, incomplete, or without tar-split
+        ├── UnsafePath          a name from the store that would leave its directory
+        └── IntegrityError      size, CRC-64 or digest mismatch: never serve such bytes
+
+Every message names the image or layer it is about.
+"""
+
+from __future__ import annotations
+
+
+class ImgfsError(Exception):
+    """Base class of every error imgfs raises on purpose."""
+
+
+class StoreError(ImgfsError):
+    """The store as a whole cannot be used."""
+
+
+class StoreNotFound(StoreError):
+    """No containers/storage store at the path given or configured."""
+
+
+class ConfigError(StoreError):
+    """storage.conf is invalid, or the driver is unknown, unsupported or ambiguous."""
+
+
+class StorePermissionError(StoreError):
+    """The store exists, but this process may not read it."""
+
+
+class NotFound(ImgfsError):
+    """A name (image, blob) that does not exist."""
+
+
+class ImageNotFound(NotFound):
+    """No image with this ID, ID prefix or name."""
+
+
+class BlobNotFound(NotFound):
+    """The image has no blob with this digest."""
+
+
+class AmbiguousName(ImgfsError):
+    """An ID prefix that matches more than one image."""
+
+
+class CorruptStore(ImgfsError):
+    """Store content that cannot be served correctly."""
+
+
+class MalformedMetadata(CorruptStore):
+    """Metadata that does not parse, has the wrong shape, or exceeds a bound."""
+
+
+class LayerUnavailable(CorruptStore):
+    """A layer that is missing, incomplete, or has no tar-split to rebuild it from."""
+
+
+class UnsafePath(CorruptStore):
+    """A path taken from store metadata that would leave its directory."""
+
+
+class IntegrityError(CorruptStore):
+    """Content whose size, CRC-64 or digest does not match what the metadata promises."""

@@ -1,0 +1,373 @@
+"""The pyfuse3 adapter: the mounted tree served over FUSE.
+
+Owns: the inode table, open handles, the kernel cache policy (timeouts, keep_cache), the
+thread hand-off of blocking core calls, the live-view poller, and the ONE place where
+exceptions become errno values (``_errno_for``; every handler runs inside ``_boundary``).
+Must not know: store formats, tar-split, how blobs are generated (it calls the core).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from imgfs.errors import (
+    AmbiguousName,
+    CorruptStore,
+    ImgfsError,
+    NotFound,
+    StorePermissionError,
+)
+from imgfs.inodes import ROOT_INODE, InodeTable
+from imgfs.layerblob import LayerBlobs
+from imgfs.snapshots import Snapshot, SnapshotCache
+from imgfs.store import Store
+from imgfs.tree import ROOT, Node, NodeKey, Ownership, TreeView, build_view
+
+log = logging.getLogger(__name__)
+
+STABLE_TIMEOUT = 86400.0  # content-addressed entries never change
+NAME_TIMEOUT = 1.0  # names (images, tags) follow the store within the poll period
+POLL_SECONDS = 1.0
+BLOCK_SIZE = 1 << 20
+READ_AHEAD = 4 << 20
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errno_for(exc: BaseException) -> int:
+    """The errno for an exception that reached a handler (the only mapping there is)."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, NotFound | AmbiguousName):
+        return errno.ENOENT
+    if isinstance(exc, StorePermissionError):
+        return errno.EACCES
+    if isinstance(exc, CorruptStore | ImgfsError):
+        return errno.EIO
+    return errno.EIO
+
+
+def _boundary(handler: F) -> F:
+    """Run a handler so that only FUSEError leaves it (pyfuse3 unmounts on anything else)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            code = _errno_for(exc)
+            if isinstance(exc, ImgfsError):
+                level = logging.DEBUG if isinstance(exc, NotFound) else logging.ERROR
+                log.log(level, "%s: %s", handler.__name__, exc)
+            else:
+                log.exception("%s failed unexpectedly", handler.__name__)
+            raise pyfuse3.FUSEError(code) from None
+
+    return cast(F, wrapper)
+
+
+@dataclass
+class _Handle:
+    key: NodeKey
+    data: bytes | None = None  # small files, read whole at open
+    snapshot: Snapshot | None = None  # layer blobs, snapshot mode
+    reader: Any = None  # layer blobs, --direct mode (a LayerReader)
+    window: tuple[int, bytes] = (0, b"")  # --direct read-ahead buffer
+    listing: list[tuple[str, Node]] = field(default_factory=list)  # directories
+
+
+class Operations(pyfuse3.Operations):
+    """imgfs's pyfuse3 Operations. All state is touched on the trio thread only."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        store: Store,
+        blobs: LayerBlobs,
+        snapshots: SnapshotCache | None,
+        ownership: Ownership,
+        debug: bool = False,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.blobs = blobs
+        self.snapshots = snapshots
+        self.ownership = ownership
+        self.debug = debug
+        self.inodes = InodeTable(ROOT)
+        self.handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self.limiter = trio.CapacityLimiter(8)
+        self.view = build_view(store.images, _now_ns())
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    def _key(self, ino: int) -> NodeKey:
+        key = self.inodes.key(ino)
+        if key is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return cast(NodeKey, key)
+
+    def _attrs(self, node: Node, ino: int) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = ino
+        attrs.generation = 0
+        timeout = STABLE_TIMEOUT if node.stable else NAME_TIMEOUT
+        attrs.entry_timeout = timeout
+        attrs.attr_timeout = timeout
+        attrs.st_mode = self.ownership.mode(node.kind)
+        attrs.st_nlink = 2 if node.kind == "dir" else 1
+        attrs.st_uid = self.ownership.uid
+        attrs.st_gid = self.ownership.gid
+        attrs.st_size = node.size
+        attrs.st_blksize = BLOCK_SIZE
+        attrs.st_blocks = (node.size + 511) // 512
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = node.mtime_ns
+        return attrs
+
+    def _new_fh(self, handle: _Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    @_boundary
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._key(parent_inode)
+        text = os.fsdecode(name)
+        if text == ".":
+            node = await self._run(self.view.node, parent)
+        elif text == "..":
+            node = await self._run(self.view.node, parent[:-1] if len(parent) > 1 else ROOT)
+        else:
+            try:
+                node = await self._run(self.view.lookup, parent, text)
+            except NotFound:
+                negative = pyfuse3.EntryAttributes()
+                negative.st_ino = 0
+                negative.entry_timeout = NAME_TIMEOUT
+                return negative
+        return self._attrs(node, self.inodes.remember(node.key))
+
+    @_boundary
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        node = await self._run(self.view.node, self._key(inode))
+        return self._attrs(node, inode)
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = await self._run(self.view.node, self._key(inode))
+        if node.kind != "link":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        target: bytes = node.target
+        return target
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        listing = await self._run(self.view.children, self._key(inode))
+        return self._new_fh(_Handle(self._key(inode), listing=listing))
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self.handles[fh].listing
+        for index in range(start_id, len(listing)):
+            name, node = listing[index]
+            ino = self.inodes.ino(node.key)
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(name), self._attrs(node, ino), index + 1
+            ):
+                break
+            self.inodes.remember(node.key)
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            try:
+                self.inodes.forget(ino, count)
+            except Exception:  # forget must never raise
+                log.exception("forget(%d) failed", ino)
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = BLOCK_SIZE
+        data.f_namemax = 255
+        data.f_files = len(self.view.images)
+        return data
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = await self._run(self.view.node, self._key(inode))
+        for attr, value in node.xattrs:
+            if attr.encode() == name:
+                found: bytes = value
+                return found
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = await self._run(self.view.node, self._key(inode))
+        return [attr.encode() for attr, _ in node.xattrs]
+
+    @_boundary
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return not mode & os.W_OK
+
+    # -- files -------------------------------------------------------------------------------
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        key = self._key(inode)
+        node = await self._run(self.view.node, key)
+        if node.kind != "file":
+            raise pyfuse3.FUSEError(errno.EISDIR if node.kind == "dir" else errno.ELOOP)
+        view = self.view
+        data = await self._run(view.small_file, key)
+        if data is not None:
+            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(key, data=data)), keep_cache=True)
+        image, info = await self._run(view.blob, key)
+        source = await self._run(image.layer_source, info.digest)
+        handle = _Handle(key)
+        if self.snapshots is None:
+            handle.reader = await self._run(self.blobs.open_reader, source)
+        else:
+            produce = functools.partial(self.blobs.produce, source)
+            handle.snapshot = await self._run(
+                self.snapshots.acquire, f"{source.digest}:{source.layer_id}", source.size, produce
+            )
+        return pyfuse3.FileInfo(fh=self._new_fh(handle), keep_cache=True)
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        # pyfuse3 accepts any contiguous buffer: memoryviews avoid a copy.
+        handle = self.handles[fh]
+        if handle.data is not None:
+            return cast(bytes, memoryview(handle.data)[off : off + size])
+        if handle.snapshot is not None:
+            return cast(bytes, await self._read_snapshot(handle.snapshot, off, size))
+        return cast(bytes, await self._read_direct(handle, off, size))
+
+    async def _read_snapshot(self, snap: Snapshot, off: int, size: int) -> bytes | memoryview:
+        end = min(off + size, snap.size)
+        if end <= off:
+            return b""
+        if end <= snap.published:
+            buf = bytearray(end - off)
+            try:
+                got = os.preadv(snap.fd, [buf], off, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            if got == len(buf):
+                return memoryview(buf)
+        data: bytes = await self._run(snap.read, off, size)
+        return data
+
+    async def _read_direct(self, handle: _Handle, off: int, size: int) -> bytes | memoryview:
+        start, window = handle.window
+        if not (start <= off and off + size <= start + len(window)):
+            length = max(size, READ_AHEAD)
+            window = await self._run(handle.reader.read, off, length)
+            handle.window = (off, window)
+            start = off
+        return memoryview(window)[off - start : off - start + size]
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            return
+        if handle.snapshot is not None and self.snapshots is not None:
+            await self._run(self.snapshots.release, handle.snapshot)
+        if handle.reader is not None:
+            await self._run(handle.reader.close)
+
+    # -- live view ---------------------------------------------------------------------------
+
+    async def run_background(self) -> None:
+        """Poll the store's lock tokens and follow changes (pulls, rmi, tags)."""
+        while True:
+            await trio.sleep(POLL_SECONDS)
+            try:
+                changed = await self._run(self.store.changed)
+                if changed:
+                    await self._follow_change()
+            except Exception:
+                log.exception("refreshing the store view failed")
+
+    async def _follow_change(self) -> None:
+        old = self.view
+        new: TreeView = await self._run(build_view, self.store.images, _now_ns())
+        self.view = new
+        gone = set(old.images) - set(new.images)
+        log.info("store changed: %d images (%d removed)", len(new.images), len(gone))
+        for image_id in gone:
+            pyfuse3.invalidate_entry_async(ROOT_INODE, image_id.encode(), ignore_enoent=True)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            if handle.snapshot is not None and self.snapshots is not None:
+                self.snapshots.release(handle.snapshot)
+            if handle.reader is not None:
+                handle.reader.close()
+        self.handles.clear()
+        if self.snapshots is not None:
+            self.snapshots.close()
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def make_operations(
+    store: Store,
+    *,
+    cache_dir: str,
+    cache_size: int | None = None,
+    direct: bool = False,
+    uid: int | None = None,
+    gid: int | None = None,
+    umask: int | None = None,
+    debug: bool = False,
+) -> Operations:
+    """Wire the adapter: ownership from the store's graph root unless uid/gid are given."""
+    st = os.stat(store.graphroot)
+    ownership = Ownership(
+        uid=st.st_uid if uid is None else uid, gid=st.st_gid if gid is None else gid, umask=umask
+    )
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    if stat.S_IMODE(os.stat(cache_dir).st_mode) & 0o077:
+        log.warning("cache dir %s is readable by others", cache_dir)
+    blobs = LayerBlobs(index_dir=os.path.join(cache_dir, "index"))
+    snapshots = None if direct else SnapshotCache(cache_dir, cache_size, log=log)
+    return Operations(store, blobs, snapshots, ownership, debug=debug)

@@ -1,0 +1,590 @@
+"""The public library: a containers/storage store read as containers/image reads it.
+
+Owns: the consistent metadata snapshot of a store (images.json, layers.json and
+volatile-layers.json of every root, read under shared locks and re-read when a write token or a
+JSON file changes), the resolution of image references, and per image the manifest, config,
+signatures and blob list of DESIGN.md §1. It is the only module that opens store files, always
+through ``storefiles``, ``locks`` and ``layerfiles``.
+Must not know: FUSE, trio, inode numbers, the snapshot cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO, Literal
+
+from imgfs import config as configuration
+from imgfs import manifest as manifests
+from imgfs.digest import EMPTY_LAYER_BYTES, EMPTY_LAYER_DIGEST, is_digest, is_id
+from imgfs.errors import (
+    AmbiguousName,
+    BlobNotFound,
+    ImageNotFound,
+    IntegrityError,
+    LayerUnavailable,
+    MalformedMetadata,
+    StoreNotFound,
+    StorePermissionError,
+)
+from imgfs.locks import read_locked
+from imgfs.records import (
+    ImageRecord,
+    LayerRecord,
+    load_array,
+    parse_images,
+    parse_layers,
+    parse_signature_sizes,
+)
+from imgfs.signatures import split_signatures
+from imgfs.storefiles import (
+    RootLayout,
+    big_data_file_name,
+    file_state,
+    open_regular,
+    read_bounded,
+    read_file,
+)
+
+log = logging.getLogger(__name__)
+
+BlobKind = Literal["config", "layer", "manifest", "empty-layer"]
+MAX_BIG_DATA_BYTES = 64 << 20
+MAX_LAYER_DEPTH = 4096
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One blob an image directory offers."""
+
+    digest: str
+    size: int
+    media_type: str
+    kind: BlobKind
+    layer_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """Everything needed to rebuild one layer blob, resolved under the layers lock."""
+
+    layer_id: str
+    digest: str
+    size: int
+    tarsplit_path: str
+    content_dirs: tuple[str, ...]
+    what: str
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    images: dict[str, tuple[ImageRecord, RootLayout]]
+    layers: dict[str, LayerRecord]
+    state: tuple[object, ...]
+
+
+class Store:
+    """A containers/storage store, read-only. Thread-safe."""
+
+    def __init__(self, cfg: configuration.StoreConfig) -> None:
+        self.config = cfg
+        roots = [RootLayout(cfg.graphroot, cfg.driver)]
+        if cfg.imagestore and cfg.imagestore != cfg.graphroot:
+            roots.insert(0, RootLayout(cfg.imagestore, cfg.driver))
+        roots += [RootLayout(p, cfg.driver, read_only=True) for p in cfg.additional_image_stores]
+        self.roots: tuple[RootLayout, ...] = tuple(roots)
+        self._lock = threading.Lock()
+        self._snapshot: _Snapshot | None = None
+        self._check_exists()
+
+    @classmethod
+    def open(
+        cls, graphroot: str | None = None, runroot: str | None = None, driver: str | None = None
+    ) -> Store:
+        """Open the store at ``graphroot`` (None: the one podman would use)."""
+        if graphroot is not None and not os.path.isdir(graphroot):
+            raise StoreNotFound(f"no store at {graphroot}: not a directory")
+        return cls(configuration.resolve(graphroot, runroot, driver))
+
+    @property
+    def graphroot(self) -> str:
+        return self.config.graphroot
+
+    @property
+    def driver(self) -> str:
+        return self.config.driver
+
+    def images(self) -> list[Image]:
+        """Every image of the store, from one consistent snapshot, sorted by ID."""
+        snap = self._current()
+        return [
+            Image(self, snap, rec, root)
+            for rec, root in sorted(snap.images.values(), key=lambda p: p[0].id)
+        ]
+
+    def image(self, ref: str) -> Image:
+        """An image by full ID, unique ID prefix, name, or ``name@digest``."""
+        snap = self._current()
+        rec = _resolve(snap, ref)
+        return Image(self, snap, rec, snap.images[rec.id][1])
+
+    def changed(self) -> bool:
+        """True when the store changed since the last snapshot (cheap: tokens and mtimes)."""
+        with self._lock:
+            old = self._snapshot
+        return old is None or self._state() != old.state
+
+    def refresh(self) -> bool:
+        """Reload metadata if it changed; returns True if it did."""
+        with self._lock:
+            old = self._snapshot
+            snap = self._load(old)
+            self._snapshot = snap
+        return old is None or snap is not old
+
+    def _current(self) -> _Snapshot:
+        with self._lock:
+            self._snapshot = self._load(self._snapshot)
+            return self._snapshot
+
+    def _lock_paths(self) -> list[str]:
+        paths = [os.path.join(r.layers_dir, "layers.lock") for r in self.roots]
+        return paths + [os.path.join(r.images_dir, "images.lock") for r in self.roots]
+
+    def _json_paths(self, root: RootLayout) -> list[str]:
+        paths = [
+            os.path.join(root.layers_dir, "layers.json"),
+            os.path.join(root.layers_dir, "volatile-layers.json"),
+            os.path.join(root.images_dir, "images.json"),
+        ]
+        if root.root == self.config.graphroot and self.config.transient_store:
+            volatile = os.path.join(self.config.runroot, f"{root.driver}-layers")
+            paths.insert(2, os.path.join(volatile, "volatile-layers.json"))
+        return paths
+
+    def _state(self) -> tuple[object, ...]:
+        with read_locked(self._lock_paths()) as tokens:
+            return self._state_locked(tokens)
+
+    def _state_locked(self, tokens: tuple[bytes, ...]) -> tuple[object, ...]:
+        states = [file_state(p) for r in self.roots for p in self._json_paths(r)]
+        return (tokens, tuple(states))
+
+    def _load(self, old: _Snapshot | None) -> _Snapshot:
+        with read_locked(self._lock_paths()) as tokens:
+            state = self._state_locked(tokens)
+            if old is not None and old.state == state:
+                return old
+            layers = self._read_layers()
+            images = self._read_images()
+        return _Snapshot(images, layers, state)
+
+    def _read_layers(self) -> dict[str, LayerRecord]:
+        layers: dict[str, LayerRecord] = {}
+        for root in self.roots:
+            for path in self._json_paths(root):
+                if os.path.basename(path) == "images.json":
+                    continue
+                for rec in self._read_records(path, root, parse_layers_at=root.layers_dir):
+                    assert isinstance(rec, LayerRecord)
+                    layers.setdefault(rec.id, rec)
+        return layers
+
+    def _read_images(self) -> dict[str, tuple[ImageRecord, RootLayout]]:
+        images: dict[str, tuple[ImageRecord, RootLayout]] = {}
+        for root in self.roots:
+            path = os.path.join(root.images_dir, "images.json")
+            for rec in self._read_records(path, root, parse_layers_at=None):
+                assert isinstance(rec, ImageRecord)
+                images.setdefault(rec.id, (rec, root))
+        return images
+
+    def _read_records(
+        self, path: str, root: RootLayout, parse_layers_at: str | None
+    ) -> Sequence[ImageRecord | LayerRecord]:
+        try:
+            data = read_file(path, 256 << 20, path)
+        except MalformedMetadata:
+            raise
+        except OSError as exc:
+            raise MalformedMetadata(f"{path}: {exc.strerror}") from exc
+        if data is None:
+            return []
+        items = load_array(data, path)
+        records: Sequence[ImageRecord | LayerRecord]
+        if parse_layers_at is None:
+            records, skipped = parse_images(items, path)
+        else:
+            records, skipped = parse_layers(items, path, parse_layers_at)
+        for reason in skipped:
+            log.warning("skipped: %s", reason)
+        return records
+
+    def _check_exists(self) -> None:
+        primary = self.roots[0] if not self.config.imagestore else self.roots[1]
+        if not os.path.isdir(primary.root):
+            raise StoreNotFound(f"no store at {primary.root}")
+        if not os.access(primary.root, os.R_OK | os.X_OK):
+            raise StorePermissionError(f"{primary.root}: permission denied")
+        dirs = (primary.images_dir, primary.layers_dir)
+        if not any(os.path.isdir(d) for d in dirs):
+            raise StoreNotFound(
+                f"no {primary.driver} store at {primary.root} "
+                f"(neither {primary.driver}-images nor {primary.driver}-layers exists)"
+            )
+        for d in dirs:
+            if os.path.isdir(d) and not os.access(d, os.R_OK | os.X_OK):
+                raise StorePermissionError(f"{d}: permission denied")
+
+    def __repr__(self) -> str:
+        return f"Store({self.graphroot!r}, driver={self.driver!r})"
+
+
+class Image:
+    """One image of a store snapshot. Metadata reads are cached per object."""
+
+    def __init__(self, store: Store, snap: _Snapshot, rec: ImageRecord, root: RootLayout) -> None:
+        self._store = store
+        self._snap = snap
+        self.record = rec
+        self._root = root
+        self._cache: dict[str, bytes] = {}
+        self._cache_lock = threading.Lock()
+        self._parsed: manifests.Manifest | None = None
+        self._blobs: list[BlobInfo] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.record.names
+
+    @property
+    def digest(self) -> str | None:
+        """The image digest as containers/image reports it (big-data ``manifest`` digest)."""
+        return self.record.manifest_digest
+
+    @property
+    def created(self) -> datetime | None:
+        return self.record.created
+
+    @property
+    def what(self) -> str:
+        return f"image {self.id[:12]}"
+
+    def manifest(self) -> bytes:
+        """The stored primary manifest, byte for byte, checked against its recorded digest."""
+        return self._big_data("manifest")
+
+    def parsed_manifest(self) -> manifests.Manifest:
+        if self._parsed is None:
+            self._parsed = manifests.parse(self.manifest(), self.what)
+        return self._parsed
+
+    def config(self) -> bytes | None:
+        """The config blob the manifest names, or None (lists, schema1)."""
+        desc = self.parsed_manifest().config
+        if desc is None:
+            return None
+        return self._big_data(desc.digest)
+
+    def signatures(self) -> list[bytes]:
+        """Signature blobs of the primary manifest, as ``skopeo copy … dir:`` writes them."""
+        self._check_record()
+        sizes = parse_signature_sizes(self.record.metadata, self.what).default
+        if not sizes:
+            return []
+        return split_signatures(self._big_data("signatures"), sizes, self.what)
+
+    def blobs(self) -> list[BlobInfo]:
+        """Every blob this image offers (DESIGN.md §1), sizes known without reading content."""
+        if self._blobs is None:
+            self._blobs = self._list_blobs()
+        return list(self._blobs)
+
+    def _list_blobs(self) -> list[BlobInfo]:
+        man = self.parsed_manifest()
+        found: dict[str, BlobInfo] = {}
+        if man.config is not None:
+            size = self._big_data_size(man.config.digest)
+            found[man.config.digest] = BlobInfo(
+                man.config.digest, size, man.config.media_type, "config"
+            )
+        for info in [] if man.is_list else self.layer_infos(man):
+            found.setdefault(info.digest, info)
+        for info in self._manifest_blobs(man):
+            found.setdefault(info.digest, info)
+        return list(found.values())
+
+    def blob(self, digest: str) -> BlobInfo:
+        for info in self.blobs():
+            if info.digest == digest:
+                return info
+        raise BlobNotFound(f"{self.what} has no blob {digest}")
+
+    def read_small_blob(self, info: BlobInfo) -> bytes:
+        """Bytes of a config, manifest or empty-layer blob (not layers)."""
+        if info.kind == "empty-layer":
+            return EMPTY_LAYER_BYTES
+        if info.kind == "config":
+            return self._big_data(info.digest)
+        if info.kind == "manifest":
+            return self._manifest_blob_bytes(info.digest)
+        raise BlobNotFound(f"{self.what}: {info.digest} is a layer blob")
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        """A verified, seekable binary file object over one blob."""
+        import io
+
+        info = self.blob(digest)
+        if info.kind != "layer":
+            return io.BytesIO(self.read_small_blob(info))
+        from imgfs.layerblob import open_layer_blob
+
+        return open_layer_blob(self.layer_source(info.digest))
+
+    def layer_infos(self, man: manifests.Manifest | None = None) -> list[BlobInfo]:
+        """LayerInfosForCopy: the chain's uncompressed layers (+ schema1 empty layers)."""
+        man = man or self.parsed_manifest()
+        if man.is_list:
+            raise MalformedMetadata(f"{self.what}: a manifest list has no layers")
+        physical = [
+            BlobInfo(
+                rec.diff_digest or "",
+                rec.diff_size or 0,
+                man.uncompressed_layer_type,
+                "layer",
+                rec.id,
+            )
+            for rec in self.layer_chain()
+        ]
+        result: list[BlobInfo] = []
+        for desc, empty in zip(man.layers, man.empty_layers, strict=True):
+            if empty:
+                result.append(
+                    BlobInfo(
+                        EMPTY_LAYER_DIGEST, len(EMPTY_LAYER_BYTES), desc.media_type, "empty-layer"
+                    )
+                )
+            elif not physical:
+                raise MalformedMetadata(
+                    f"{self.what}: manifest names more layers than the store holds"
+                )
+            else:
+                result.append(physical.pop(0))
+        if physical:
+            raise MalformedMetadata(
+                f"{self.what}: the store holds {len(physical)} more layers than the manifest names"
+            )
+        return result
+
+    def layer_chain(self) -> list[LayerRecord]:
+        """The image's layers, base first; every one present, complete and sized."""
+        self._check_record()
+        chain: list[LayerRecord] = []
+        layer_id = self.record.layer
+        seen: set[str] = set()
+        while layer_id is not None:
+            rec = self._snap.layers.get(layer_id)
+            if rec is None or rec.incomplete:
+                state = "missing" if rec is None else "incomplete"
+                raise LayerUnavailable(f"{self.what}: layer {layer_id[:12]} is {state}")
+            if rec.problem:
+                raise MalformedMetadata(f"{self.what}: layer {layer_id[:12]}: {rec.problem}")
+            if rec.diff_digest is None or rec.diff_size is None:
+                raise LayerUnavailable(
+                    f"{self.what}: layer {layer_id[:12]} has no uncompressed digest or size"
+                )
+            if layer_id in seen or len(chain) >= MAX_LAYER_DEPTH:
+                raise MalformedMetadata(f"{self.what}: layer chain loops or is too deep")
+            seen.add(layer_id)
+            chain.append(rec)
+            layer_id = rec.parent
+        chain.reverse()
+        return chain
+
+    def layer_source(self, digest: str) -> LayerSource:
+        """Where to rebuild the layer blob ``digest`` of this image from."""
+        chain = self.layer_chain()
+        for depth, rec in enumerate(chain):
+            if rec.diff_digest == digest:
+                assert rec.diff_size is not None
+                return LayerSource(
+                    layer_id=rec.id,
+                    digest=digest,
+                    size=rec.diff_size,
+                    tarsplit_path=os.path.join(rec.source, f"{rec.id}.tar-split.gz"),
+                    content_dirs=self._content_dirs(list(reversed(chain[: depth + 1]))),
+                    what=f"layer {rec.id[:12]} of image {self.id[:12]}",
+                )
+        raise BlobNotFound(f"{self.what} has no layer {digest}")
+
+    def instances(self) -> list[tuple[str, str | None]]:
+        """For list images: (instance digest, ID of the image holding it or None)."""
+        man = self.parsed_manifest()
+        holders = {
+            d: rec.id
+            for rec, _ in self._snap.images.values()
+            for key, d in rec.big_data_digests.items()
+            if key.startswith("manifest")
+        }
+        return [(desc.digest, holders.get(desc.digest)) for desc in man.instances]
+
+    def _content_dirs(self, chain_top_first: list[LayerRecord]) -> tuple[str, ...]:
+        layers = chain_top_first if self._store.driver == "overlay" else chain_top_first[:1]
+        dirs = []
+        for rec in layers:
+            candidates = [r.content_dir(rec.id) for r in self._store.roots]
+            dirs.append(next((c for c in candidates if os.path.isdir(c)), candidates[0]))
+        return tuple(dirs)
+
+    def _manifest_blobs(self, man: manifests.Manifest) -> Iterator[BlobInfo]:
+        rec = self.record
+        primary = self.digest
+        if primary is not None:
+            yield BlobInfo(primary, self._big_data_size("manifest"), man.media_type, "manifest")
+        for key in rec.big_data_names:
+            digest = key.removeprefix("manifest-")
+            if key.startswith("manifest-") and is_digest(digest):
+                yield BlobInfo(digest, self._big_data_size(key), "", "manifest")
+        if man.is_list:
+            for digest, holder in self.instances():
+                if holder is not None and holder != self.id:
+                    other = self._snap.images[holder][0]
+                    size = other.big_data_sizes.get(f"manifest-{digest}")
+                    if size is not None:
+                        yield BlobInfo(digest, size, "", "manifest")
+
+    def _manifest_blob_bytes(self, digest: str) -> bytes:
+        if digest == self.digest:
+            return self.manifest()
+        if f"manifest-{digest}" in self.record.big_data_names:
+            return self._big_data(f"manifest-{digest}")
+        for instance, holder in self.instances():
+            if instance == digest and holder is not None:
+                other_rec, other_root = self._snap.images[holder]
+                other = Image(self._store, self._snap, other_rec, other_root)
+                return other._big_data(f"manifest-{digest}")
+        raise BlobNotFound(f"{self.what} has no manifest {digest}")
+
+    def _check_record(self) -> None:
+        if self.record.problem:
+            raise MalformedMetadata(f"{self.what}: {self.record.problem}")
+
+    def _big_data_size(self, key: str) -> int:
+        self._check_record()
+        size = self.record.big_data_sizes.get(key)
+        if size is None:
+            raise MalformedMetadata(f"{self.what}: no recorded size for big data {key!r:.80}")
+        return size
+
+    def _big_data(self, key: str) -> bytes:
+        with self._cache_lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        data = self._read_big_data(key)
+        self._verify_big_data(key, data)
+        with self._cache_lock:
+            self._cache[key] = data
+        return data
+
+    def _read_big_data(self, key: str) -> bytes:
+        self._check_record()
+        if key not in self.record.big_data_names:
+            raise BlobNotFound(f"{self.what} has no big data {key!r:.80}")
+        name = big_data_file_name(key)
+        what = f"{self.what}: big data {key!r:.80}"
+        if "/" in name:
+            raise MalformedMetadata(f"{what}: its file name would contain '/'")
+        lock = os.path.join(self._root.images_dir, "images.lock")
+        with read_locked([lock]):
+            dir_fd = self._open_image_dir()
+            try:
+                fd = open_regular(name, what, dir_fd=dir_fd)
+            except FileNotFoundError as exc:
+                raise MalformedMetadata(f"{what}: file {name} is missing") from exc
+            finally:
+                os.close(dir_fd)
+            try:
+                return read_bounded(fd, MAX_BIG_DATA_BYTES, what)
+            finally:
+                os.close(fd)
+
+    def _open_image_dir(self) -> int:
+        path = os.path.join(self._root.images_dir, self.id)
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError as exc:
+            raise ImageNotFound(f"{self.what}: removed from the store") from exc
+        except OSError as exc:
+            raise MalformedMetadata(f"{self.what}: cannot open {path}: {exc.strerror}") from exc
+
+    def _verify_big_data(self, key: str, data: bytes) -> None:
+        what = f"{self.what}: big data {key!r:.80}"
+        size = self.record.big_data_sizes.get(key)
+        if size is not None and size != len(data):
+            raise IntegrityError(f"{what}: {len(data)} bytes, recorded size {size}")
+        expected = self.record.big_data_digests.get(key)
+        if key.startswith("manifest"):
+            actual = manifests.digest_of(data, what)
+        else:
+            import hashlib
+
+            actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if is_digest(key) and actual != key:
+            raise IntegrityError(f"{what}: content digest is {actual}")
+        if expected is not None and actual != expected:
+            raise IntegrityError(f"{what}: content digest {actual} != recorded {expected}")
+
+
+def _resolve(snap: _Snapshot, ref: str) -> ImageRecord:
+    if is_id(ref) and ref in snap.images:
+        return snap.images[ref][0]
+    if 3 <= len(ref) < 64 and all(c in "0123456789abcdef" for c in ref):
+        matches = [rec for rec, _ in snap.images.values() if rec.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise AmbiguousName(f"ID prefix {ref} matches {len(matches)} images")
+    wanted = {ref, normalize_name(ref)}
+    for rec, _ in sorted(snap.images.values(), key=lambda p: p[0].id):
+        if wanted & set(rec.names):
+            return rec
+    name, _, digest = normalize_name(ref).partition("@")
+    if digest:
+        repo = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+        for rec, _ in sorted(snap.images.values(), key=lambda p: p[0].id):
+            digests = {d for k, d in rec.big_data_digests.items() if k.startswith("manifest")}
+            repos = {_repository(n) for n in rec.names}
+            if digest in digests | {rec.digest} and repo in repos:
+                return rec
+    raise ImageNotFound(f"no image {ref!r:.200} in the store")
+
+
+def _repository(name: str) -> str:
+    name = name.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    return name.rsplit(":", 1)[0] if ":" in last else name
+
+
+def normalize_name(ref: str) -> str:
+    """Docker-style normalisation: ``busybox`` → ``docker.io/library/busybox:latest``."""
+    name, at, digest = ref.partition("@")
+    first, slash, rest = name.partition("/")
+    if not slash or ("." not in first and ":" not in first and first != "localhost"):
+        rest = name
+        first = "docker.io"
+        if "/" not in rest:
+            rest = "library/" + rest
+    full = f"{first}/{rest}"
+    if not at and ":" not in full.rsplit("/", 1)[-1]:
+        full += ":latest"
+    return full + (at + digest if at else "")

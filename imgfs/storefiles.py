@@ -1,0 +1,110 @@
+"""Paths inside one store root, and bounded, symlink-free reads of its metadata files.
+
+Owns: the on-disk layout of a graph-root-like tree for one driver (``<drv>-images``,
+``<drv>-layers``, big-data file names, layer content directories) and reading small files
+without following symlinks. Must not know: what the files mean.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import stat
+from dataclasses import dataclass
+
+from imgfs.errors import MalformedMetadata, StorePermissionError, UnsafePath
+
+_VERBATIM_KEY = re.compile(r"[.0-9a-z]+")
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class RootLayout:
+    """One graph-root-like tree (primary, image store or additional image store)."""
+
+    root: str
+    driver: str
+    read_only: bool = False
+
+    @property
+    def images_dir(self) -> str:
+        return os.path.join(self.root, f"{self.driver}-images")
+
+    @property
+    def layers_dir(self) -> str:
+        return os.path.join(self.root, f"{self.driver}-layers")
+
+    def content_dir(self, layer_id: str) -> str:
+        """Where the driver keeps the files of ``layer_id`` (an already validated ID)."""
+        if self.driver == "overlay":
+            return os.path.join(self.root, "overlay", layer_id, "diff")
+        if self.driver == "vfs":
+            return os.path.join(self.root, "vfs", "dir", layer_id)
+        return os.path.join(self.root, "btrfs", "subvolumes", layer_id)
+
+    def tarsplit_path(self, layer_id: str) -> str:
+        return os.path.join(self.layers_dir, f"{layer_id}.tar-split.gz")
+
+
+def big_data_file_name(key: str) -> str:
+    """c/storage's file name for a big-data key: verbatim or ``=`` + base64 of the key."""
+    if key and _VERBATIM_KEY.fullmatch(key) and key not in (".", ".."):
+        return key
+    return "=" + base64.b64encode(key.encode("utf-8")).decode("ascii")
+
+
+def open_regular(path: str, what: str, dir_fd: int | None = None) -> int:
+    """Open a regular file read-only without following a final symlink or blocking on a FIFO."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
+    except PermissionError as exc:
+        raise StorePermissionError(f"{what}: permission denied") from exc
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{what}: not a regular file")
+    return fd
+
+
+def read_bounded(fd: int, limit: int, what: str) -> bytes:
+    """Read a whole file from ``fd`` (at most ``limit`` bytes, else MalformedMetadata)."""
+    size = os.fstat(fd).st_size
+    if size > limit:
+        raise MalformedMetadata(f"{what}: {size} bytes, more than the limit of {limit}")
+    chunks = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, max(size - offset, 0) + 1, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+        if offset > limit:
+            raise MalformedMetadata(f"{what}: grew beyond the limit of {limit} bytes")
+    return b"".join(chunks)
+
+
+def read_file(path: str, limit: int, what: str) -> bytes | None:
+    """The bytes of a regular file, or None when it does not exist."""
+    try:
+        fd = open_regular(path, what)
+    except FileNotFoundError:
+        return None
+    try:
+        return read_bounded(fd, limit, what)
+    finally:
+        os.close(fd)
+
+
+def file_state(path: str) -> tuple[int, int, int] | None:
+    """(inode, size, mtime_ns) of a file, to notice replacement; None if absent."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
