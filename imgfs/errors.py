@@ -12,6 +12,7 @@ FUSE or the CLI (those translate these classes once, at their own boundary).
     │   ├── ImageNotFound
     │   └── BlobNotFound
     ├── AmbiguousName           an ID prefix that matches several images
+    ├── Cancelled               work nobody waits for any more (a snapshot whose readers left)
     └── CorruptStore            store content that cannot be served correctly
         ├── MalformedMetadata   JSON/record/tar-split that does not parse or is out of bounds
         ├── LayerUnavailable    layer missing, incomplete, or without tar-split
@@ -58,6 +59,10 @@ class BlobNotFound(NotFound):
 
 class AmbiguousName(ImgfsError):
     """An ID prefix that matches more than one image."""
+
+
+class Cancelled(ImgfsError):
+    """Work that nobody waits for any more, e.g. a layer snapshot all readers released."""
 
 
 class CorruptStore(ImgfsError):

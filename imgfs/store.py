@@ -498,7 +498,7 @@ class Image:
     def _read_big_data(self, key: str) -> bytes:
         self._check_record()
         if key not in self.record.big_data_names:
-            raise BlobNotFound(f"{self.what} has no big data {key!r:.80}")
+            raise MalformedMetadata(f"{self.what}: big data {key!r:.80} is not in the store")
         name = big_data_file_name(key)
         what = f"{self.what}: big data {key!r:.80}"
         if "/" in name:

@@ -1,0 +1,3 @@
+from imgfs.cli import main
+
+raise SystemExit(main())

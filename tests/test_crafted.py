@@ -1,0 +1,221 @@
+"""Corrupt and hostile stores: a clear error naming the image or layer, never wrong or host bytes.
+
+Each test copies a small store made by buildah and breaks it the way only a crafted store can
+be broken; the library must raise the documented error, and a mount must fail only the
+affected file with EIO while serving everything else.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import imgfs
+from tests import crafted
+from tests.mounting import mounted
+
+DRIVER = "overlay"
+
+
+def _buildah(base: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTAINERS_", "STORAGE_"))}
+    conf = base / "storage.conf"
+    conf.write_text('[storage]\ndriver = "overlay"\n')
+    env["CONTAINERS_STORAGE_CONF"] = str(conf)
+    cmd = [
+        "buildah",
+        "--root",
+        str(base / "root"),
+        "--runroot",
+        str(base / "run"),
+        "--storage-driver",
+        DRIVER,
+        *args,
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A buildah store with two one-layer images: ``localhost/a:1`` and ``localhost/b:1``."""
+    base = tmp_path_factory.mktemp("small")
+    for name, text in (("a", "alpha\n" * 100), ("b", "bravo\n" * 100)):
+        src = base / f"{name}.txt"
+        src.write_text(text)
+        ctr = _buildah(base, "from", "scratch")
+        _buildah(base, "copy", ctr, str(src), f"/{name}.txt")
+        _buildah(base, "config", "--label", f"name={name}", ctr)
+        _buildah(base, "commit", "-q", ctr, f"localhost/{name}:1")
+        _buildah(base, "rm", ctr)
+    return base
+
+
+@pytest.fixture
+def store(small_store: Path, tmp_path: Path) -> Path:
+    return crafted.copy_store(small_store / "root", tmp_path / "root")
+
+
+def _image_id(root: Path, name: str) -> str:
+    images = json.loads((root / f"{DRIVER}-images" / "images.json").read_bytes())
+    return str(next(i["id"] for i in images if f"localhost/{name}:1" in i["names"]))
+
+
+def _open(root: Path) -> imgfs.Store:
+    return imgfs.Store.open(str(root), str(root.parent / "run"), DRIVER)
+
+
+def _layer_digest(root: Path, name: str) -> str:
+    image = _open(root).image(f"localhost/{name}:1")
+    return next(b.digest for b in image.blobs() if b.kind == "layer")
+
+
+def _read_layer(root: Path, name: str) -> bytes:
+    image = _open(root).image(f"localhost/{name}:1")
+    with image.open_blob(_layer_digest(root, name)) as f:
+        return f.read()
+
+
+def _mutate_tarsplit(root: Path, name: str, change: object) -> None:
+    layer = crafted.layer_of(root, DRIVER, _image_id(root, name))
+    path = crafted.tarsplit_path(root, DRIVER, layer)
+    entries = crafted.read_entries(path)
+    assert callable(change)
+    change(entries, crafted.content_dir(root, DRIVER, layer))
+    crafted.write_entries(path, entries)
+
+
+HOST_FILE = Path("/etc/passwd")
+
+
+def _point_at_host(name: str) -> object:
+    def change(entries: list[dict[str, object]], _content: Path) -> None:
+        host = HOST_FILE.read_bytes()
+        entry = crafted.first_file_entry(entries)
+        entry.update(name=name, size=len(host), payload=crafted.crc_payload(host))
+
+    return change
+
+
+def test_unchanged_copy_reads_fine(store: Path) -> None:
+    data = _read_layer(store, "a")
+    assert b"alpha\n" * 100 in data
+
+
+def test_missing_tarsplit_is_layer_unavailable(store: Path) -> None:
+    layer = crafted.layer_of(store, DRIVER, _image_id(store, "a"))
+    crafted.tarsplit_path(store, DRIVER, layer).unlink()
+    with pytest.raises(imgfs.LayerUnavailable, match="tar-split"):
+        _read_layer(store, "a")
+    assert b"bravo" in _read_layer(store, "b")
+
+
+def test_changed_file_content_fails_its_crc(store: Path) -> None:
+    layer = crafted.layer_of(store, DRIVER, _image_id(store, "a"))
+    target = crafted.content_dir(store, DRIVER, layer) / "a.txt"
+    target.write_text("ALPHA\n" * 100)  # same size, other bytes
+    with pytest.raises(imgfs.IntegrityError, match=layer[:12]):
+        _read_layer(store, "a")
+
+
+def test_changed_file_size_is_an_integrity_error(store: Path) -> None:
+    layer = crafted.layer_of(store, DRIVER, _image_id(store, "a"))
+    (crafted.content_dir(store, DRIVER, layer) / "a.txt").write_text("short")
+    with pytest.raises(imgfs.IntegrityError):
+        _read_layer(store, "a")
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["../../../../../../etc/passwd", "/etc/passwd", "a/../../../../../../../etc/passwd"],
+)
+def test_escaping_names_never_serve_host_bytes(store: Path, hostile: str) -> None:
+    _mutate_tarsplit(store, "a", _point_at_host(hostile))
+    with pytest.raises(imgfs.CorruptStore):
+        _read_layer(store, "a")
+
+
+def test_name_through_in_layer_symlink_to_host_is_refused(store: Path) -> None:
+    def change(entries: list[dict[str, object]], content: Path) -> None:
+        (content / "evil").symlink_to("/etc")
+        _point_at_host("evil/passwd")(entries, content)
+
+    _mutate_tarsplit(store, "a", change)
+    with pytest.raises(imgfs.CorruptStore):
+        _read_layer(store, "a")
+
+
+def test_fifo_where_a_file_is_expected(store: Path) -> None:
+    layer = crafted.layer_of(store, DRIVER, _image_id(store, "a"))
+    target = crafted.content_dir(store, DRIVER, layer) / "a.txt"
+    target.unlink()
+    os.mkfifo(target)
+    with pytest.raises(imgfs.CorruptStore):
+        _read_layer(store, "a")
+
+
+def test_truncated_images_json_is_malformed(store: Path) -> None:
+    path = store / f"{DRIVER}-images" / "images.json"
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(imgfs.MalformedMetadata, match=r"images\.json"):
+        _open(store).images()
+
+
+def test_invalid_layers_json_is_malformed(store: Path) -> None:
+    (store / f"{DRIVER}-layers" / "layers.json").write_text('{"not": "a list"}')
+    with pytest.raises(imgfs.MalformedMetadata, match=r"layers\.json"):
+        _open(store).images()
+
+
+def test_hostile_image_id_is_skipped(store: Path) -> None:
+    path = store / f"{DRIVER}-images" / "images.json"
+    crafted.edit_json(path, lambda items: [*items, {**items[0], "id": "../../etc"}])
+    ids = {image.id for image in _open(store).images()}
+    assert "../../etc" not in ids
+    assert len(ids) == 2
+
+
+def test_changed_manifest_fails_its_digest(store: Path) -> None:
+    image_id = _image_id(store, "a")
+    manifest = store / f"{DRIVER}-images" / image_id / "manifest"
+    data = manifest.read_bytes()
+    manifest.write_bytes(data.replace(b'"schemaVersion":2', b'"schemaVersion":3'))
+    with pytest.raises(imgfs.IntegrityError, match=image_id[:12]):
+        _open(store).image(image_id).manifest()
+
+
+def test_signature_sizes_that_do_not_add_up(store: Path) -> None:
+    image_id = _image_id(store, "a")
+    path = store / f"{DRIVER}-images" / "images.json"
+
+    def change(items: list[dict[str, object]]) -> list[dict[str, object]]:
+        for item in items:
+            if item["id"] == image_id:
+                item["metadata"] = json.dumps({"signature-sizes": [10, 20]})
+        return items
+
+    crafted.edit_json(path, change)
+    with pytest.raises(imgfs.CorruptStore, match=image_id[:12]):
+        _open(store).image(image_id).signatures()
+
+
+def test_mount_serves_other_images_when_one_is_broken(store: Path, tmp_path: Path) -> None:
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("FUSE is not available (/dev/fuse missing)")
+    good = _layer_digest(store, "b")
+    bad = _layer_digest(store, "a")
+    _mutate_tarsplit(store, "a", _point_at_host("../../../../../../../etc/passwd"))
+    with mounted(store, store.parent / "run", DRIVER, tmp_path / "m") as m:
+        a, b = _image_id(store, "a"), _image_id(store, "b")
+        with pytest.raises(OSError) as info:
+            (m.path / a / "blobs" / bad).read_bytes()
+        assert info.value.errno == errno.EIO
+        assert HOST_FILE.read_bytes()[:64] not in (m.path / a / "manifest.json").read_bytes()
+        assert b"bravo" in (m.path / b / "blobs" / good).read_bytes()
+        assert (m.path / a / "manifest.json").read_bytes()  # the image itself still browses
+        assert "etc/passwd" in m.log()

@@ -1,0 +1,195 @@
+"""Real mounts of real stores, driven with ls/cat/cp/stat; skopeo's export is the oracle."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import realstores
+from tests.mounting import Mount, mounted
+
+pytestmark = pytest.mark.usefixtures("fuse_required")
+
+
+@pytest.fixture(scope="module", params=realstores.DRIVERS)
+def mount(
+    request: pytest.FixtureRequest,
+    real_stores: realstores.StoreSet,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Mount, str]]:
+    driver = request.param
+    store = real_stores.store(driver)
+    work = tmp_path_factory.mktemp(f"mount-{driver}")
+    with mounted(store.root, store.runroot, driver, work) as m:
+        yield m, driver
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_root_lists_every_image(mount: tuple[Mount, str], real_stores: realstores.StoreSet) -> None:
+    m, driver = mount
+    listed = set(os.listdir(m.path))
+    assert "by-name" in listed
+    assert {img.id for img in real_stores.images[driver]} <= listed
+
+
+def test_manifest_config_signatures_equal_skopeo(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet
+) -> None:
+    m, driver = mount
+    for img in real_stores.images[driver]:
+        d = m.path / img.id
+        assert (d / "manifest.json").read_bytes() == img.inspect_raw, img.kind
+        assert (d / "manifest.json").stat().st_size == len(img.inspect_raw)
+        if img.config_raw is not None:
+            assert (d / "config.json").read_bytes() == img.config_raw, img.kind
+        sigs = sorted(os.listdir(d / "signatures"), key=lambda n: int(n.split("-")[1]))
+        assert sigs == [f"signature-{i}" for i in range(1, len(img.expected_signatures) + 1)]
+        for name, want in zip(sigs, img.expected_signatures, strict=True):
+            assert (d / "signatures" / name).read_bytes() == want, img.kind
+
+
+def test_cp_of_every_blob_equals_skopeo_dir(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet, tmp_path: Path
+) -> None:
+    m, driver = mount
+    copied = 0
+    for img in real_stores.images[driver]:
+        if img.oracle_dir is None:
+            continue
+        blobs = m.path / img.id / "blobs"
+        names = set(os.listdir(blobs))
+        for name, oracle in img.oracle_files().items():
+            if name in ("version", "manifest.json") or name.startswith("signature-"):
+                continue
+            assert f"sha256:{name}" in names, (img.kind, name)
+            src = blobs / f"sha256:{name}"
+            dst = tmp_path / name
+            subprocess.run(["cp", str(src), str(dst)], check=True)
+            assert dst.stat().st_size == src.stat().st_size == oracle.stat().st_size
+            assert _sha(dst) == _sha(oracle) == name, (img.kind, name)
+            dst.unlink()
+            copied += 1
+    assert copied >= 10
+
+
+def test_random_offset_reads_equal_slices(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet
+) -> None:
+    m, driver = mount
+    img = real_stores.image(driver, "awkward")
+    rng = random.Random(11)
+    for diff_id, oracle in zip(img.diff_ids, img.layer_paths(), strict=True):
+        want = oracle.read_bytes()
+        fd = os.open(m.path / img.id / "blobs" / diff_id, os.O_RDONLY)
+        try:
+            for _ in range(100):
+                off = rng.randrange(0, len(want) + 100)
+                size = rng.choice([1, 100, 512, 4096, 131072, 1 << 20])
+                assert os.pread(fd, size, off) == want[off : off + size]
+        finally:
+            os.close(fd)
+
+
+def test_by_name_links_and_prefix_lookup(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet
+) -> None:
+    m, driver = mount
+    for img in real_stores.images[driver]:
+        for name in img.names:
+            if "@" in name:
+                continue
+            link = m.path / "by-name" / name
+            assert os.readlink(link).endswith(img.id)
+            assert not os.readlink(link).startswith("/")
+            assert os.path.realpath(link) == str(m.path / img.id)
+    tiny = real_stores.image(driver, "tiny")
+    assert os.path.realpath(m.path / tiny.id[:10]) == str(m.path / tiny.id)
+    assert tiny.id[:10] not in os.listdir(m.path)
+
+
+def test_modes_owner_sizes_xattrs_and_read_only(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet
+) -> None:
+    m, driver = mount
+    img = real_stores.image(driver, "awkward")
+    d = m.path / img.id
+    st_root = os.stat(real_stores.store(driver).root)
+    assert os.stat(d).st_mode & 0o777 == 0o500
+    blob = d / "blobs" / img.diff_ids[0]
+    st = os.stat(blob)
+    assert st.st_mode & 0o777 == 0o400
+    assert (st.st_uid, st.st_gid) == (st_root.st_uid, st_root.st_gid)
+    assert st.st_blksize == 1 << 20
+    assert st.st_size == img.layer_paths()[0].stat().st_size
+    assert os.getxattr(blob, "user.imgfs.media_type").endswith(b".tar")
+    assert len(os.getxattr(blob, "user.imgfs.layer_id")) == 64
+    with pytest.raises(OSError) as info:
+        os.open(blob, os.O_WRONLY)
+    assert info.value.errno in (errno.EROFS, errno.EACCES)
+    with pytest.raises(OSError):
+        (d / "new").write_text("x")
+
+
+def test_list_image_has_instances(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet
+) -> None:
+    m, driver = mount
+    lst = real_stores.image(driver, "mylist")
+    inst = m.path / lst.id / "instances"
+    targets = {os.path.basename(os.path.realpath(inst / n)) for n in os.listdir(inst)}
+    assert real_stores.image(driver, "tiny").id in targets
+    assert (m.path / lst.id / "manifest.json").read_bytes() == lst.inspect_raw
+
+
+def test_concurrent_cp_generates_each_blob_once(
+    real_stores: realstores.StoreSet, tmp_path: Path
+) -> None:
+    store = real_stores.store("overlay")
+    img = real_stores.image("overlay", "awkward")
+    with mounted(store.root, store.runroot, "overlay", tmp_path) as m:
+        sources = [m.path / img.id / "blobs" / d for d in img.diff_ids]
+        jobs = [(sources[i % len(sources)], tmp_path / f"out{i}") for i in range(8)]
+        errors: list[BaseException] = []
+
+        def copy(src: Path, dst: Path) -> None:
+            try:
+                subprocess.run(["cp", str(src), str(dst)], check=True)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=copy, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors
+        for src, dst in jobs:
+            assert _sha(dst) == src.name.split(":")[1]
+        generations = [line for line in m.log().splitlines() if "generating layer" in line]
+        assert len(generations) == len(set(img.diff_ids)), generations
+
+
+def test_direct_mode_serves_the_same_bytes(
+    real_stores: realstores.StoreSet, tmp_path: Path
+) -> None:
+    store = real_stores.store("vfs")
+    img = real_stores.image("vfs", "awkward")
+    with mounted(store.root, store.runroot, "vfs", tmp_path, "--direct") as m:
+        for diff_id, oracle in zip(img.diff_ids, img.layer_paths(), strict=True):
+            assert _sha(m.path / img.id / "blobs" / diff_id) == _sha(oracle)
+        assert not [p for p in m.cache_dir.iterdir() if p.name != "index"]
