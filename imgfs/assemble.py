@@ -1,0 +1,365 @@
+"""Layer blob bytes from tar-split entries and layer files, verified before they are served.
+
+Owns: the reassembly rule (storage-format.md §6.2), per-file CRC-64 and whole-stream sha256
+checks, the publish-lag rule of snapshot generation (DESIGN.md §2: no byte is published before
+the check that covers it, the last byte not before the digest), random-access reads for
+``--direct`` and the library's blob file object. Must not know: where entries or files come
+from, temp files, caches, the store layout, FUSE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from fastcrc import crc64
+
+from imgfs.digest import check_digest
+from imgfs.errors import IntegrityError
+from imgfs.layerfiles import LayerFiles
+from imgfs.layerindex import FileExtent, LayerIndex, SegmentExtent, close_iterable
+from imgfs.tarsplit import FileEntry, Segment
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+READ_CHUNK = 1 << 20
+PUBLISH_STEP = 256 << 10
+_MAX_OPEN_FDS = 16
+
+
+class Sink(Protocol):
+    """Where ``generate`` writes. ``data`` is only valid during ``write`` (a reused buffer)."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def publish(self, upto: int) -> None:
+        """Bytes ``[0, upto)`` are verified enough to serve; ``upto`` never decreases."""
+        ...
+
+
+def _sha256_hex(expected_digest: str, what: str) -> str:
+    return check_digest(expected_digest, what).removeprefix("sha256:")
+
+
+def generate(
+    entries: Iterable[Segment | FileEntry],
+    files: LayerFiles,
+    sink: Sink,
+    expected_digest: str,
+    expected_size: int,
+    what: str,
+) -> None:
+    """Write the whole blob to ``sink``, publishing each byte only once it is verified.
+
+    Raises ``IntegrityError`` (naming the layer and file) on a size, CRC or digest mismatch,
+    plus whatever ``files.open`` raises; nothing unverified has been published by then.
+    ``entries`` is closed (if it has ``close``) before this returns or raises.
+    """
+    gen = _Generator(files, sink, _sha256_hex(expected_digest, what), expected_size, what)
+    try:
+        for entry in entries:
+            if type(entry) is Segment:
+                gen.segment(entry.payload)
+            else:
+                assert isinstance(entry, FileEntry)
+                if entry.size:
+                    gen.file(entry)
+    finally:
+        close_iterable(entries)
+    gen.finish()
+
+
+class _Generator:
+    """State of one sequential generation."""
+
+    def __init__(
+        self, files: LayerFiles, sink: Sink, digest_hex: str, expected_size: int, what: str
+    ) -> None:
+        self._files = files
+        self._sink = sink
+        self._digest_hex = digest_hex
+        self._expected_size = expected_size
+        self._what = what
+        self._hash = hashlib.sha256()
+        self._buf = bytearray(READ_CHUNK)
+        self._written = 0
+        self._published = 0
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        if self._written + len(data) > self._expected_size:
+            raise IntegrityError(
+                f"{self._what}: blob is longer than its recorded size {self._expected_size}"
+            )
+        self._hash.update(data)
+        self._sink.write(data)
+        self._written += len(data)
+
+    def _publish(self, upto: int, force: bool = False) -> None:
+        upto = min(upto, self._expected_size - 1)
+        if upto > self._published and (force or upto - self._published >= PUBLISH_STEP):
+            self._sink.publish(upto)
+            self._published = upto
+
+    def segment(self, payload: bytes) -> None:
+        self._emit(payload)
+        self._publish(self._written)
+
+    def file(self, entry: FileEntry) -> None:
+        assert entry.crc is not None
+        file_end = self._written + entry.size
+        fd = self._files.open(entry.name, entry.size)
+        try:
+            crc = self._copy(fd, entry, file_end)
+        finally:
+            os.close(fd)
+        if crc != int.from_bytes(entry.crc, "big"):
+            raise IntegrityError(
+                f"{self._what}: file {entry.name!r:.200} fails its CRC-64 "
+                f"(got {crc:016x}, tar-split records {entry.crc.hex()})"
+            )
+        self._publish(self._written)
+
+    def _copy(self, fd: int, entry: FileEntry, file_end: int) -> int:
+        view = memoryview(self._buf)
+        remaining = entry.size
+        crc: int | None = None
+        while remaining:
+            n = os.readv(fd, [view[: min(remaining, READ_CHUNK)]])
+            if n == 0:
+                raise IntegrityError(
+                    f"{self._what}: file {entry.name!r:.200} is shorter than its recorded "
+                    f"{entry.size} bytes"
+                )
+            chunk = view[:n]
+            crc = crc64.go_iso(chunk, crc)
+            self._emit(chunk)
+            remaining -= n
+            self._publish(min(self._written, file_end - 1))
+        if os.read(fd, 1):
+            raise IntegrityError(
+                f"{self._what}: file {entry.name!r:.200} is longer than its recorded "
+                f"{entry.size} bytes"
+            )
+        assert crc is not None
+        return crc
+
+    def finish(self) -> None:
+        if self._written != self._expected_size:
+            raise IntegrityError(
+                f"{self._what}: blob has {self._written} bytes, expected {self._expected_size}"
+            )
+        self._publish(self._written, force=True)  # all but the last byte
+        got = self._hash.hexdigest()
+        if got != self._digest_hex:
+            raise IntegrityError(
+                f"{self._what}: blob digest sha256:{got} does not match sha256:{self._digest_hex}"
+            )
+        if self._written > self._published:
+            self._sink.publish(self._written)
+            self._published = self._written
+
+
+class LayerReader:
+    """Random-access reads of one layer blob through its index (``--direct``, library files).
+
+    Every read checks file sizes (a short file raises ``IntegrityError``, never padding). While
+    reads arrive in sequence from offset 0 (overlapping re-reads are fine, gaps are not), each
+    file's CRC-64 is checked before the read that completes the file returns, and the blob's
+    sha256 before the read that reaches EOF returns; the first read past a gap turns that
+    checking off for this reader. A failed check poisons the reader: every later read raises.
+
+    Thread-safety: ``read`` and ``close`` take a per-reader lock, so a reader may be shared, but
+    one reader per open handle keeps the sequential checks meaningful.
+    """
+
+    def __init__(
+        self,
+        index: LayerIndex,
+        files: LayerFiles,
+        expected_digest: str,
+        what: str,
+        *,
+        close_files: bool = False,
+    ) -> None:
+        self._index = index
+        self._files = files
+        self._digest_hex = _sha256_hex(expected_digest, what)
+        self._what = what
+        self._close_files = close_files
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._poison: str | None = None
+        self._verifying = True
+        self._seq_pos = 0
+        self._hash = hashlib.sha256()
+        self._crc: int | None = None
+
+    @property
+    def size(self) -> int:
+        """Blob size in bytes."""
+        return self._index.size
+
+    @property
+    def verifying(self) -> bool:
+        """True while reads have been sequential, so CRCs and the digest are being checked."""
+        return self._verifying
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Exactly ``n`` bytes from ``offset``, fewer only at EOF (``b""`` at or past it)."""
+        if offset < 0 or n < 0:
+            raise ValueError("offset and n must not be negative")
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"{self._what}: reader is closed")
+            if self._poison is not None:
+                raise IntegrityError(self._poison)
+            try:
+                return self._read(offset, min(offset + n, self.size))
+            except IntegrityError as exc:
+                self._poison = str(exc)
+                raise
+
+    def _read(self, offset: int, end: int) -> bytes:
+        if offset >= end:
+            return b""
+        if self._verifying and offset > self._seq_pos:
+            self._verifying = False
+        parts: list[bytes] = []
+        pos = offset
+        while pos < end:
+            ext = self._index.extent_at(pos)
+            if isinstance(ext, SegmentExtent):
+                take = min(end, ext.start + ext.length) - pos
+                data = self._index.read_segment(ext.seg_pos + pos - ext.start, take)
+            else:
+                take = min(end, ext.start + ext.size) - pos
+                data = self._read_file(ext, pos - ext.start, take)
+            if self._verifying and pos + take > self._seq_pos:
+                self._check_sequential(ext, pos, data)
+            parts.append(data)
+            pos += take
+        return b"".join(parts)
+
+    def _read_file(self, ext: FileExtent, off: int, n: int) -> bytes:
+        fd = self._fd(ext)
+        data = os.pread(fd, n, off)
+        while len(data) < n:
+            more = os.pread(fd, n - len(data), off + len(data))
+            if not more:
+                raise IntegrityError(
+                    f"{self._what}: file {ext.name!r:.200} is shorter than its recorded "
+                    f"{ext.size} bytes"
+                )
+            data += more
+        return data
+
+    def _fd(self, ext: FileExtent) -> int:
+        fd = self._fds.get(ext.index)
+        if fd is not None:
+            self._fds.move_to_end(ext.index)
+            return fd
+        fd = self._files.open(ext.name, ext.size)
+        self._fds[ext.index] = fd
+        while len(self._fds) > _MAX_OPEN_FDS:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _check_sequential(self, ext: SegmentExtent | FileExtent, pos: int, data: bytes) -> None:
+        """Hash the bytes at and after ``_seq_pos``; check a completed file and EOF."""
+        new = memoryview(data)[self._seq_pos - pos :]
+        self._hash.update(new)
+        if isinstance(ext, FileExtent):
+            if self._seq_pos == ext.start:
+                self._crc = None
+            self._crc = crc64.go_iso(new, self._crc)
+            if self._seq_pos + len(new) == ext.start + ext.size and self._crc != ext.crc:
+                raise IntegrityError(
+                    f"{self._what}: file {ext.name!r:.200} fails its CRC-64 "
+                    f"(got {self._crc:016x}, tar-split records {ext.crc:016x})"
+                )
+        self._seq_pos += len(new)
+        if self._seq_pos == self.size:
+            got = self._hash.hexdigest()
+            if got != self._digest_hex:
+                raise IntegrityError(
+                    f"{self._what}: blob digest sha256:{got} does not match "
+                    f"sha256:{self._digest_hex}"
+                )
+
+    def close(self) -> None:
+        """Close cached file fds (and the LayerFiles if ``close_files``); idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            fds, self._fds = self._fds, OrderedDict()
+            for fd in fds.values():
+                os.close(fd)
+            if self._close_files:
+                self._files.close()
+
+
+class BlobFile(io.RawIOBase):
+    """A readable, seekable binary file over a LayerReader; closing it closes the reader."""
+
+    def __init__(self, reader: LayerReader) -> None:
+        super().__init__()
+        self._reader = reader
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._reader.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
+
+    def read(self, size: int = -1, /) -> bytes:
+        self._checkClosed()
+        if size is None or size < 0:
+            return self.readall()
+        data = self._reader.read(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        parts: list[bytes] = []
+        while chunk := self.read(READ_CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._reader.close()
+        super().close()

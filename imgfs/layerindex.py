@@ -1,0 +1,423 @@
+"""Compact offset index of one layer blob, and its persisted form.
+
+Owns: the map from blob offsets to pieces (raw tar segments, or ranges of layer files) built
+from tar-split entries; the zstd-chunked side buffers holding segment bytes and file names; the
+versioned, validated serialization. Must not know: where tar-split or layer files live, how file
+bytes are read or verified, cache paths or keys, FUSE.
+
+Layout. Only files with ``size > 0`` produce output of their own; consecutive segments (with the
+size-0 members between them) merge into one gap. Data file ``k`` starts at blob offset
+``starts[k]`` and is preceded by ``seg_pos[k]`` segment bytes in all, so ``starts[k] - seg_pos[k]``
+is the sum of the sizes of files before it; a sentinel row ``n`` holds (blob size, segment
+bytes). Sizes, gaps and their segment-stream positions all follow from these two columns, and
+``bisect`` on ``starts`` finds the piece of an offset. Per data file: 4 u64 columns (start,
+seg_pos, CRC, name offset); segment bytes and names live in side streams stored as zstd frames of
+``CHUNK`` raw bytes, decompressed on demand through a tiny LRU (tar headers shrink ~15-20x).
+
+The serialized form is native-endian (the cache is per machine) and carries a blake2b checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import zstandard
+
+from imgfs.errors import MalformedMetadata
+from imgfs.tarsplit import FileEntry, Segment
+
+CHUNK = 256 << 10
+_LRU_SIZE = 4
+_LEVEL = 1
+_MAGIC = b"IMGFSIDX"
+_VERSION = 1
+_HEADER = struct.Struct("<8sI32sQ")  # magic, version, blake2b-256 of body, body length
+# n data files, members, blob size, segment bytes, name bytes, n frames, CHUNK
+_COUNTS = struct.Struct("<QQQQQQQ")
+_MAX_BODY = 8 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentExtent:
+    """Blob bytes ``[start, start+length)`` are segment-stream bytes from ``seg_pos``."""
+
+    start: int
+    length: int
+    seg_pos: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileExtent:
+    """Blob bytes ``[start, start+size)`` are the content of layer file ``name``."""
+
+    start: int
+    size: int
+    name: bytes
+    crc: int
+    index: int
+
+
+Extent = SegmentExtent | FileExtent
+
+
+def close_iterable(entries: object) -> None:
+    """Close a generator (e.g. ``iter_entries``, stopping its helper thread); else no-op."""
+    close = getattr(entries, "close", None)
+    if callable(close):
+        close()
+
+
+class _ChunkedBytes:
+    """An append-once byte stream stored as zstd frames of CHUNK raw bytes; tiny LRU reads."""
+
+    def __init__(self, frames: list[bytes], length: int, what: str) -> None:
+        self._frames = frames
+        self._length = length
+        self._what = what
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def frames(self) -> list[bytes]:
+        return self._frames
+
+    @property
+    def nbytes(self) -> int:
+        cached = sum(len(raw) for raw in self._cache.values())
+        return sum(len(f) for f in self._frames) + 40 * len(self._frames) + cached
+
+    def read(self, pos: int, n: int) -> bytes:
+        """Bytes ``[pos, pos+n)`` of the stream (clipped at its end)."""
+        end = min(pos + n, self._length)
+        parts: list[bytes] = []
+        while pos < end:
+            k, skip = divmod(pos, CHUNK)
+            raw = self._chunk(k)
+            take = min(end - pos, len(raw) - skip)
+            parts.append(raw[skip : skip + take])
+            pos += take
+        return b"".join(parts)
+
+    def _chunk(self, k: int) -> bytes:
+        with self._lock:
+            raw = self._cache.get(k)
+            if raw is not None:
+                self._cache.move_to_end(k)
+                return raw
+        want = min(CHUNK, self._length - k * CHUNK)
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(self._frames[k], max_output_size=want)
+        except zstandard.ZstdError as exc:
+            raise MalformedMetadata(f"{self._what}: index chunk {k} is corrupt: {exc}") from exc
+        if len(raw) != want:
+            raise MalformedMetadata(f"{self._what}: index chunk {k} has the wrong length")
+        with self._lock:
+            self._cache[k] = raw
+            while len(self._cache) > _LRU_SIZE:
+                self._cache.popitem(last=False)
+        return raw
+
+
+class _ChunkWriter:
+    """Accumulates a byte stream and compresses each full CHUNK as it fills.
+
+    Hot loops append to ``parts`` and add to ``pending`` themselves, then call ``flush`` once
+    ``pending >= CHUNK``; ``length`` is the flushed length plus ``pending``.
+    """
+
+    def __init__(self, compressor: zstandard.ZstdCompressor) -> None:
+        self._compressor = compressor
+        self.parts: list[bytes] = []
+        self.pending = 0
+        self.flushed = 0
+        self.frames: list[bytes] = []
+
+    @property
+    def length(self) -> int:
+        return self.flushed + self.pending
+
+    def flush(self, final: bool = False) -> None:
+        data = b"".join(self.parts)
+        full = len(data) if final else len(data) - len(data) % CHUNK
+        for pos in range(0, full, CHUNK):
+            frame = self._compressor.compress(data[pos : pos + CHUNK])
+            # compress() returns a bytes object that keeps its compressBound()-sized
+            # allocation; a copy holds only the frame.
+            self.frames.append(bytes(memoryview(frame)))
+        self.parts = [data[full:]] if full < len(data) else []
+        self.flushed += full
+        self.pending = len(data) - full
+
+    def finish(self) -> list[bytes]:
+        self.flush(final=True)
+        return self.frames
+
+
+class LayerIndex:
+    """Offset index of one layer blob. Immutable after build; reads are thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        starts: array[int],
+        seg_pos: array[int],
+        crcs: array[int],
+        name_pos: array[int],
+        segments: _ChunkedBytes,
+        names: _ChunkedBytes,
+        member_count: int,
+        what: str,
+    ) -> None:
+        self._starts = starts
+        self._seg_pos = seg_pos
+        self._crcs = crcs
+        self._name_pos = name_pos
+        self._segments = segments
+        self._names = names
+        self._member_count = member_count
+        self.what = what
+
+    @classmethod
+    def build(cls, entries: Iterable[Segment | FileEntry], what: str) -> LayerIndex:
+        """Index ``entries`` (from ``tarsplit.iter_entries``) of the layer named ``what``.
+
+        ``entries`` is closed (if it has ``close``) before this returns or raises.
+        """
+        compressor = zstandard.ZstdCompressor(level=_LEVEL)
+        seg_out = _ChunkWriter(compressor)
+        name_out = _ChunkWriter(compressor)
+        starts, seg_pos, crcs, name_pos = array("Q"), array("Q"), array("Q"), array("Q")
+        seg_parts, name_parts = seg_out.parts, name_out.parts
+        seg_total = data_total = name_total = members = 0
+        try:
+            for entry in entries:
+                if type(entry) is Segment:
+                    payload = entry.payload
+                    seg_parts.append(payload)
+                    seg_total += len(payload)
+                    seg_out.pending += len(payload)
+                    if seg_out.pending >= CHUNK:
+                        seg_out.flush()
+                        seg_parts = seg_out.parts
+                    continue
+                assert isinstance(entry, FileEntry)
+                members += 1
+                if not entry.size:
+                    continue
+                assert entry.crc is not None
+                starts.append(seg_total + data_total)
+                seg_pos.append(seg_total)
+                crcs.append(int.from_bytes(entry.crc, "big"))
+                name_pos.append(name_total)
+                name_parts.append(entry.name)
+                name_total += len(entry.name)
+                name_out.pending += len(entry.name)
+                if name_out.pending >= CHUNK:
+                    name_out.flush()
+                    name_parts = name_out.parts
+                data_total += entry.size
+        finally:
+            close_iterable(entries)
+        starts.append(seg_total + data_total)
+        seg_pos.append(seg_total)
+        name_pos.append(name_total)
+        return cls(
+            starts=starts,
+            seg_pos=seg_pos,
+            crcs=crcs,
+            name_pos=name_pos,
+            segments=_ChunkedBytes(seg_out.finish(), seg_total, what),
+            names=_ChunkedBytes(name_out.finish(), name_total, what),
+            member_count=members,
+            what=what,
+        )
+
+    @property
+    def size(self) -> int:
+        """Total blob size in bytes."""
+        return self._starts[-1]
+
+    @property
+    def file_count(self) -> int:
+        """Number of tar members (file entries of any size)."""
+        return self._member_count
+
+    @property
+    def data_file_count(self) -> int:
+        """Number of members with content (``size > 0``), i.e. layer files read."""
+        return len(self._crcs)
+
+    @property
+    def segment_bytes(self) -> int:
+        """Total raw segment bytes (headers, padding, trailer)."""
+        return self._segments.length
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held by the index (columns, frames, current decompression cache)."""
+        cols = sum(a.itemsize * len(a) for a in (self._starts, self._seg_pos, self._crcs))
+        cols += self._name_pos.itemsize * len(self._name_pos)
+        return cols + self._segments.nbytes + self._names.nbytes + 400
+
+    def file(self, k: int) -> FileExtent:
+        """Data file number ``k`` (0-based, among files with content)."""
+        start = self._starts[k]
+        size = (self._starts[k + 1] - self._seg_pos[k + 1]) - (start - self._seg_pos[k])
+        lo, hi = self._name_pos[k], self._name_pos[k + 1]
+        return FileExtent(start, size, self._names.read(lo, hi - lo), self._crcs[k], k)
+
+    def extent_at(self, offset: int) -> Extent:
+        """The piece holding blob byte ``offset`` (0 <= offset < size)."""
+        if not 0 <= offset < self.size:
+            raise ValueError(f"{self.what}: offset {offset} outside blob of {self.size} bytes")
+        k = bisect_right(self._starts, offset) - 1
+        if k >= 0:
+            file_end = self._starts[k + 1] - (self._seg_pos[k + 1] - self._seg_pos[k])
+            if offset < file_end:
+                return self.file(k)
+            gap_start = file_end
+        else:
+            gap_start = 0
+        gap_end = self._starts[k + 1]
+        seg_end = self._seg_pos[k + 1]
+        return SegmentExtent(gap_start, gap_end - gap_start, seg_end - (gap_end - gap_start))
+
+    def read_segment(self, seg_pos: int, n: int) -> bytes:
+        """``n`` bytes of the segment stream from ``seg_pos``."""
+        return self._segments.read(seg_pos, n)
+
+    def to_bytes(self) -> bytes:
+        """Serialize: header (magic, version, blake2b, length) + zstd-compressed body."""
+        counts = _COUNTS.pack(
+            len(self._crcs),
+            self._member_count,
+            self.size,
+            self._segments.length,
+            self._names.length,
+            len(self._segments.frames) + len(self._names.frames),
+            CHUNK,
+        )
+        frames = self._segments.frames + self._names.frames
+        lengths = array("Q", [len(f) for f in frames])
+        parts = [counts, self._starts, self._seg_pos, self._crcs, self._name_pos, lengths]
+        head = zstandard.ZstdCompressor(level=_LEVEL).compress(b"".join(bytes(p) for p in parts))
+        body = struct.pack("<Q", len(head)) + head + b"".join(frames)
+        digest = hashlib.blake2b(body, digest_size=32).digest()
+        return _HEADER.pack(_MAGIC, _VERSION, digest, len(body)) + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str) -> LayerIndex:
+        """Load what :meth:`to_bytes` wrote; anything off raises ``MalformedMetadata``."""
+        return _Loader(data, what).load()
+
+
+class _Loader:
+    """Validating parser of the serialized index."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = memoryview(data)
+        self._what = what
+
+    def _fail(self, reason: str) -> MalformedMetadata:
+        return MalformedMetadata(f"{self._what}: cached layer index: {reason}")
+
+    def load(self) -> LayerIndex:
+        data = self._data
+        if len(data) < _HEADER.size:
+            raise self._fail("truncated header")
+        magic, version, digest, body_len = _HEADER.unpack_from(data)
+        if magic != _MAGIC or version != _VERSION:
+            raise self._fail("bad magic or version")
+        body = data[_HEADER.size :]
+        if len(body) != body_len or body_len > _MAX_BODY:
+            raise self._fail("wrong length")
+        if hashlib.blake2b(body, digest_size=32).digest() != digest:
+            raise self._fail("checksum mismatch")
+        return self._parse(body)
+
+    def _parse(self, body: memoryview) -> LayerIndex:
+        if len(body) < 8:
+            raise self._fail("truncated body")
+        (head_len,) = struct.unpack_from("<Q", body)
+        if head_len > len(body) - 8:
+            raise self._fail("bad table length")
+        try:
+            head = zstandard.ZstdDecompressor().decompress(
+                body[8 : 8 + head_len], max_output_size=_MAX_BODY
+            )
+        except zstandard.ZstdError as exc:
+            raise self._fail(f"table does not decompress: {exc}") from exc
+        if len(head) < _COUNTS.size:
+            raise self._fail("truncated counts")
+        n, members, total, seg_len, names_len, n_frames, chunk = _COUNTS.unpack_from(head)
+        if n > members or n_frames > len(head) or chunk != CHUNK:
+            raise self._fail("bad counts")
+        cols = self._columns(head[_COUNTS.size :], n, n_frames)
+        starts, seg_pos, crcs, name_pos, lengths = cols
+        self._check(starts, seg_pos, name_pos, total, seg_len, names_len)
+        frames = self._frames(body[8 + head_len :], lengths)
+        n_seg = -(-seg_len // CHUNK)
+        if n_seg + -(-names_len // CHUNK) != n_frames:
+            raise self._fail("frame count does not match lengths")
+        return LayerIndex(
+            starts=starts,
+            seg_pos=seg_pos,
+            crcs=crcs,
+            name_pos=name_pos,
+            segments=_ChunkedBytes(frames[:n_seg], seg_len, self._what),
+            names=_ChunkedBytes(frames[n_seg:], names_len, self._what),
+            member_count=members,
+            what=self._what,
+        )
+
+    def _columns(self, raw: bytes, n: int, n_frames: int) -> list[array[int]]:
+        sizes = [n + 1, n + 1, n, n + 1, n_frames]
+        if len(raw) != 8 * sum(sizes):
+            raise self._fail("table length does not match counts")
+        cols: list[array[int]] = []
+        pos = 0
+        for count in sizes:
+            col = array("Q")
+            col.frombytes(raw[pos : pos + 8 * count])
+            cols.append(col)
+            pos += 8 * count
+        return cols
+
+    def _check(
+        self,
+        starts: array[int],
+        seg_pos: array[int],
+        name_pos: array[int],
+        total: int,
+        seg_len: int,
+        names_len: int,
+    ) -> None:
+        if starts[-1] != total or seg_pos[-1] != seg_len or name_pos[-1] != names_len:
+            raise self._fail("sentinels do not match counts")
+        if starts[0] != seg_pos[0] or name_pos[0] != 0:
+            raise self._fail("bad first row")
+        for k in range(len(starts) - 1):
+            gap = seg_pos[k + 1] - seg_pos[k]
+            if gap < 0 or starts[k + 1] - starts[k] <= gap or name_pos[k + 1] < name_pos[k]:
+                raise self._fail(f"row {k} is not monotonic")
+
+    def _frames(self, raw: memoryview, lengths: array[int]) -> list[bytes]:
+        if sum(lengths) != len(raw):
+            raise self._fail("frame lengths do not match body")
+        frames: list[bytes] = []
+        pos = 0
+        for length in lengths:
+            frames.append(bytes(raw[pos : pos + length]))
+            pos += length
+        return frames
