@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,16 @@ def real_stores(tmp_path_factory: pytest.TempPathFactory) -> StoreSet:
         pytest.skip(reason)
     base: Path = stores_dir_from_env() or tmp_path_factory.mktemp("realstores")
     return build_stores(base)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """In-process ``cli.main`` calls add handlers on pytest's captured streams: undo them."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
