@@ -24,7 +24,7 @@ fi
 
 mkdir -p "$mnt"
 if mountpoint -q "$mnt"; then imgfs -u "$mnt"; fi
-echo "== imgfs ${store:-(podman's store)} $mnt"
+echo "== imgfs ${store:-the-default-store} $mnt"
 imgfs ${store:+"$store"} "$mnt"
 
 echo "== ls -l $mnt"; ls -l "$mnt"
