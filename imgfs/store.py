@@ -10,6 +10,7 @@ Must not know: FUSE, trio, inode numbers, the snapshot cache.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from imgfs.errors import (
     AmbiguousName,
     BlobNotFound,
     ImageNotFound,
+    ImgfsError,
     IntegrityError,
     LayerUnavailable,
     MalformedMetadata,
@@ -316,11 +318,28 @@ class Image:
             found[man.config.digest] = BlobInfo(
                 man.config.digest, size, man.config.media_type, "config"
             )
-        for info in [] if man.is_list else self.layer_infos(man):
+        layers = [] if man.is_list else self.layer_infos(man)
+        for info in layers:
             found.setdefault(info.digest, info)
+        if man.config is not None:
+            self._check_diff_ids(man.config.digest, [i.digest for i in layers if i.kind == "layer"])
         for info in self._manifest_blobs(man):
             found.setdefault(info.digest, info)
         return list(found.values())
+
+    def _check_diff_ids(self, config_digest: str, layer_digests: list[str]) -> None:
+        """Log (only) when the config's rootfs.diff_ids differ from the layer records."""
+        try:
+            doc = json.loads(self._big_data(config_digest))
+            diff_ids = doc["rootfs"]["diff_ids"]
+        except (ImgfsError, ValueError, KeyError, TypeError, RecursionError):
+            return
+        if diff_ids != layer_digests:
+            log.warning(
+                "%s: config rootfs.diff_ids differ from the layer records' digests; "
+                "blobs are named by the layer records",
+                self.what,
+            )
 
     def blob(self, digest: str) -> BlobInfo:
         for info in self.blobs():
