@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 READ_CHUNK = 1 << 20
 PUBLISH_STEP = 256 << 10
 _MAX_OPEN_FDS = 16
+MAX_GAP_FILL = 16 << 20  # a gap this small is out-of-order readahead, not a seek
 
 
 class Sink(Protocol):
@@ -59,10 +61,14 @@ def generate(
 
     Raises ``IntegrityError`` (naming the layer and file) on a size, CRC or digest mismatch,
     plus whatever ``files.open`` raises; nothing unverified has been published by then.
-    ``entries`` is closed (if it has ``close``) before this returns or raises.
+    ``entries`` is closed (if it has ``close``) before this returns or raises. ``sink.write``
+    and ``sink.publish`` are called, in order, from one helper thread (then this one, for the
+    last byte) so that writing overlaps reading and hashing.
     """
-    gen = _Generator(files, sink, _sha256_hex(expected_digest, what), expected_size, what)
+    digest_hex = _sha256_hex(expected_digest, what)
+    pipe = _Pipeline(sink)
     try:
+        gen = _Generator(files, pipe, digest_hex, expected_size, what)
         for entry in entries:
             if type(entry) is Segment:
                 gen.segment(entry.payload)
@@ -70,52 +76,142 @@ def generate(
                 assert isinstance(entry, FileEntry)
                 if entry.size:
                     gen.file(entry)
+        gen.finish(sink)
     finally:
         close_iterable(entries)
-    gen.finish()
+        pipe.close()
+
+
+_BUFFERS = 8  # staging buffers of READ_CHUNK bytes in flight between reading and writing
+
+
+class _Pipeline:
+    """A writer thread: one buffer's write overlaps reading and hashing the next ones.
+
+    The producer fills a buffer from ``take``, then ``submit``s it with a publish mark; the
+    writer writes it, publishes the mark and recycles the buffer. A writer error (ENOSPC, a
+    cancelled snapshot) is re-raised by the producer's next ``take``/``submit``/``drain``.
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(_BUFFERS):
+            self._free.put(bytearray(READ_CHUNK))
+        self._todo: queue.SimpleQueue[tuple[bytearray | None, int, int]] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def take(self) -> bytearray:
+        buf = self._free.get()
+        self._check()
+        return buf
+
+    def submit(self, buf: bytearray, length: int, publish: int) -> None:
+        """Write ``buf[:length]``, then publish ``publish`` (unless it is negative)."""
+        self._check()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="imgfs-write", daemon=True)
+            self._thread.start()
+        self._todo.put((buf, length, publish))
+
+    def _run(self) -> None:
+        while True:
+            buf, length, publish = self._todo.get()
+            if buf is None:
+                return
+            try:
+                if self._error is None:
+                    if length:
+                        self._sink.write(memoryview(buf)[:length])
+                    if publish >= 0:
+                        self._sink.publish(publish)
+            except BaseException as exc:  # handed to the producer
+                self._error = exc
+            finally:
+                self._free.put(buf)
+
+    def drain(self) -> None:
+        """Wait until everything submitted is written and published; raise a writer error."""
+        self.close()
+        self._check()
+
+    def close(self) -> None:
+        """Stop the writer thread after what was submitted (idempotent; never raises)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._todo.put((None, 0, -1))
+            thread.join()
 
 
 class _Generator:
-    """State of one sequential generation."""
+    """State of one sequential generation: a staging buffer, hash, verified and published marks.
+
+    Every byte goes through the staging buffer (file content is read straight into it), which is
+    hashed and submitted to the pipeline when full. ``_verified`` is how far the bytes passed
+    their checks: segments at once, file content up to its last byte until the CRC matches.
+    """
 
     def __init__(
-        self, files: LayerFiles, sink: Sink, digest_hex: str, expected_size: int, what: str
+        self, files: LayerFiles, pipe: _Pipeline, digest_hex: str, expected_size: int, what: str
     ) -> None:
         self._files = files
-        self._sink = sink
+        self._pipe = pipe
         self._digest_hex = digest_hex
         self._expected_size = expected_size
         self._what = what
         self._hash = hashlib.sha256()
-        self._buf = bytearray(READ_CHUNK)
+        self._buf = pipe.take()
+        self._fill = 0
         self._written = 0
+        self._verified = 0
         self._published = 0
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        if self._written + len(data) > self._expected_size:
-            raise IntegrityError(
-                f"{self._what}: blob is longer than its recorded size {self._expected_size}"
-            )
-        self._hash.update(data)
-        self._sink.write(data)
-        self._written += len(data)
+    def _too_long(self) -> IntegrityError:
+        return IntegrityError(
+            f"{self._what}: blob is longer than its recorded size {self._expected_size}"
+        )
 
-    def _publish(self, upto: int, force: bool = False) -> None:
-        upto = min(upto, self._expected_size - 1)
-        if upto > self._published and (force or upto - self._published >= PUBLISH_STEP):
-            self._sink.publish(upto)
-            self._published = upto
+    def _room(self) -> memoryview:
+        """The free part of the staging buffer (submitting it first if it is full)."""
+        if self._fill == len(self._buf):
+            self._submit()
+        return memoryview(self._buf)[self._fill :]
+
+    def _submit(self) -> None:
+        self._hash.update(memoryview(self._buf)[: self._fill])
+        mark = min(self._verified, self._expected_size - 1)
+        publish = mark if mark > self._published else -1
+        self._pipe.submit(self._buf, self._fill, publish)
+        self._published = max(self._published, mark)
+        self._buf = self._pipe.take()
+        self._fill = 0
 
     def segment(self, payload: bytes) -> None:
-        self._emit(payload)
-        self._publish(self._written)
+        if self._written + len(payload) > self._expected_size:
+            raise self._too_long()
+        view = memoryview(payload)
+        while view:
+            room = self._room()
+            n = min(len(room), len(view))
+            room[:n] = view[:n]
+            self._fill += n
+            view = view[n:]
+        self._written += len(payload)
+        self._verified = self._written
+        self._submit_early()
 
     def file(self, entry: FileEntry) -> None:
         assert entry.crc is not None
-        file_end = self._written + entry.size
+        if self._written + entry.size > self._expected_size:
+            raise self._too_long()
         fd = self._files.open(entry.name, entry.size)
         try:
-            crc = self._copy(fd, entry, file_end)
+            crc = self._copy(fd, entry)
         finally:
             os.close(fd)
         if crc != int.from_bytes(entry.crc, "big"):
@@ -123,24 +219,34 @@ class _Generator:
                 f"{self._what}: file {entry.name!r:.200} fails its CRC-64 "
                 f"(got {crc:016x}, tar-split records {entry.crc.hex()})"
             )
-        self._publish(self._written)
+        self._verified = self._written
+        self._submit_early()
 
-    def _copy(self, fd: int, entry: FileEntry, file_end: int) -> int:
-        view = memoryview(self._buf)
+    def _submit_early(self) -> None:
+        """Between members: hand over a staging buffer once PUBLISH_STEP bytes wait in it, so
+        readers of a layer of small files need not wait for a whole READ_CHUNK."""
+        if self._fill >= PUBLISH_STEP:
+            self._submit()
+
+    def _copy(self, fd: int, entry: FileEntry) -> int:
         remaining = entry.size
         crc: int | None = None
         while remaining:
-            n = os.readv(fd, [view[: min(remaining, READ_CHUNK)]])
+            room = self._room()
+            n = os.readv(fd, [room[: min(remaining, len(room))]])
             if n == 0:
                 raise IntegrityError(
                     f"{self._what}: file {entry.name!r:.200} is shorter than its recorded "
                     f"{entry.size} bytes"
                 )
-            chunk = view[:n]
-            crc = crc64.go_iso(chunk, crc)
-            self._emit(chunk)
+            crc = crc64.go_iso(room[:n], crc)
+            self._fill += n
+            self._written += n
             remaining -= n
-            self._publish(min(self._written, file_end - 1))
+            if remaining:  # all but the file's last byte may be served before its CRC check
+                self._verified = self._written
+            else:
+                self._verified = self._written - 1
         if os.read(fd, 1):
             raise IntegrityError(
                 f"{self._what}: file {entry.name!r:.200} is longer than its recorded "
@@ -149,19 +255,21 @@ class _Generator:
         assert crc is not None
         return crc
 
-    def finish(self) -> None:
+    def finish(self, sink: Sink) -> None:
+        """Submit the rest, check size and digest, then publish the last bytes."""
         if self._written != self._expected_size:
             raise IntegrityError(
                 f"{self._what}: blob has {self._written} bytes, expected {self._expected_size}"
             )
-        self._publish(self._written, force=True)  # all but the last byte
+        self._submit()  # all but the last byte
+        self._pipe.drain()
         got = self._hash.hexdigest()
         if got != self._digest_hex:
             raise IntegrityError(
                 f"{self._what}: blob digest sha256:{got} does not match sha256:{self._digest_hex}"
             )
         if self._written > self._published:
-            self._sink.publish(self._written)
+            sink.publish(self._written)
             self._published = self._written
 
 
@@ -169,10 +277,12 @@ class LayerReader:
     """Random-access reads of one layer blob through its index (``--direct``, library files).
 
     Every read checks file sizes (a short file raises ``IntegrityError``, never padding). While
-    reads arrive in sequence from offset 0 (overlapping re-reads are fine, gaps are not), each
-    file's CRC-64 is checked before the read that completes the file returns, and the blob's
-    sha256 before the read that reaches EOF returns; the first read past a gap turns that
-    checking off for this reader. A failed check poisons the reader: every later read raises.
+    reads arrive in sequence from offset 0 (overlapping re-reads are fine), each file's CRC-64
+    is checked before the read that completes the file returns, and the blob's sha256 before
+    the read that reaches EOF returns. A read up to MAX_GAP_FILL bytes past the checked
+    position (kernel readahead reorders a sequential reader's requests) first checks the
+    skipped bytes itself; the first read past a larger gap turns checking off. A failed check
+    poisons the reader: every later read raises.
 
     Thread-safety: ``read`` and ``close`` take a per-reader lock, so a reader may be shared, but
     one reader per open handle keeps the sequential checks meaningful.
@@ -230,7 +340,12 @@ class LayerReader:
         if offset >= end:
             return b""
         if self._verifying and offset > self._seq_pos:
-            self._verifying = False
+            if offset - self._seq_pos <= MAX_GAP_FILL:
+                # Reads of one sequential reader arrive out of order (kernel readahead runs
+                # several at once): verify the skipped bytes now instead of giving up.
+                self._read(self._seq_pos, offset)
+            else:
+                self._verifying = False
         parts: list[bytes] = []
         pos = offset
         while pos < end:

@@ -28,6 +28,7 @@ from imgfs.errors import (
     NotFound,
     StorePermissionError,
 )
+from imgfs.fileviews import FileViews
 from imgfs.inodes import ROOT_INODE, InodeTable
 from imgfs.layerblob import LayerBlobs
 from imgfs.snapshots import Snapshot, SnapshotCache
@@ -41,6 +42,7 @@ NAME_TIMEOUT = 1.0  # names (images, tags) follow the store within the poll peri
 POLL_SECONDS = 1.0
 BLOCK_SIZE = 1 << 20
 READ_AHEAD = 4 << 20
+READ_AHEAD_WINDOWS = 3  # per --direct handle: the one being served, the next, one spare
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -80,13 +82,27 @@ def _boundary(handler: F) -> F:
     return cast(F, wrapper)
 
 
+@dataclass(eq=False)
+class _Fetch:
+    """One read-ahead window of a --direct handle, read by a worker thread."""
+
+    start: int
+    length: int
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes = b""
+    error: Exception | None = None
+
+    def covers(self, off: int, size: int) -> bool:
+        return self.start <= off and off + size <= self.start + self.length
+
+
 @dataclass
 class _Handle:
     key: NodeKey
     data: bytes | None = None  # small files, read whole at open
     snapshot: Snapshot | None = None  # layer blobs, snapshot mode
     reader: Any = None  # layer blobs, --direct mode (a LayerReader)
-    window: tuple[int, bytes] = (0, b"")  # --direct read-ahead buffer
+    fetches: list[_Fetch] = field(default_factory=list)  # --direct read-ahead windows
     listing: list[tuple[str, Node]] = field(default_factory=list)  # directories
 
 
@@ -104,6 +120,7 @@ class Operations(pyfuse3.Operations):
         snapshots: SnapshotCache | None,
         ownership: Ownership,
         debug: bool = False,
+        files: FileViews | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -115,7 +132,8 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self.limiter = trio.CapacityLimiter(8)
-        self.view = build_view(store.images, _now_ns())
+        self.files = files if files is not None else FileViews()
+        self.view = build_view(store.images, _now_ns(), self.files)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -135,15 +153,23 @@ class Operations(pyfuse3.Operations):
         timeout = STABLE_TIMEOUT if node.stable else NAME_TIMEOUT
         attrs.entry_timeout = timeout
         attrs.attr_timeout = timeout
-        attrs.st_mode = self.ownership.mode(node.kind)
-        attrs.st_nlink = 2 if node.kind == "dir" else 1
-        attrs.st_uid = self.ownership.uid
-        attrs.st_gid = self.ownership.gid
+        attrs.st_mode = self.ownership.mode(node.kind) if node.mode is None else node.mode
+        attrs.st_nlink = node.nlink or (2 if node.kind == "dir" else 1)
+        attrs.st_uid = self.ownership.uid if node.uid is None else node.uid
+        attrs.st_gid = self.ownership.gid if node.gid is None else node.gid
+        attrs.st_rdev = node.rdev
         attrs.st_size = node.size
         attrs.st_blksize = BLOCK_SIZE
         attrs.st_blocks = (node.size + 511) // 512
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = node.mtime_ns
         return attrs
+
+    async def _node(self, key: NodeKey) -> Node:
+        """The node of ``key``; a cached ``layers/``/``rootfs/`` node without a thread hop."""
+        node = self.view.peek(key)
+        if node is None:
+            node = await self._run(self.view.node, key)
+        return cast(Node, node)
 
     def _new_fh(self, handle: _Handle) -> int:
         fh = self._next_fh
@@ -163,6 +189,8 @@ class Operations(pyfuse3.Operations):
             node = await self._run(self.view.node, parent)
         elif text == "..":
             node = await self._run(self.view.node, parent[:-1] if len(parent) > 1 else ROOT)
+        elif (cached := self.view.peek((*parent, text))) is not None:
+            node = cached
         else:
             try:
                 node = await self._run(self.view.lookup, parent, text)
@@ -177,12 +205,12 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        node = await self._run(self.view.node, self._key(inode))
+        node = await self._node(self._key(inode))
         return self._attrs(node, inode)
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = await self._run(self.view.node, self._key(inode))
+        node = await self._node(self._key(inode))
         if node.kind != "link":
             raise pyfuse3.FUSEError(errno.EINVAL)
         target: bytes = node.target
@@ -226,7 +254,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        node = await self._run(self.view.node, self._key(inode))
+        node = await self._node(self._key(inode))
         for attr, value in node.xattrs:
             if attr.encode() == name:
                 found: bytes = value
@@ -235,7 +263,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        node = await self._run(self.view.node, self._key(inode))
+        node = await self._node(self._key(inode))
         return [attr.encode() for attr, _ in node.xattrs]
 
     @_boundary
@@ -251,8 +279,12 @@ class Operations(pyfuse3.Operations):
         key = self._key(inode)
         node = await self._run(self.view.node, key)
         if node.kind != "file":
-            raise pyfuse3.FUSEError(errno.EISDIR if node.kind == "dir" else errno.ELOOP)
+            codes = {"dir": errno.EISDIR, "link": errno.ELOOP}
+            raise pyfuse3.FUSEError(codes.get(node.kind, errno.EACCES))
         view = self.view
+        if view.is_image_file(key):  # layers/ and rootfs/ files: read from the layer's files
+            member = _Handle(key, reader=await self._run(view.open_member, key))
+            return pyfuse3.FileInfo(fh=self._new_fh(member), keep_cache=True)
         data = await self._run(view.small_file, key)
         if data is not None:
             return pyfuse3.FileInfo(fh=self._new_fh(_Handle(key, data=data)), keep_cache=True)
@@ -294,13 +326,39 @@ class Operations(pyfuse3.Operations):
         return data
 
     async def _read_direct(self, handle: _Handle, off: int, size: int) -> bytes | memoryview:
-        start, window = handle.window
-        if not (start <= off and off + size <= start + len(window)):
-            length = max(size, READ_AHEAD)
-            window = await self._run(handle.reader.read, off, length)
-            handle.window = (off, window)
-            start = off
-        return memoryview(window)[off - start : off - start + size]
+        # Reads are served from READ_AHEAD windows read in worker threads (one hop per window,
+        # not per request); once a window is in, the next one is read in the background, so
+        # reading, CRC and sha256 of window n+1 overlap serving window n. Requests that the
+        # kernel sends concurrently wait for the window that covers them instead of reading
+        # it again (which would also look like a gap to the reader's sequential checks).
+        fetch = next((f for f in handle.fetches if f.covers(off, size)), None)
+        if fetch is None:
+            fetch = self._start_fetch(handle, off, max(size, READ_AHEAD))
+        await fetch.done.wait()
+        if fetch.error is not None:
+            raise fetch.error
+        end = fetch.start + fetch.length
+        if len(fetch.data) == fetch.length and not any(f.start == end for f in handle.fetches):
+            self._start_fetch(handle, end, READ_AHEAD)
+        return memoryview(fetch.data)[off - fetch.start : off - fetch.start + size]
+
+    def _start_fetch(self, handle: _Handle, start: int, length: int) -> _Fetch:
+        fetch = _Fetch(start, length)
+        handle.fetches = [f for f in handle.fetches[-(READ_AHEAD_WINDOWS - 1) :] if f.start < start]
+        handle.fetches.append(fetch)
+        trio.lowlevel.spawn_system_task(self._fetch, handle.reader, fetch)
+        return fetch
+
+    async def _fetch(self, reader: Any, fetch: _Fetch) -> None:
+        try:
+            fetch.data = await self._run(reader.read, fetch.start, fetch.length)
+        except Exception as exc:  # raised by the reads that wait for this window
+            fetch.error = exc
+        except BaseException:
+            fetch.error = ImgfsError("read-ahead was cancelled")
+            raise
+        finally:
+            fetch.done.set()
 
     @_boundary
     async def release(self, fh: int) -> None:
@@ -327,7 +385,7 @@ class Operations(pyfuse3.Operations):
 
     async def _follow_change(self) -> None:
         old = self.view
-        new: TreeView = await self._run(build_view, self.store.images, _now_ns())
+        new: TreeView = await self._run(build_view, self.store.images, _now_ns(), self.files)
         self.view = new
         gone = set(old.images) - set(new.images)
         log.info("store changed: %d images (%d removed)", len(new.images), len(gone))
@@ -369,5 +427,6 @@ def make_operations(
     if stat.S_IMODE(os.stat(cache_dir).st_mode) & 0o077:
         log.warning("cache dir %s is readable by others", cache_dir)
     blobs = LayerBlobs(index_dir=os.path.join(cache_dir, "index"))
+    files = FileViews(index_dir=os.path.join(cache_dir, "index"))
     snapshots = None if direct else SnapshotCache(cache_dir, cache_size, log=log)
-    return Operations(store, blobs, snapshots, ownership, debug=debug)
+    return Operations(store, blobs, snapshots, ownership, debug=debug, files=files)

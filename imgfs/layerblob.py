@@ -43,6 +43,7 @@ class LayerBlobs:
         self._lock = threading.Lock()
         if index_dir is not None:
             os.makedirs(index_dir, mode=0o700, exist_ok=True)
+            _remove_stale_temps(index_dir)
 
     def produce(self, source: LayerSource, sink: Sink) -> None:
         """Generate the whole blob into ``sink`` (snapshot mode), verified as it goes."""
@@ -116,6 +117,31 @@ class LayerBlobs:
                 os.unlink(tmp)
 
 
+def _remove_stale_temps(index_dir: str) -> None:
+    """Delete ``<key>.idx.zst.tmp-<pid>-<thread>`` files of processes that died (SIGKILL)."""
+    removed = 0
+    for name in os.listdir(index_dir):
+        _, sep, tail = name.rpartition(".tmp-")
+        pid = tail.split("-", 1)[0]
+        if not sep or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(index_dir, name))
+            removed += 1
+    if removed:
+        log.info("removed %d stale index temp file(s) from %s", removed, index_dir)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def open_layer_blob(source: LayerSource) -> BinaryIO:
     """A verified, seekable file object over a layer blob (the library's ``open_blob``)."""
     reader = LayerBlobs().open_reader(source)
@@ -135,6 +161,8 @@ def _opened(
             raise LayerUnavailable(
                 f"{source.what}: no tar-split metadata, so the layer cannot be rebuilt exactly"
             ) from exc
+        except OSError as exc:
+            raise LayerUnavailable(f"{source.what}: tar-split: {exc.strerror}") from exc
         try:
             files = LayerFiles(list(source.content_dirs), source.what)
         except BaseException:

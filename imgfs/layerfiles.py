@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import stat
 from types import TracebackType
 
@@ -34,6 +35,7 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # "Not in this directory": try the next one.
 _MISSING = frozenset({errno.ENOENT, errno.ELOOP, errno.EXDEV, errno.ENOTDIR})
 _RETRIES = 8
+_LAYER_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class _OpenHow(ctypes.Structure):
@@ -103,7 +105,7 @@ class LayerFiles:
 
     def _open_dir(self, path: str) -> int:
         try:
-            return os.open(path, _DIR_FLAGS)
+            return _open_layer_dir(path)
         except OSError as exc:
             raise LayerUnavailable(
                 f"{self.what}: layer directory {path!r}: {exc.strerror}"
@@ -166,6 +168,36 @@ class LayerFiles:
         except BaseException:
             os.close(fd)
             raise
+
+
+def _open_layer_dir(path: str) -> int:
+    """Open a layer directory without following a symlink from its layer ID down.
+
+    The part above the 64-hex layer ID (graph root, driver home) is configuration and opened
+    normally; ``<id>`` and below (``diff``) belong to the store, whose writer could replace
+    them with symlinks to host directories, so they are resolved beneath the driver home.
+    """
+    parts = path.rstrip("/").split("/")
+    at = next((i for i in range(len(parts) - 1, 0, -1) if _LAYER_ID.fullmatch(parts[i])), None)
+    if at is None:
+        return os.open(path, _DIR_FLAGS)
+    home = os.open("/".join(parts[:at]) or "/", _DIR_FLAGS)
+    try:
+        rel = "/".join(parts[at:]).encode()
+        if openat2_available(home):
+            return _openat2(home, rel, _DIR_FLAGS, _RESOLVE & ~RESOLVE_NO_XDEV)
+        cur = os.dup(home)
+        try:
+            for part in rel.split(b"/"):
+                nxt = os.open(part, _DIR_FLAGS, dir_fd=cur)
+                os.close(cur)
+                cur = nxt
+        except BaseException:
+            os.close(cur)
+            raise
+        return cur
+    finally:
+        os.close(home)
 
 
 def _kind(mode: int) -> str:

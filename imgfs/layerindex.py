@@ -20,6 +20,7 @@ The serialized form is native-endian (the cache is per machine) and carries a bl
 from __future__ import annotations
 
 import hashlib
+import operator
 import struct
 import threading
 from array import array
@@ -27,6 +28,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 
 import zstandard
 
@@ -322,6 +324,20 @@ class LayerIndex:
         return _Loader(data, what).load()
 
 
+def _rows_monotonic(starts: array[int], seg_pos: array[int], name_pos: array[int]) -> bool:
+    """Segment and name positions never decrease, file data offsets strictly increase.
+
+    The same rule as the row loop of ``_Loader._check``, in C-level ``map`` passes (a persisted
+    100k-file index loads in a fraction of the loop's 40 ms).
+    """
+    data = list(map(operator.sub, starts, seg_pos))  # where each file's content starts
+    return (
+        all(map(operator.le, seg_pos, islice(seg_pos, 1, None)))
+        and all(map(operator.lt, data, islice(data, 1, None)))
+        and all(map(operator.le, name_pos, islice(name_pos, 1, None)))
+    )
+
+
 class _Loader:
     """Validating parser of the serialized index."""
 
@@ -407,10 +423,11 @@ class _Loader:
             raise self._fail("sentinels do not match counts")
         if starts[0] != seg_pos[0] or name_pos[0] != 0:
             raise self._fail("bad first row")
-        for k in range(len(starts) - 1):
-            gap = seg_pos[k + 1] - seg_pos[k]
-            if gap < 0 or starts[k + 1] - starts[k] <= gap or name_pos[k + 1] < name_pos[k]:
-                raise self._fail(f"row {k} is not monotonic")
+        if not _rows_monotonic(starts, seg_pos, name_pos):
+            for k in range(len(starts) - 1):  # slow path: name the bad row
+                gap = seg_pos[k + 1] - seg_pos[k]
+                if gap < 0 or starts[k + 1] - starts[k] <= gap or name_pos[k + 1] < name_pos[k]:
+                    raise self._fail(f"row {k} is not monotonic")
 
     def _frames(self, raw: memoryview, lengths: array[int]) -> list[bytes]:
         if sum(lengths) != len(raw):

@@ -444,6 +444,25 @@ class Image:
                 )
         raise BlobNotFound(f"{self.what} has no layer {digest}")
 
+    def layer_sources(self) -> list[LayerSource]:
+        """Where to rebuild each layer of the chain, base first (one per physical layer)."""
+        chain = self.layer_chain()
+        sources = []
+        for depth, rec in enumerate(chain):
+            assert rec.diff_digest is not None
+            assert rec.diff_size is not None
+            sources.append(
+                LayerSource(
+                    layer_id=rec.id,
+                    digest=rec.diff_digest,
+                    size=rec.diff_size,
+                    tarsplit_path=os.path.join(rec.source, f"{rec.id}.tar-split.gz"),
+                    content_dirs=self._content_dirs(list(reversed(chain[: depth + 1]))),
+                    what=f"layer {rec.id[:12]} of image {self.id[:12]}",
+                )
+            )
+        return sources
+
     def instances(self) -> list[tuple[str, str | None]]:
         """For list images: (instance digest, ID of the image holding it or None)."""
         man = self.parsed_manifest()
@@ -529,6 +548,8 @@ class Image:
                 fd = open_regular(name, what, dir_fd=dir_fd)
             except FileNotFoundError as exc:
                 raise MalformedMetadata(f"{what}: file {name} is missing") from exc
+            except OSError as exc:
+                raise MalformedMetadata(f"{what}: cannot open {name}: {exc.strerror}") from exc
             finally:
                 os.close(dir_fd)
             try:

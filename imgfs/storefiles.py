@@ -8,6 +8,7 @@ without following symlinks. Must not know: what the files mean.
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import re
 import stat
@@ -60,6 +61,10 @@ def open_regular(path: str, what: str, dir_fd: int | None = None) -> int:
         fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
     except PermissionError as exc:
         raise StorePermissionError(f"{what}: permission denied") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise UnsafePath(f"{what}: is a symlink, not a regular file") from exc
+        raise
     try:
         st = os.fstat(fd)
     except OSError:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imgfs import layerindex
+from imgfs import assemble, layerindex
 from imgfs.assemble import BlobFile, LayerReader, generate
 from imgfs.errors import IntegrityError, LayerUnavailable, MalformedMetadata, UnsafePath
 from imgfs.layerfiles import LayerFiles
@@ -320,7 +320,9 @@ def test_crc_mismatch(tmp_path: Path) -> None:
     assert sink.data[: sink.high] == layer.tar[: sink.high]
 
 
-def test_reader_crc_mismatch_before_last_bytes(tmp_path: Path) -> None:
+def test_reader_crc_mismatch_before_last_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     layer = simple_layer(tmp_path)
     index = layer.index()
     (layer.dir / "a").write_bytes(b"A" * 2999 + b"Z")
@@ -332,6 +334,10 @@ def test_reader_crc_mismatch_before_last_bytes(tmp_path: Path) -> None:
             reader.read(start + 2999, 1)
         with pytest.raises(IntegrityError):  # poisoned
             reader.read(0, 1)
+        near_reader = LayerReader(index, files, layer.digest, WHAT)
+        with pytest.raises(IntegrityError, match="CRC-64"):  # a small gap is checked first
+            near_reader.read(start + 2999, 1)
+        monkeypatch.setattr(assemble, "MAX_GAP_FILL", 1000)
         random_reader = LayerReader(index, files, layer.digest, WHAT)
         assert random_reader.read(start + 2999, 1) == b"Z"  # random access: size-checked only
         assert not random_reader.verifying

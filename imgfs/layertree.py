@@ -1,0 +1,474 @@
+"""The files of one layer as its tar describes them: a compact, lazily parsed directory model.
+
+Owns: turning tar-split entries into the layer's members (content identity from the file
+entries: name, size, CRC-64; metadata from the header blocks the segments hold, parsed on first
+use), the directory model (directory path → child name → member ref, including directories the
+tar only implies), hardlink resolution inside the layer, and the versioned, checksummed
+serialization (so a remount skips the tar-split parse).
+Must not know: where the tar-split or the layer files live, other layers, whiteout semantics
+(whiteouts are ordinary members here), FUSE.
+
+Paths are cleaned member names relative to the layer root (``b""`` is the root itself, no
+leading ``./`` or ``/``, no trailing ``/``); hardlink targets are cleaned the same way, symlink
+targets are kept verbatim. A *ref* is a member's position in the tar (>= 0) or, for an implied
+directory, a negative number. Building reads only each member's name and type byte; the header
+blocks are kept zstd-compressed in chunks and parsed when a member is first asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import zstandard
+
+from imgfs.errors import MalformedMetadata, NotFound
+from imgfs.layerindex import close_iterable
+from imgfs.tarheader import (
+    BLOCK,
+    DIRECTORY,
+    GLOBAL,
+    HARDLINK,
+    KNOWN_TYPES,
+    REGULAR,
+    parse_header,
+)
+from imgfs.tarsplit import FileEntry, Segment, clean_name
+
+MAX_LINK_DEPTH = 64
+MAX_HEADER_BYTES = 16 << 20  # tar headers (PAX records included) before one member
+ROOT_REF = -(1 << 62)  # the ref of a layer root the tar does not list
+CHUNK = 32 << 10  # small: a directory's members may be spread over the whole tar
+_CHUNK_CACHE = 64
+_MAGIC = b"IMGFSTRE"
+_VERSION = 2
+_HEADER = struct.Struct("<8sI32sQ")  # magic, version, blake2b-256 of body, body length
+_COUNTS = struct.Struct("<QQQQ")  # members, header bytes, name bytes, frames
+_MAX_BODY = 4 << 30
+_DIR_BYTE = ord(DIRECTORY)
+_HARDLINK_BYTE = ord(HARDLINK)
+_SKIP_BYTE = ord(GLOBAL)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One tar member (or a directory the tar implies by naming a path below it)."""
+
+    path: bytes
+    typeflag: str  # tarheader constants: REGULAR, HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, ...
+    mode: int  # permission bits (07777)
+    uid: int
+    gid: int
+    size: int  # content bytes: regular files only, else 0
+    mtime_ns: int
+    linkname: bytes  # symlink: target verbatim; hardlink: cleaned target path
+    devmajor: int
+    devminor: int
+    xattrs: tuple[tuple[str, bytes], ...]
+    crc: int | None  # CRC-64/GO-ISO of the content (size > 0)
+    data_name: bytes  # the tar-split name, as LayerFiles.open wants it
+    ref: int
+    implied: bool = False
+
+    @property
+    def is_dir(self) -> bool:
+        return self.typeflag == DIRECTORY
+
+
+class _Chunks:
+    """An append-only byte stream kept as zstd frames of CHUNK bytes, read through a tiny LRU."""
+
+    def __init__(self, frames: list[bytes] | None = None, length: int = 0) -> None:
+        self.frames: list[bytes] = frames or []
+        self.length = length
+        self._tail = bytearray()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._compressor = zstandard.ZstdCompressor(level=1)
+
+    def append(self, data: bytes) -> int:
+        pos = self.length
+        self._tail += data
+        self.length += len(data)
+        if len(self._tail) >= CHUNK:
+            self._flush(final=False)
+        return pos
+
+    def _flush(self, final: bool) -> None:
+        compressor = self._compressor
+        full = len(self._tail) if final else len(self._tail) - len(self._tail) % CHUNK
+        for pos in range(0, full, CHUNK):
+            self.frames.append(compressor.compress(bytes(self._tail[pos : pos + CHUNK])))
+        del self._tail[:full]
+
+    def finish(self) -> None:
+        self._flush(final=True)
+
+    def read(self, pos: int, n: int, what: str) -> bytes:
+        parts = []
+        end = min(pos + n, self.length)
+        while pos < end:
+            k, skip = divmod(pos, CHUNK)
+            raw = self._chunk(k, what)
+            take = min(end - pos, len(raw) - skip)
+            parts.append(raw[skip : skip + take])
+            pos += take
+        return b"".join(parts)
+
+    def _chunk(self, k: int, what: str) -> bytes:
+        with self._lock:
+            raw = self._cache.get(k)
+            if raw is not None:
+                self._cache.move_to_end(k)
+                return raw
+            want = min(CHUNK, self.length - k * CHUNK)
+            try:
+                raw = self._decompressor.decompress(self.frames[k], max_output_size=want)
+            except (zstandard.ZstdError, IndexError) as exc:
+                raise MalformedMetadata(f"{what}: layer tree chunk {k} is corrupt") from exc
+            if len(raw) != want:
+                raise MalformedMetadata(f"{what}: layer tree chunk {k} has the wrong length")
+            self._cache[k] = raw
+            while len(self._cache) > _CHUNK_CACHE:
+                self._cache.popitem(last=False)
+        return raw
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Per member: type byte, content size, CRC, header position/length, raw name."""
+
+    types: bytearray
+    sizes: array[int]
+    crcs: array[int]
+    head_pos: array[int]
+    head_len: array[int]
+    name_pos: array[int]  # n + 1 offsets into names
+    names: bytes
+    headers: _Chunks
+
+
+class LayerTree:
+    """The members of one layer, by directory. Thread-safe; members parse on first use."""
+
+    def __init__(self, columns: _Columns, what: str) -> None:
+        self.what = what
+        self._cols = columns
+        self.dirs: dict[bytes, dict[bytes, int]] = {b"": {}}
+        self.hardlinks: list[int] = []
+        self._implied: list[Member] = []
+        self._implied_order: list[int] = []
+        self._root_ref: int | None = None
+        self._members: dict[int, Member] = {}
+        self._link_counts: dict[int, int] | None = None
+        self._lock = threading.Lock()
+        self._index_names()
+
+    # -- building ----------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, entries: Iterable[Segment | FileEntry], what: str) -> LayerTree:
+        """The tree of ``entries`` (from ``tarsplit.iter_entries``), which is closed after."""
+        cols = _Columns(
+            bytearray(), array("Q"), array("Q"), array("Q"), array("I"), array("Q", [0]), b"",
+            _Chunks(),
+        )  # fmt: skip
+        names: list[bytes] = []
+        try:
+            _collect(entries, cols, names, what)
+        finally:
+            close_iterable(entries)
+        cols.headers.finish()
+        return cls(_Columns(**{**cols.__dict__, "names": b"".join(names)}), what)
+
+    def _index_names(self) -> None:
+        cols = self._cols
+        names, name_pos, types = cols.names, cols.name_pos, cols.types
+        dirs = self.dirs
+        for ref in range(len(types)):
+            flag = types[ref]
+            if flag == _SKIP_BYTE:
+                continue
+            path = clean_name(names[name_pos[ref] : name_pos[ref + 1]])
+            if path == b".":
+                if flag != _DIR_BYTE:
+                    raise MalformedMetadata(f"{self.what}: the layer root is not a directory")
+                self._root_ref = ref
+                continue
+            parent, _, base = path.rpartition(b"/")
+            siblings = dirs.get(parent)
+            if siblings is None:
+                siblings = self._ensure_dir(parent, ref)
+            old = siblings.get(base)
+            if old is not None and not (old < 0 and flag == _DIR_BYTE):
+                raise MalformedMetadata(f"{self.what}: {path!r:.200} appears twice")
+            siblings[base] = ref
+            if flag == _DIR_BYTE:
+                if path not in dirs:
+                    dirs[path] = {}
+            elif flag == _HARDLINK_BYTE:
+                self.hardlinks.append(ref)
+
+    def _ensure_dir(self, path: bytes, first_child: int) -> dict[bytes, int]:
+        children = self.dirs.get(path)
+        if children is not None:
+            return children
+        parent, _, base = path.rpartition(b"/")
+        siblings = self._ensure_dir(parent, first_child)
+        existing = siblings.get(base)
+        if existing is not None and not self.is_dir(existing):
+            raise MalformedMetadata(f"{self.what}: {path!r:.200} has members below a non-directory")
+        if existing is None:
+            ref = -1 - len(self._implied)
+            self._implied.append(_implied_dir(path, ref))
+            self._implied_order.append(first_child)
+            siblings[base] = ref
+        children = self.dirs[path] = {}
+        return children
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def member_count(self) -> int:
+        return len(self._cols.types)
+
+    def root_ref(self) -> int:
+        """The ref of the layer root's ``./`` member, else ROOT_REF."""
+        return ROOT_REF if self._root_ref is None else self._root_ref
+
+    def root(self) -> Member:
+        """The layer root's own member (its ``./`` entry), or an implied directory."""
+        if self._root_ref is None:
+            return _implied_dir(b"", ROOT_REF)
+        return self.member(self._root_ref)
+
+    def ref(self, path: bytes) -> int:
+        """The ref of the member at ``path`` (not the root); NotFound when there is none."""
+        parent, _, base = path.rpartition(b"/")
+        found = self.dirs.get(parent, {}).get(base)
+        if found is None:
+            raise NotFound(f"{self.what}: no {path!r:.200} in the layer")
+        return found
+
+    def child_refs(self, path: bytes) -> dict[bytes, int]:
+        """Child name → ref below directory ``path``; NotFound if it is not a directory."""
+        children = self.dirs.get(path)
+        if children is None:
+            raise NotFound(f"{self.what}: {path!r:.200} is not a directory of the layer")
+        return children
+
+    def typeflag(self, ref: int) -> str:
+        return DIRECTORY if ref < 0 else chr(self._cols.types[ref])
+
+    def is_dir(self, ref: int) -> bool:
+        return ref < 0 or self._cols.types[ref] == _DIR_BYTE
+
+    def order(self, ref: int) -> int:
+        """Where the member took effect in the tar (implied dirs: with their first child)."""
+        return self._implied_order[-1 - ref] if ref < 0 else ref
+
+    def member(self, ref: int) -> Member:
+        """The member ``ref``, its header parsed (and cached) on first use."""
+        if ref == ROOT_REF:
+            return self.root()
+        if ref < 0:
+            return self._implied[-1 - ref]
+        found = self._members.get(ref)
+        if found is None:
+            found = self._parse(ref)
+            with self._lock:
+                self._members[ref] = found
+        return found
+
+    def prefetch(self, refs: Iterable[int]) -> None:
+        """Parse the members ``refs`` in tar order (each header chunk decompressed once)."""
+        for ref in sorted(r for r in refs if r >= 0 and r not in self._members):
+            self.member(ref)
+
+    def _parse(self, ref: int) -> Member:
+        cols = self._cols
+        name = cols.names[cols.name_pos[ref] : cols.name_pos[ref + 1]]
+        what = f"{self.what}: member {name!r:.200}"
+        header = parse_header(cols.headers.read(cols.head_pos[ref], cols.head_len[ref], what), what)
+        if header.name != name:
+            raise MalformedMetadata(f"{what}: the tar header names {header.name!r:.200}")
+        flag, size = header.typeflag, cols.sizes[ref]
+        if flag not in KNOWN_TYPES or (flag != REGULAR and size):
+            raise MalformedMetadata(f"{what}: unsupported tar member type {flag!r}")
+        if flag == REGULAR and header.size != size:
+            raise MalformedMetadata(f"{what}: header and tar-split sizes differ")
+        path = clean_name(name)
+        link = clean_name(header.linkname) if flag == HARDLINK else header.linkname
+        return Member(
+            b"" if path == b"." else path, flag, header.mode, header.uid, header.gid, size,
+            header.mtime_ns, link, header.devmajor, header.devminor, header.xattrs,
+            cols.crcs[ref] if size else None, name, ref,
+        )  # fmt: skip
+
+    def link_target(self, ref: int) -> int | None:
+        """The ref a hardlink shares its inode with (an earlier non-link member), else None."""
+        current = ref
+        for _ in range(MAX_LINK_DEPTH):
+            try:
+                target = self.ref(self.member(current).linkname)
+            except NotFound:
+                return None
+            if target < 0 or target >= current or self.is_dir(target):
+                return None
+            if self.typeflag(target) != HARDLINK:
+                return target
+            current = target
+        return None
+
+    def link_count(self, ref: int) -> int:
+        """How many paths of this layer share the inode of non-link member ``ref``."""
+        with self._lock:
+            counts = self._link_counts
+        if counts is None:
+            counts = {}
+            for link in self.hardlinks:
+                target = self.link_target(link)
+                if target is not None:
+                    counts[target] = counts.get(target, 0) + 1
+            with self._lock:
+                self._link_counts = counts
+        return counts.get(ref, 0) + 1
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """Serialize: header (magic, version, blake2b, length) + columns + header frames."""
+        cols = self._cols
+        frames = cols.headers.frames
+        lengths = array("Q", [len(f) for f in frames])
+        counts = _COUNTS.pack(len(cols.types), cols.headers.length, len(cols.names), len(frames))
+        table = b"".join(
+            bytes(p)
+            for p in (counts, cols.types, cols.sizes, cols.crcs, cols.head_pos, cols.head_len)
+        )
+        table += bytes(cols.name_pos) + cols.names + bytes(lengths)
+        head = zstandard.ZstdCompressor(level=1).compress(table)
+        body = struct.pack("<Q", len(head)) + head + b"".join(frames)
+        digest = hashlib.blake2b(body, digest_size=32).digest()
+        return _HEADER.pack(_MAGIC, _VERSION, digest, len(body)) + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str) -> LayerTree:
+        """Load what :meth:`to_bytes` wrote; anything off raises ``MalformedMetadata``."""
+        return cls(_load_columns(data, what), what)
+
+
+def _implied_dir(path: bytes, ref: int) -> Member:
+    return Member(path, DIRECTORY, 0o755, 0, 0, 0, 0, b"", 0, 0, (), None, b"", ref, True)
+
+
+def _collect(
+    entries: Iterable[Segment | FileEntry], cols: _Columns, names: list[bytes], what: str
+) -> None:
+    """Append each member's columns; only the type byte of its header is looked at."""
+    pending: list[bytes] = []
+    pending_bytes = 0  # bounded: a gzip bomb of segments must not be held in memory
+    name_total = 0
+    types, sizes, crcs = cols.types, cols.sizes, cols.crcs
+    head_pos, head_len, name_pos, headers = (
+        cols.head_pos,
+        cols.head_len,
+        cols.name_pos,
+        cols.headers,
+    )
+    for entry in entries:
+        if type(entry) is Segment:
+            pending_bytes += len(entry.payload)
+            if pending_bytes <= MAX_HEADER_BYTES:
+                pending.append(entry.payload)
+            else:
+                pending.clear()  # only trailing data may be this long
+            continue
+        assert isinstance(entry, FileEntry)
+        if pending_bytes > MAX_HEADER_BYTES:
+            raise MalformedMetadata(
+                f"{what}: more than {MAX_HEADER_BYTES} bytes of tar headers before "
+                f"{entry.name!r:.200}"
+            )
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        pending_bytes = 0
+        skip = len(data) % BLOCK
+        if len(data) - skip < BLOCK:
+            raise MalformedMetadata(f"{what}: no tar header before {entry.name!r:.200}")
+        flag = data[-BLOCK + 156]
+        if flag in (0, 0x30, 0x37):  # Go: '\0' names ending in '/' are directories
+            flag = _DIR_BYTE if flag == 0 and entry.name.endswith(b"/") else 0x30
+        types.append(flag)
+        sizes.append(entry.size)
+        crcs.append(0 if entry.crc is None else int.from_bytes(entry.crc, "big"))
+        head_pos.append(headers.append(data[skip:] if skip else data))
+        head_len.append(len(data) - skip)
+        names.append(entry.name)
+        name_total += len(entry.name)
+        name_pos.append(name_total)
+
+
+def _load_columns(data: bytes, what: str) -> _Columns:
+    def fail(reason: str) -> MalformedMetadata:
+        return MalformedMetadata(f"{what}: cached layer tree: {reason}")
+
+    if len(data) < _HEADER.size:
+        raise fail("truncated header")
+    magic, version, digest, body_len = _HEADER.unpack_from(data)
+    body = memoryview(data)[_HEADER.size :]
+    if magic != _MAGIC or version != _VERSION or len(body) != body_len or body_len > _MAX_BODY:
+        raise fail("bad magic, version or length")
+    if hashlib.blake2b(body, digest_size=32).digest() != digest:
+        raise fail("checksum mismatch")
+    try:
+        (head_len,) = struct.unpack_from("<Q", body)
+        table = zstandard.ZstdDecompressor().decompress(
+            body[8 : 8 + head_len], max_output_size=_MAX_BODY
+        )
+        return _parse_columns(table, body[8 + head_len :])
+    except (zstandard.ZstdError, struct.error, ValueError) as exc:
+        raise fail(f"corrupt: {exc}") from exc
+
+
+def _parse_columns(table: bytes, frames_raw: memoryview) -> _Columns:
+    n, header_bytes, name_bytes, n_frames = _COUNTS.unpack_from(table)
+    pos = _COUNTS.size
+
+    def take(typecode: str, count: int) -> array[int]:
+        nonlocal pos
+        column = array(typecode)
+        column.frombytes(table[pos : pos + column.itemsize * count])
+        if len(column) != count:
+            raise ValueError("truncated column")
+        pos += column.itemsize * count
+        return column
+
+    types = bytearray(table[pos : pos + n])
+    pos += n
+    sizes, crcs, head_pos, head_len = take("Q", n), take("Q", n), take("Q", n), take("I", n)
+    name_pos = take("Q", n + 1)
+    names = table[pos : pos + name_bytes]
+    pos += name_bytes
+    lengths = take("Q", n_frames)
+    if pos != len(table) or len(types) != n or len(names) != name_bytes:
+        raise ValueError("table length does not match counts")
+    if name_pos[-1] != name_bytes or any(
+        p + q > header_bytes for p, q in zip(head_pos, head_len, strict=True)
+    ):
+        raise ValueError("offsets out of range")
+    frames, at = [], 0
+    for length in lengths:
+        frames.append(bytes(frames_raw[at : at + length]))
+        at += length
+    if at != len(frames_raw) or -(-header_bytes // CHUNK) != n_frames:
+        raise ValueError("frames do not match lengths")
+    return _Columns(
+        types, sizes, crcs, head_pos, head_len, name_pos, names, _Chunks(frames, header_bytes)
+    )

@@ -1,0 +1,218 @@
+"""Measuring tools for the benchmark: mounts, timed commands, RSS and disk samplers.
+
+Owns: starting and always stopping imgfs and ratarmount mounts, dropping page caches, timing a
+command, sampling a daemon's RSS and a filesystem's used bytes while a run lasts, medians.
+Must not know: what the stores hold or which figures the table shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1 << 20
+SAMPLE_SECONDS = 0.02
+
+
+def drop_caches() -> None:
+    """Write back dirty pages and drop the page cache, dentries and inodes (root only)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def rss_bytes(pid: int) -> int:
+    """Current resident set size of ``pid`` (0 once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) * 1024 if m else 0
+
+
+def used_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@dataclass
+class Peaks:
+    """Peak RSS of a process and peak extra used bytes of a filesystem during a run."""
+
+    rss: int = 0
+    disk: int = 0
+
+
+class Sampler:
+    """Samples RSS of ``pid`` (if any) and used bytes under ``disk`` every SAMPLE_SECONDS."""
+
+    def __init__(self, pid: int | None, disk: Path) -> None:
+        self._pid = pid
+        self._disk = disk
+        self._base = used_bytes(disk)
+        self.peaks = Peaks()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        if self._pid is not None:
+            self.peaks.rss = max(self.peaks.rss, rss_bytes(self._pid))
+        self.peaks.disk = max(self.peaks.disk, used_bytes(self._disk) - self._base)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(SAMPLE_SECONDS)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def run(cmd: Sequence[str], **kw: object) -> float:
+    """Run ``cmd`` (checked) and return its wall time in seconds."""
+    started = time.perf_counter()
+    subprocess.run(list(cmd), check=True, **kw)  # type: ignore[call-overload]
+    return time.perf_counter() - started
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class ImgfsMount:
+    """A running imgfs daemon: mountpoint, pid, seconds until ``imgfs`` returned (ready)."""
+
+    mountpoint: Path
+    pid: int
+    ready_seconds: float
+    cache_dir: Path
+    log_file: Path
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def imgfs_mount(
+    store: Path,
+    runroot: Path,
+    work: Path,
+    *,
+    direct: bool = False,
+    fresh_cache: bool = True,
+    args: Sequence[str] = (),
+) -> Iterator[ImgfsMount]:
+    """Mount ``store`` with imgfs (daemon) under ``work``; always unmounted on exit."""
+    mnt, cache, log = work / "mnt", work / "cache", work / "imgfs.log"
+    mnt.mkdir(parents=True, exist_ok=True)
+    if fresh_cache:
+        shutil.rmtree(cache, ignore_errors=True)
+    log.unlink(missing_ok=True)
+    cmd = [
+        "imgfs",
+        "--driver",
+        "overlay",
+        "--runroot",
+        str(runroot),
+        "--cache-dir",
+        str(cache),
+        "--log-file",
+        str(log),
+        *(["--direct"] if direct else []),
+        *args,
+        str(store),
+        str(mnt),
+    ]
+    ready = run(cmd)
+    try:
+        yield ImgfsMount(mnt, _daemon_pid(log), ready, cache, log)
+    finally:
+        _unmount_imgfs(mnt, log)
+
+
+def _daemon_pid(log: Path) -> int:
+    for _ in range(100):
+        m = re.search(r"\(pid (\d+)\)", log.read_text() if log.exists() else "")
+        if m:
+            return int(m.group(1))
+        time.sleep(0.01)
+    raise RuntimeError(f"no daemon pid in {log}")
+
+
+def _unmount_imgfs(mnt: Path, log: Path) -> None:
+    pid = _daemon_pid(log)
+    subprocess.run(["imgfs", "-u", str(mnt)], check=False)
+    for _ in range(500):
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"imgfs daemon {pid} did not exit after unmounting {mnt}")
+
+
+@contextlib.contextmanager
+def ratarmount_mount(tar: Path, work: Path) -> Iterator[tuple[Path, int]]:
+    """Mount ``tar`` with ratarmount (index kept next to it in ``work``); yields (mnt, pid)."""
+    mnt = work / "rmnt"
+    mnt.mkdir(parents=True, exist_ok=True)
+    index = work / "ratarmount.index.sqlite"
+    proc = subprocess.Popen(
+        ["ratarmount", "-f", "--index-file", str(index), str(tar), str(mnt)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_mounted(mnt, proc)
+        yield mnt, proc.pid
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_mounted(mnt: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 600
+    while not os.path.ismount(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"ratarmount did not mount {mnt}")
+        time.sleep(0.01)
+
+
+def read_first(path: Path, size: int = 128 << 10) -> float:
+    """Seconds for open + one read of ``size`` bytes (time to first byte)."""
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.read(fd, size)
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
+
+
+def open_only(path: Path) -> float:
+    """Seconds for open + close (what a --direct open costs: the layer's index)."""
+    started = time.perf_counter()
+    os.close(os.open(path, os.O_RDONLY))
+    return time.perf_counter() - started
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started

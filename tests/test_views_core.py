@@ -1,0 +1,185 @@
+"""Core of ``layers/``, ``rootfs/`` and ``oci/`` without FUSE: tar headers, layer trees, the merge
+rules and the layout manifest, on tars made here (tests/tarsplit_maker.py disassembles them)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from imgfs.errors import MalformedMetadata, NotFound
+from imgfs.layertree import LayerTree
+from imgfs.ocilayout import index_json, layout_manifest
+from imgfs.rootfs import RootFS
+from imgfs.tarheader import HARDLINK, parse_header
+from imgfs.tarsplit import iter_entries
+from tests.realstores import awkward_tar
+from tests.tarsplit_maker import disassemble, make_tar
+
+_TYPES = {
+    tarfile.REGTYPE: "0", tarfile.LNKTYPE: "1", tarfile.SYMTYPE: "2", tarfile.CHRTYPE: "3",
+    tarfile.BLKTYPE: "4", tarfile.DIRTYPE: "5", tarfile.FIFOTYPE: "6",
+}  # fmt: skip
+
+
+def _tree(tar: bytes, what: str = "test layer") -> LayerTree:
+    return LayerTree.build(iter_entries(io.BytesIO(disassemble(tar).gz()), what), what)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_members_equal_what_tarfile_reads(fmt: int) -> None:
+    if fmt == tarfile.USTAR_FORMAT:
+        tar = make_tar([("a", None), ("a/b.txt", b"bee"), ("a/l", "->b.txt"), ("a/h", "=>a/b.txt")])
+    else:
+        tar = awkward_tar(fmt)
+    tree = _tree(tar)
+    checked = 0
+    with tarfile.open(fileobj=io.BytesIO(tar), encoding="utf-8", errors="surrogateescape") as tf:
+        for info in tf:
+            path = info.name.encode("utf-8", "surrogateescape").strip(b"/")
+            m = tree.member(tree.ref(path))
+            assert m.typeflag == _TYPES[info.type], path
+            assert (m.mode, m.uid, m.gid) == (info.mode, info.uid, info.gid), path
+            assert m.mtime_ns == int(info.mtime) * 10**9, path
+            assert m.size == (info.size if info.isreg() else 0), path
+            if info.issym():
+                assert m.linkname == info.linkname.encode("utf-8", "surrogateescape")
+            if info.isdev():
+                assert (m.devmajor, m.devminor) == (info.devmajor, info.devminor)
+            xattrs = {k[13:]: v for k, v in info.pax_headers.items() if k.startswith("SCHILY.")}
+            assert {k: v.decode() for k, v in m.xattrs} == xattrs, path
+            checked += 1
+    assert checked == tree.member_count
+
+
+def test_pax_fractional_mtime_and_long_names() -> None:
+    info = tarfile.TarInfo("x" * 300)
+    info.mtime = 1
+    info.pax_headers = {"mtime": "-1.25", "SCHILY.xattr.user.k": "v"}
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    parsed = parse_header(b"\0" * 100 + header, "t")  # previous member's padding first
+    assert parsed.name == b"x" * 300
+    assert parsed.mtime_ns == -1_250_000_000
+    assert parsed.xattrs == (("user.k", b"v"),)
+    with pytest.raises(MalformedMetadata):
+        parse_header(header[:-512], "t")
+
+
+def test_persisted_tree_round_trips_and_rejects_corruption() -> None:
+    tree = _tree(awkward_tar())
+    copy = LayerTree.from_bytes(tree.to_bytes(), "copy")
+    assert copy.dirs == tree.dirs
+    for ref in range(tree.member_count):
+        assert copy.member(ref) == tree.member(ref)
+    damaged = bytearray(tree.to_bytes())
+    damaged[-5] ^= 1
+    with pytest.raises(MalformedMetadata):
+        LayerTree.from_bytes(bytes(damaged), "bad")
+
+
+def test_hardlinks_share_a_member_in_a_layer() -> None:
+    tree = _tree(make_tar([("t", b"data"), ("l1", "=>t"), ("d", None), ("d/l2", "=>t")]))
+    target = tree.ref(b"t")
+    link = tree.ref(b"d/l2")
+    assert tree.typeflag(link) == HARDLINK
+    assert tree.link_target(link) == target
+    assert tree.link_count(target) == 3
+
+
+def _rootfs(*layers: list[tuple[str | bytes, bytes | str | None]]) -> RootFS:
+    return RootFS([_tree(make_tar(members)) for members in layers], "test image")
+
+
+def test_whiteouts_opaque_dirs_and_replacement() -> None:
+    fs = _rootfs(
+        [("a", None), ("a/x", b"1"), ("a/y", b"2"), ("o", None), ("o/old", b"3"), ("f", b"4")],
+        [("a/.wh.x", b""), ("o", None), ("o/.wh..wh..opq", b""), ("o/new", b"5"), ("f", None)],
+        [("a/x", b"again"), ("f/inside", b"6"), ("f/.wh.inside", b"")],
+    )
+    assert sorted(fs.children(b"")) == [b"a", b"f", b"o"]
+    assert sorted(fs.children(b"a")) == [b"x", b"y"]
+    assert fs.member(fs.entry(b"a/x")).size == 5  # deleted, then recreated by layer 3
+    assert sorted(fs.children(b"o")) == [b"new"]
+    assert sorted(fs.children(b"f")) == []  # a later whiteout in the same layer wins
+    with pytest.raises(NotFound):
+        fs.entry(b"a/x/deeper")
+
+
+def test_implied_directories_keep_lower_attributes() -> None:
+    lower = io.BytesIO()
+    with tarfile.open(fileobj=lower, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("d")
+        info.type, info.mode, info.uid = tarfile.DIRTYPE, 0o711, 42
+        tf.addfile(info)
+    upper = make_tar([("d/new", b"x")])
+    fs = RootFS([_tree(lower.getvalue()), _tree(upper)], "test image")
+    d = fs.member(fs.entry(b"d"))
+    assert (d.mode, d.uid) == (0o711, 42)
+    assert fs.entry(b"d").sources == (0, 1)
+
+
+def test_hardlink_to_a_lower_layer_and_link_counts() -> None:
+    fs = _rootfs(
+        [("t", b"target"), ("gone", "=>t")],
+        [("l", "=>t"), (".wh.gone", b"")],
+    )
+    t, link = fs.entry(b"t"), fs.entry(b"l")
+    assert link.identity == t.identity
+    assert fs.hardlinked(t)
+    assert fs.nlink(t) == 2  # t and l; "gone" was deleted
+    assert fs.member(link).size == 6
+
+
+def test_layout_manifest_rewrites_as_go_does() -> None:
+    stored = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": "sha256:" + "c" * 64, "size": 7,
+                   "annotations": {"b": "<&>", "a": "1"}},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd",
+                    "digest": "sha256:" + "1" * 64, "size": 3, "urls": ["u"],
+                    "annotations": {"io.github.containers.zstd-chunked.manifest-position": "1"}}],
+        "subject": {"mediaType": "m", "digest": "sha256:" + "5" * 64, "size": 1},
+        "annotations": {"z": "\u2028\n"},
+        "unknown": True,
+    }).encode()  # fmt: skip
+    out = layout_manifest(stored, [("sha256:" + "2" * 64, 10)], "t")
+    assert out == (
+        b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+        b'"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'
+        + b"c" * 64 + b'","size":7,"annotations":{"a":"1","b":"\\u003c\\u0026\\u003e"}},'
+        b'"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:'
+        + b"2" * 64 + b'","size":10}],"subject":{"mediaType":"m","digest":"sha256:'
+        + b"5" * 64 + b'","size":1},"annotations":{"z":"\\u2028\\n"}}'
+    )  # fmt: skip
+    unchanged = layout_manifest(out, [("sha256:" + "2" * 64, 10)], "t")
+    assert unchanged is out
+    index = json.loads(index_json("sha256:" + "9" * 64, 5))
+    assert index["manifests"] == [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+         "digest": "sha256:" + "9" * 64, "size": 5}
+    ]  # fmt: skip
+
+
+def test_docker_manifest_becomes_oci_with_the_stored_config() -> None:
+    stored = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "size": 9, "digest": "sha256:" + "c" * 64},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                    "size": 3, "digest": "sha256:" + "1" * 64}],
+    }).encode()  # fmt: skip
+    out = json.loads(layout_manifest(stored, [("sha256:" + "2" * 64, 10)], "t"))
+    assert out["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert out["config"] == {
+        "mediaType": "application/vnd.oci.image.config.v1+json",
+        "digest": "sha256:" + "c" * 64, "size": 9,
+    }  # fmt: skip
+    assert out["layers"][0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
+    bad = stored.replace(b"rootfs.diff.tar.gzip", b"unknown")
+    with pytest.raises(MalformedMetadata):
+        layout_manifest(bad, [("sha256:" + "2" * 64, 10)], "t")
