@@ -32,7 +32,14 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Final
 
 from imgfs import daemon
-from imgfs.errors import ImgfsError, StoreNotFound, StorePermissionError
+from imgfs.errors import (
+    FuseUnavailable,
+    ImgfsError,
+    MountError,
+    StoreNotFound,
+    StorePermissionError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from imgfs.fuse_ops import Operations
@@ -47,11 +54,11 @@ EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES: Final[dict[type[BaseException], int]] = {
     ImgfsError: EXIT_FAILURE,
-    daemon.UsageError: EXIT_USAGE,
+    UsageError: EXIT_USAGE,
     StoreNotFound: 3,
     StorePermissionError: 4,
-    daemon.FuseUnavailable: 5,
-    daemon.MountError: 6,
+    FuseUnavailable: 5,
+    MountError: 6,
 }
 
 _SIZE_RE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$")

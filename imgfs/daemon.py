@@ -45,7 +45,7 @@ from typing import NoReturn
 import pyfuse3
 import trio
 
-from imgfs.errors import ImgfsError
+from imgfs.errors import FuseUnavailable, MountError, MountpointBusy, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +69,6 @@ _REFUSED_OPTIONS = {
     "no_default_permissions": "default_permissions is always on and cannot be turned off",
 }
 _IMGFS_KEYS = frozenset({"uid", "gid", "umask"})
-
-
-class UsageError(ImgfsError):
-    """The command line or a mount option is wrong."""
-
-
-class MountError(ImgfsError):
-    """The file system could not be mounted, served or unmounted."""
-
-
-class FuseUnavailable(MountError):
-    """FUSE itself (the device or the fusermount3 helper) is missing or unusable."""
-
-
-class MountpointBusy(MountError):
-    """The mountpoint is already a mount point (live or dead), or still in use."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ FUSE or the CLI (those translate these classes once, at their own boundary).
     │   ├── ImageNotFound
     │   └── BlobNotFound
     ├── AmbiguousName           an ID prefix that matches several images
+    ├── UsageError              a wrong command line or mount option
+    ├── MountError              the file system could not be mounted, served or unmounted
+    │   ├── FuseUnavailable     /dev/fuse or fusermount3 missing or unusable
+    │   └── MountpointBusy      something is (or was, dead) mounted there, or it is in use
     ├── Cancelled               work nobody waits for any more (a snapshot whose readers left)
     └── CorruptStore            store content that cannot be served correctly
         ├── MalformedMetadata   JSON/record/tar-split that does not parse or is out of bounds
@@ -59,6 +63,22 @@ class BlobNotFound(NotFound):
 
 class AmbiguousName(ImgfsError):
     """An ID prefix that matches more than one image."""
+
+
+class UsageError(ImgfsError):
+    """The command line or a mount option is wrong."""
+
+
+class MountError(ImgfsError):
+    """The file system could not be mounted, served or unmounted."""
+
+
+class FuseUnavailable(MountError):
+    """FUSE itself (the device or the fusermount3 helper) is missing or unusable."""
+
+
+class MountpointBusy(MountError):
+    """The mountpoint is already a mount point (live or dead), or still in use."""
 
 
 class Cancelled(ImgfsError):

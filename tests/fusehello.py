@@ -94,7 +94,9 @@ class HelloOperations(pyfuse3.Operations):
 
     async def run_background(self) -> None:
         if self.state is not None:
-            await trio.Path(self.state, "pid").write_text(str(os.getpid()))
+            tmp = trio.Path(self.state, "pid.tmp")  # rename: readers never see a partial file
+            await tmp.write_text(str(os.getpid()))
+            await tmp.rename(trio.Path(self.state, "pid"))
         if self.crash_after is not None:
             await trio.sleep(self.crash_after)
             raise RuntimeError("background task crashed on purpose")

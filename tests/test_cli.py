@@ -31,7 +31,7 @@ from test_daemon import (
     wait_for,
 )
 
-from imgfs import cli, daemon
+from imgfs import cli, daemon, errors
 from imgfs.errors import (
     ConfigError,
     CorruptStore,
@@ -119,12 +119,12 @@ def test_default_cache_dir() -> None:
         (ImgfsError("x"), 1),
         (CorruptStore("x"), 1),
         (ConfigError("x"), 1),
-        (daemon.UsageError("x"), 2),
+        (errors.UsageError("x"), 2),
         (StoreNotFound("x"), 3),
         (StorePermissionError("x"), 4),
-        (daemon.FuseUnavailable("x"), 5),
-        (daemon.MountError("x"), 6),
-        (daemon.MountpointBusy("x"), 6),
+        (errors.FuseUnavailable("x"), 5),
+        (errors.MountError("x"), 6),
+        (errors.MountpointBusy("x"), 6),
     ],
 )
 def test_exit_codes(error: ImgfsError, code: int) -> None:

@@ -22,14 +22,8 @@ import fusehello
 import pytest
 
 from imgfs import daemon
-from imgfs.daemon import (
-    FuseUnavailable,
-    MountError,
-    MountOptions,
-    MountpointBusy,
-    UsageError,
-    parse_mount_options,
-)
+from imgfs.daemon import MountOptions, parse_mount_options
+from imgfs.errors import FuseUnavailable, MountError, MountpointBusy, UsageError
 
 FUSEHELLO = str(Path(fusehello.__file__).resolve())
 SRC_ROOT = str(Path(__file__).resolve().parent.parent)
