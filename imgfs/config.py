@@ -92,29 +92,27 @@ def _choose_driver(
 ) -> str:
     if explicit:
         return normalize_driver(explicit)
-    if store_arg:
-        present = drivers_in(graphroot)
-        if len(present) > 1:
-            raise ConfigError(
-                f"{graphroot} holds images of several drivers ({', '.join(present)}): "
-                "choose one with --driver"
-            )
-        if present:
-            return normalize_driver(present[0])
+    if store_arg and (found := _driver_in(graphroot)):
+        return found
     configured = env.get("STORAGE_DRIVER") or _conf_str(storage, "driver")
     if configured:
         return normalize_driver(configured)
+    if found := _driver_in(graphroot):
+        return found
+    raise ConfigError(
+        f"no storage driver configured and no <driver>-images directory in {graphroot}"
+    )
+
+
+def _driver_in(graphroot: str) -> str | None:
+    """The one driver with images in ``graphroot``; None if none; an error if several."""
     present = drivers_in(graphroot)
     if len(present) > 1:
         raise ConfigError(
             f"{graphroot} holds images of several drivers ({', '.join(present)}): "
             "choose one with --driver"
         )
-    if present:
-        return normalize_driver(present[0])
-    raise ConfigError(
-        f"no storage driver configured and no <driver>-images directory in {graphroot}"
-    )
+    return normalize_driver(present[0]) if present else None
 
 
 def _is_rootless(env: Mapping[str, str]) -> bool:
