@@ -109,7 +109,7 @@ class FileViews:
         log.info("reading the file tree of %s", source.what)
         gz = os.fdopen(os.dup(fd), "rb")
         with gz:
-            return LayerTree.build(iter_entries(gz, source.what), source.what)
+            return LayerTree.build(iter_entries(gz, source.what), source.what, source.size)
 
     def _path(self, key: str) -> str | None:
         return None if self.index_dir is None else os.path.join(self.index_dir, f"{key}.tree")

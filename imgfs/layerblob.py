@@ -71,7 +71,7 @@ class LayerBlobs:
                 self._indexes.move_to_end(key)
                 return index
         index = self._load_persisted(key, source) or LayerIndex.build(
-            iter_entries(gz, source.what), source.what
+            iter_entries(gz, source.what), source.what, source.size
         )
         if index.size != source.size:
             raise IntegrityError(

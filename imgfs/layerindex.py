@@ -32,10 +32,11 @@ from itertools import islice
 
 import zstandard
 
-from imgfs.errors import MalformedMetadata
+from imgfs.errors import IntegrityError, MalformedMetadata
 from imgfs.tarsplit import FileEntry, Segment
 
 CHUNK = 256 << 10
+MAX_BLOB_SIZE = 1 << 62  # no diff-size given: a bound no real blob reaches
 _LRU_SIZE = 4
 _LEVEL = 1
 _MAGIC = b"IMGFSIDX"
@@ -67,6 +68,13 @@ class FileExtent:
 
 
 Extent = SegmentExtent | FileExtent
+
+
+def longer_than(what: str, expected_size: int) -> IntegrityError:
+    """The error for a tar-split that describes more than the layer's ``diff-size``."""
+    return IntegrityError(
+        f"{what}: tar-split describes more than the layer's diff-size of {expected_size} bytes"
+    )
 
 
 def close_iterable(entries: object) -> None:
@@ -191,11 +199,16 @@ class LayerIndex:
         self.what = what
 
     @classmethod
-    def build(cls, entries: Iterable[Segment | FileEntry], what: str) -> LayerIndex:
+    def build(
+        cls, entries: Iterable[Segment | FileEntry], what: str, expected_size: int | None = None
+    ) -> LayerIndex:
         """Index ``entries`` (from ``tarsplit.iter_entries``) of the layer named ``what``.
 
-        ``entries`` is closed (if it has ``close``) before this returns or raises.
+        ``entries`` is closed (if it has ``close``) before this returns or raises. With
+        ``expected_size`` (the layer's ``diff-size``), parsing stops with ``IntegrityError`` as
+        soon as the blob described so far is longer (a bomb is not parsed to the decoder's caps).
         """
+        limit = MAX_BLOB_SIZE if expected_size is None else expected_size
         compressor = zstandard.ZstdCompressor(level=_LEVEL)
         seg_out = _ChunkWriter(compressor)
         name_out = _ChunkWriter(compressor)
@@ -212,6 +225,8 @@ class LayerIndex:
                     if seg_out.pending >= CHUNK:
                         seg_out.flush()
                         seg_parts = seg_out.parts
+                    if seg_total + data_total > limit:
+                        raise longer_than(what, limit)
                     continue
                 assert isinstance(entry, FileEntry)
                 members += 1
@@ -229,6 +244,8 @@ class LayerIndex:
                     name_out.flush()
                     name_parts = name_out.parts
                 data_total += entry.size
+                if seg_total + data_total > limit:
+                    raise longer_than(what, limit)
         finally:
             close_iterable(entries)
         starts.append(seg_total + data_total)

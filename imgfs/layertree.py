@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import zstandard
 
 from imgfs.errors import MalformedMetadata, NotFound
-from imgfs.layerindex import close_iterable
+from imgfs.layerindex import MAX_BLOB_SIZE, close_iterable, longer_than
 from imgfs.tarheader import (
     BLOCK,
     DIRECTORY,
@@ -41,6 +41,8 @@ from imgfs.tarheader import (
 from imgfs.tarsplit import FileEntry, Segment, clean_name
 
 MAX_LINK_DEPTH = 64
+MAX_DEPTH = 4096  # path components of a member (PATH_MAX / 2: "a/" repeated fills PATH_MAX)
+MAX_IMPLIED_BYTES = 64 << 20  # path bytes of directories the tar implies but does not list
 MAX_HEADER_BYTES = 16 << 20  # tar headers (PAX records included) before one member
 ROOT_REF = -(1 << 62)  # the ref of a layer root the tar does not list
 CHUNK = 32 << 10  # small: a directory's members may be spread over the whole tar
@@ -168,20 +170,28 @@ class LayerTree:
         self._members: dict[int, Member] = {}
         self._link_counts: dict[int, int] | None = None
         self._lock = threading.Lock()
+        self._implied_bytes = 0
         self._index_names()
 
     # -- building ----------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, entries: Iterable[Segment | FileEntry], what: str) -> LayerTree:
-        """The tree of ``entries`` (from ``tarsplit.iter_entries``), which is closed after."""
+    def build(
+        cls, entries: Iterable[Segment | FileEntry], what: str, expected_size: int | None = None
+    ) -> LayerTree:
+        """The tree of ``entries`` (from ``tarsplit.iter_entries``), which is closed after.
+
+        With ``expected_size`` (the layer's ``diff-size``), parsing stops with
+        ``IntegrityError`` as soon as the tar described so far is longer.
+        """
+        limit = MAX_BLOB_SIZE if expected_size is None else expected_size
         cols = _Columns(
             bytearray(), array("Q"), array("Q"), array("Q"), array("I"), array("Q", [0]), b"",
             _Chunks(),
         )  # fmt: skip
         names: list[bytes] = []
         try:
-            _collect(entries, cols, names, what)
+            _collect(entries, cols, names, what, limit)
         finally:
             close_iterable(entries)
         cols.headers.finish()
@@ -201,6 +211,10 @@ class LayerTree:
                     raise MalformedMetadata(f"{self.what}: the layer root is not a directory")
                 self._root_ref = ref
                 continue
+            if len(path) > 2 * MAX_DEPTH and path.count(b"/") >= MAX_DEPTH:
+                raise MalformedMetadata(
+                    f"{self.what}: {path[:200]!r}... is deeper than {MAX_DEPTH} components"
+                )
             parent, _, base = path.rpartition(b"/")
             siblings = dirs.get(parent)
             if siblings is None:
@@ -216,20 +230,38 @@ class LayerTree:
                 self.hardlinks.append(ref)
 
     def _ensure_dir(self, path: bytes, first_child: int) -> dict[bytes, int]:
+        """The children of directory ``path``, which with its missing ancestors becomes an
+        implied directory (iterative: a path may be MAX_DEPTH components deep)."""
+        missing: list[bytes] = []
         children = self.dirs.get(path)
-        if children is not None:
-            return children
-        parent, _, base = path.rpartition(b"/")
-        siblings = self._ensure_dir(parent, first_child)
+        while children is None:
+            missing.append(path)
+            path = path.rpartition(b"/")[0]
+            children = self.dirs.get(path)  # the root b"" is always there
+        for below in reversed(missing):
+            children = self._add_implied(children, below, first_child)
+        return children
+
+    def _add_implied(
+        self, siblings: dict[bytes, int], path: bytes, first_child: int
+    ) -> dict[bytes, int]:
+        """Make ``path`` (a child of ``siblings``' directory) a directory; its children."""
+        base = path.rpartition(b"/")[2]
         existing = siblings.get(base)
         if existing is not None and not self.is_dir(existing):
             raise MalformedMetadata(f"{self.what}: {path!r:.200} has members below a non-directory")
         if existing is None:
+            self._implied_bytes += len(path)
+            if self._implied_bytes > MAX_IMPLIED_BYTES:
+                raise MalformedMetadata(
+                    f"{self.what}: more than {MAX_IMPLIED_BYTES} bytes of implied directory paths"
+                )
             ref = -1 - len(self._implied)
             self._implied.append(_implied_dir(path, ref))
             self._implied_order.append(first_child)
             siblings[base] = ref
-        children = self.dirs[path] = {}
+        children: dict[bytes, int] = {}
+        self.dirs[path] = children
         return children
 
     # -- queries -----------------------------------------------------------------------------
@@ -369,12 +401,19 @@ def _implied_dir(path: bytes, ref: int) -> Member:
 
 
 def _collect(
-    entries: Iterable[Segment | FileEntry], cols: _Columns, names: list[bytes], what: str
+    entries: Iterable[Segment | FileEntry],
+    cols: _Columns,
+    names: list[bytes],
+    what: str,
+    limit: int,
 ) -> None:
-    """Append each member's columns; only the type byte of its header is looked at."""
+    """Append each member's columns; only the type byte of its header is looked at.
+
+    Stops as soon as the tar described so far is longer than ``limit`` bytes."""
     pending: list[bytes] = []
     pending_bytes = 0  # bounded: a gzip bomb of segments must not be held in memory
     name_total = 0
+    total = 0  # tar bytes described so far
     types, sizes, crcs = cols.types, cols.sizes, cols.crcs
     head_pos, head_len, name_pos, headers = (
         cols.head_pos,
@@ -385,12 +424,18 @@ def _collect(
     for entry in entries:
         if type(entry) is Segment:
             pending_bytes += len(entry.payload)
+            total += len(entry.payload)
+            if total > limit:
+                raise longer_than(what, limit)
             if pending_bytes <= MAX_HEADER_BYTES:
                 pending.append(entry.payload)
             else:
                 pending.clear()  # only trailing data may be this long
             continue
         assert isinstance(entry, FileEntry)
+        total += entry.size
+        if total > limit:
+            raise longer_than(what, limit)
         if pending_bytes > MAX_HEADER_BYTES:
             raise MalformedMetadata(
                 f"{what}: more than {MAX_HEADER_BYTES} bytes of tar headers before "

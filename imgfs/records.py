@@ -37,6 +37,7 @@ class ImageRecord:
     big_data_digests: Mapping[str, str]
     created: datetime | None
     problem: str | None = None
+    bad_big_data: frozenset[str] = frozenset()  # items with an invalid recorded size
 
     @property
     def manifest_digest(self) -> str | None:
@@ -156,11 +157,7 @@ def _image(item: dict[str, object]) -> ImageRecord:
     problems: list[str] = []
     names = _str_list(item.get("names"), "names", problems)
     big_names = _str_list(item.get("big-data-names"), "big-data-names", problems)
-    sizes = {
-        k: v
-        for k, v in _map(item.get("big-data-sizes"), _is_size, "big-data-sizes", problems).items()
-        if isinstance(v, int)
-    }
+    sizes, bad_sizes = _big_data_sizes(item.get("big-data-sizes"), problems)
     digests = {
         k: v
         for k, v in _map(
@@ -190,7 +187,16 @@ def _image(item: dict[str, object]) -> ImageRecord:
         big_data_digests=digests,
         created=parse_time(item.get("created")),
         problem="; ".join(problems) or None,
+        bad_big_data=bad_sizes,
     )
+
+
+def _big_data_sizes(value: object, problems: list[str]) -> tuple[dict[str, int], frozenset[str]]:
+    """Valid sizes by item, and the items whose size is invalid (they fail alone, so a bad
+    ``signatures`` size fails only the signatures)."""
+    sizes = _map(value, lambda _: True, "big-data-sizes", problems)
+    good = {k: v for k, v in sizes.items() if _is_size(v) and isinstance(v, int)}
+    return good, frozenset(sizes.keys() - good.keys())
 
 
 def _layer(item: dict[str, object], source: str) -> LayerRecord:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from imgfs.errors import NotFound
-from imgfs.layertree import LayerTree, Member
+from imgfs.layertree import MAX_DEPTH, LayerTree, Member
 from imgfs.tarheader import DIRECTORY, HARDLINK
 
 WHITEOUT = b".wh."
@@ -84,7 +84,28 @@ class RootFS:
         cached = self._dirs.get(path)
         if cached is not None:
             return cached
-        entry = self.entry(path)
+        if path.count(b"/") >= MAX_DEPTH:
+            raise NotFound(f"{self.what}: {path[:200]!r}... is deeper than any layer")
+        return self._walk(path)
+
+    def _walk(self, path: bytes) -> dict[bytes, Entry]:
+        """Merge the directories from the root down to ``path``, each once (iterative: paths
+        may be MAX_DEPTH components deep)."""
+        current = b""
+        merged = self._merged(current, self._root)
+        for name in path.split(b"/") if path else ():
+            entry = merged.get(name)
+            if entry is None:
+                raise NotFound(f"{self.what}: no {path!r:.200} in the image")
+            current = current + b"/" + name if current else name
+            merged = self._merged(current, entry)
+        return merged
+
+    def _merged(self, path: bytes, entry: Entry) -> dict[bytes, Entry]:
+        """The children of directory ``path`` whose entry is ``entry``, merged once."""
+        cached = self._dirs.get(path)
+        if cached is not None:
+            return cached
         if not entry.is_dir:
             raise NotFound(f"{self.what}: {path!r:.200} is not a directory")
         merged = self._merge(path, entry.sources)

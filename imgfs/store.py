@@ -516,7 +516,7 @@ class Image:
             raise MalformedMetadata(f"{self.what}: {self.record.problem}")
 
     def _big_data_size(self, key: str) -> int:
-        self._check_record()
+        self._check_big_data(key)
         size = self.record.big_data_sizes.get(key)
         if size is None:
             raise MalformedMetadata(f"{self.what}: no recorded size for big data {key!r:.80}")
@@ -533,8 +533,14 @@ class Image:
             self._cache[key] = data
         return data
 
-    def _read_big_data(self, key: str) -> bytes:
+    def _check_big_data(self, key: str) -> None:
+        """Refuse a big-data item of a bad record, or whose recorded size is invalid."""
         self._check_record()
+        if key in self.record.bad_big_data:
+            raise MalformedMetadata(f"{self.what}: big data {key!r:.80} has an invalid size")
+
+    def _read_big_data(self, key: str) -> bytes:
+        self._check_big_data(key)
         if key not in self.record.big_data_names:
             raise MalformedMetadata(f"{self.what}: big data {key!r:.80} is not in the store")
         name = big_data_file_name(key)

@@ -7,8 +7,10 @@ oci/}``, ``by-name/…`` links and unique-ID-prefix links. Nodes are addressed b
 share an inode (hardlinks in ``layers/`` and ``rootfs/``) share one identity key.
 Must not know: pyfuse3, trio, inode numbers, errno values.
 
-A view is immutable; per-image content (manifest, blob list, signatures) is computed on first
-use and raises the core's errors for a broken image, which affect that image's nodes only.
+A view is immutable; per-image content (manifest, blob list) is computed on first use and
+raises the core's errors for a broken image, which affect that image's nodes only. Signatures
+and the ``oci/`` manifest are computed apart from it, so bad signature metadata fails only
+``signatures/`` and a manifest that cannot be rewritten fails only ``oci/``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,24 @@ class Ownership:
         perms = 0o400 if self.umask is None else 0o444 & ~self.umask
         return stat.S_IFREG | perms
 
+    def others_may_read(self) -> bool:
+        """Whether imgfs's own files are readable by users other than their owner (only an
+        explicit ``umask`` grants that)."""
+        return bool(self.mode("file") & stat.S_IROTH)
+
+    def may_open_view(self, caller_uid: int, image_mode: int) -> bool:
+        """Whether ``caller_uid`` may open a ``layers/``/``rootfs/`` node whose image mode is
+        ``image_mode``, on top of the kernel's check of that mode (default_permissions).
+
+        The kernel matches image-internal owners against host users: a host user whose uid
+        equals an image owner would get that owner's rights. So root and the mount's owner
+        pass (the kernel enforces the image's modes for them); anyone else only if imgfs's own
+        policy lets others read AND the image grants "other" read. Never by owner or group.
+        """
+        if caller_uid in (0, self.uid):
+            return True
+        return self.others_may_read() and bool(image_mode & stat.S_IROTH)
+
 
 @dataclass(frozen=True)
 class Node:
@@ -84,7 +104,6 @@ class Node:
 @dataclass
 class _ImageContent:
     blobs: dict[str, BlobInfo] = field(default_factory=dict)
-    signatures: list[bytes] = field(default_factory=list)
     config_size: int | None = None
     manifest_size: int = 0
     instances: list[tuple[str, str | None]] = field(default_factory=list)
@@ -101,6 +120,7 @@ class TreeView:
         self.files = files if files is not None else FileViews()
         self._content: dict[str, _ImageContent] = {}
         self._layouts: dict[str, bytes] = {}
+        self._signatures: dict[str, list[bytes]] = {}
         self._nodes: dict[NodeKey, Node] = {}  # layers/ and rootfs/ nodes, by path and identity
         self._lock = threading.Lock()
         self._names = _NameTree(images)
@@ -127,6 +147,10 @@ class TreeView:
             return self._file_node((*parent, name))
         if parent[0] == "image" and len(parent) == 2 and name in _DESIGN_FILES:
             return self._image_node((*parent, name))  # never builds the file views
+        if parent == ROOT and name in self.images:
+            return self._image_node(("image", name))  # O(1) with thousands of images
+        if parent[0] == "byname":
+            return self._names.node((*parent, name), self.mtime_ns)
         for child_name, child in self.children(parent):
             if child_name == name:
                 return child
@@ -182,7 +206,7 @@ class TreeView:
         if key[2] == "manifest.json":
             return image.manifest()
         if key[2] == "signatures":
-            return self._image_content(image).signatures[int(key[3]) - 1]
+            return self._signature_list(image)[int(key[3]) - 1]
         _, info = self.blob(key)
         return None if info.kind == "layer" else image.read_small_blob(info)
 
@@ -205,7 +229,6 @@ class TreeView:
         content.blobs = {b.digest: b for b in image.blobs()}
         if man.config is not None and man.config.digest in content.blobs:
             content.config_size = content.blobs[man.config.digest].size
-        content.signatures = image.signatures()
         if man.is_list:
             content.instances = image.instances()
         else:
@@ -214,6 +237,16 @@ class TreeView:
         with self._lock:
             self._content[image.id] = content
         return content
+
+    def _signature_list(self, image: Image) -> list[bytes]:
+        """The image's signatures, computed once per view apart from its other content."""
+        with self._lock:
+            cached = self._signatures.get(image.id)
+        if cached is None:
+            cached = image.signatures()
+            with self._lock:
+                self._signatures[image.id] = cached
+        return cached
 
     def _mtime(self, image: Image) -> int:
         created = image.created
@@ -242,9 +275,10 @@ class TreeView:
             _, info = self.blob(key)
             return Node(key, "file", info.size, mtime, stable=True, xattrs=_xattrs(info))
         if section == "signatures" and len(key) == 4 and key[3].isdigit():
+            signatures = self._signature_list(image)
             index = int(key[3]) - 1
-            if 0 <= index < len(content.signatures):
-                return Node(key, "file", len(content.signatures[index]), mtime)
+            if 0 <= index < len(signatures):
+                return Node(key, "file", len(signatures[index]), mtime)
         if section == "blobs" and len(key) == 4 and key[3] in content.blobs:
             info = content.blobs[key[3]]
             return Node(key, "file", info.size, mtime, stable=True, xattrs=_xattrs(info))
@@ -292,7 +326,7 @@ class TreeView:
         if section == "oci" and content.has_layout:
             return self._layout_children(image, content, key)
         if section == "signatures":
-            names = [f"signature-{i}" for i in range(1, len(content.signatures) + 1)]
+            names = [f"signature-{i}" for i in range(1, len(self._signature_list(image)) + 1)]
             return [(n, self._image_node((*key, n.split("-")[1]))) for n in names]
         if section == "blobs":
             return [

@@ -502,3 +502,26 @@ def test_consumers_close_the_decoder(tmp_path: Path) -> None:
         generate(failing, files, RecordingSink(), layer.digest, len(layer.tar), WHAT)
     LayerIndex.build(iter_entries(io.BytesIO(gz), WHAT), WHAT)
     assert not [t for t in threading.enumerate() if t.ident not in before]
+
+
+def _bomb(seen: list[int]) -> Iterator[Segment | FileEntry]:
+    """Endless 1 MiB segments and files (what a gzip bomb decodes to), counted as taken."""
+    while True:
+        seen[0] += 1
+        yield Segment(b"\0" * (1 << 20))
+        yield FileEntry(b"f", 1 << 20, b"\0" * 8)
+
+
+def test_index_stops_once_the_blob_exceeds_diff_size() -> None:
+    seen = [0]
+    with pytest.raises(IntegrityError, match=r"layer L: .*diff-size of 10485760"):
+        LayerIndex.build(_bomb(seen), WHAT, 10 << 20)
+    assert seen[0] <= 6  # at once, not at the decoder's 1 GiB segment cap
+
+
+def test_generation_stops_once_the_blob_exceeds_diff_size(tmp_path: Path) -> None:
+    seen = [0]
+    entries = (e for e in _bomb(seen) if type(e) is Segment)
+    with LayerFiles([str(tmp_path)], WHAT) as files, pytest.raises(IntegrityError):
+        generate(entries, files, RecordingSink(), "sha256:" + "0" * 64, 10 << 20, WHAT)
+    assert seen[0] <= 12

@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 
 import imgfs
+from imgfs import ocilayout
+from imgfs.fileviews import FileViews
+from imgfs.layerblob import LayerBlobs
+from imgfs.tree import NodeKey, TreeView, build_view
 from tests import crafted
 from tests.mounting import mounted
 
@@ -219,3 +223,100 @@ def test_mount_serves_other_images_when_one_is_broken(store: Path, tmp_path: Pat
         assert b"bravo" in (m.path / b / "blobs" / good).read_bytes()
         assert (m.path / a / "manifest.json").read_bytes()  # the image itself still browses
         assert "etc/passwd" in m.log()
+
+
+def test_tarsplit_longer_than_diff_size_stops_every_parser(store: Path) -> None:
+    """Blob index (library, --direct), snapshot generation and the file views all refuse a
+    tar-split that describes more than ``diff-size`` as soon as they get past it."""
+    image_id = _image_id(store, "a")
+    layer = crafted.layer_of(store, DRIVER, image_id)
+    crafted.edit_json(
+        store / f"{DRIVER}-layers" / "layers.json",
+        lambda items: [{**i, "diff-size": 1536} if i["id"] == layer else i for i in items],
+    )
+    longer = f"{layer[:12]}.*more than the layer's diff-size of 1536 bytes"
+    with pytest.raises(imgfs.IntegrityError, match=longer):
+        _read_layer(store, "a")
+    source = _open(store).image(image_id).layer_sources()[0]
+    with pytest.raises(imgfs.IntegrityError, match=longer):
+        FileViews().layer_tree(source)
+    with pytest.raises(imgfs.IntegrityError, match=layer[:12]):
+        LayerBlobs().produce(source, _NullSink())
+    assert b"bravo" in _read_layer(store, "b")
+
+
+class _NullSink:
+    def write(self, data: bytes | memoryview) -> None:
+        pass
+
+    def publish(self, upto: int) -> None:
+        pass
+
+
+def _set_signature_sizes(store: Path, image_id: str, sizes: list[int]) -> None:
+    crafted.edit_json(
+        store / f"{DRIVER}-images" / "images.json",
+        lambda items: [
+            {**i, "metadata": json.dumps({"signature-sizes": sizes})} if i["id"] == image_id else i
+            for i in items
+        ],
+    )
+
+
+def _check_image_serves(view: TreeView, image: NodeKey, *, skip: str) -> None:
+    """Everything of ``image`` outside ``skip`` lists and reads."""
+    names = {name for name, _ in view.children(image)}
+    assert {
+        "manifest.json",
+        "config.json",
+        "signatures",
+        "blobs",
+        "layers",
+        "rootfs",
+        "oci",
+    } <= names
+    assert view.small_file((*image, "manifest.json"))
+    assert view.small_file((*image, "config.json"))
+    assert {name for name, _ in view.children((*image, "blobs"))}
+    (layer, _), *_ = view.children((*image, "layers"))
+    assert [name for name, _ in view.children((*image, "layers", layer))] == ["a.txt"]
+    reader = view.open_member((*image, "rootfs", "a.txt"))
+    try:
+        assert reader.read(0, 1000) == b"alpha\n" * 100
+    finally:
+        reader.close()
+    if skip != "oci":
+        assert view.small_file((*image, "oci", "index.json"))
+        assert view.children((*image, "oci", "blobs", "sha256"))
+    if skip != "signatures":
+        assert view.children((*image, "signatures")) == []
+
+
+def test_bad_signature_sizes_fail_only_signatures(store: Path) -> None:
+    image_id = _image_id(store, "a")
+    _set_signature_sizes(store, image_id, [10, 20])
+    view = build_view(_open(store).images, 0)
+    image = ("image", image_id)
+    _check_image_serves(view, image, skip="signatures")
+    with pytest.raises(imgfs.CorruptStore, match=image_id[:12]):
+        view.children((*image, "signatures"))
+    with pytest.raises(imgfs.CorruptStore):
+        view.node((*image, "signatures", "1"))
+    assert view.node((*image, "signatures")).kind == "dir"
+
+
+def test_failing_layout_manifest_fails_only_oci(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*_args: object) -> bytes:
+        raise imgfs.MalformedMetadata("cannot rewrite the manifest")
+
+    monkeypatch.setattr(ocilayout, "layout_manifest", fail)
+    view = build_view(_open(store).images, 0)
+    image = ("image", _image_id(store, "a"))
+    _check_image_serves(view, image, skip="oci")
+    with pytest.raises(imgfs.MalformedMetadata):
+        view.small_file((*image, "oci", "index.json"))
+    with pytest.raises(imgfs.MalformedMetadata):
+        view.children((*image, "oci", "blobs", "sha256"))
+    assert view.small_file((*image, "oci", "oci-layout"))

@@ -6,15 +6,17 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 
 import pytest
 
-from imgfs.errors import MalformedMetadata, NotFound
-from imgfs.layertree import LayerTree
+from imgfs.errors import IntegrityError, MalformedMetadata, NotFound
+from imgfs.layertree import MAX_DEPTH, LayerTree
 from imgfs.ocilayout import index_json, layout_manifest
 from imgfs.rootfs import RootFS
 from imgfs.tarheader import HARDLINK, parse_header
-from imgfs.tarsplit import iter_entries
+from imgfs.tarsplit import FileEntry, Segment, iter_entries
+from imgfs.tree import Ownership
 from tests.realstores import awkward_tar
 from tests.tarsplit_maker import disassemble, make_tar
 
@@ -183,3 +185,70 @@ def test_docker_manifest_becomes_oci_with_the_stored_config() -> None:
     bad = stored.replace(b"rootfs.diff.tar.gzip", b"unknown")
     with pytest.raises(MalformedMetadata):
         layout_manifest(bad, [("sha256:" + "2" * 64, 10)], "t")
+
+
+# -- bounds: size against diff-size, depth -------------------------------------------------------
+
+
+def _counted(entries: list[Segment | FileEntry], seen: list[int]) -> Iterator[Segment | FileEntry]:
+    """Yield ``entries`` forever (a bomb), counting how many were taken."""
+    while True:
+        for entry in entries:
+            seen[0] += 1
+            yield entry
+
+
+def test_layer_tree_stops_once_the_tar_exceeds_diff_size() -> None:
+    tar = make_tar([("a", b"x" * 1000), ("b", b"y" * 1000)])
+    entries = list(iter_entries(io.BytesIO(disassemble(tar).gz()), "t"))
+    assert LayerTree.build(iter(entries), "t", len(tar)).member_count == 2
+    seen = [0]
+    with pytest.raises(IntegrityError, match=r"layer L: .*diff-size of 2000"):
+        LayerTree.build(
+            _counted([Segment(b"\0" * 512), FileEntry(b"f", 0, None)], seen), "layer L", 2000
+        )
+    assert seen[0] <= 10  # stopped at once, not at the decoder's 1 GiB cap
+    with pytest.raises(IntegrityError):
+        LayerTree.build(iter(entries), "t", len(tar) - 1)
+
+
+def _deep_tar(depth: int) -> bytes:
+    return make_tar([("d/" * depth + "a.txt", b"deep")])
+
+
+def test_deep_paths_work_without_recursion_up_to_the_cap() -> None:
+    depth = MAX_DEPTH - 1
+    tree = _tree(_deep_tar(depth))
+    path = b"d/" * depth + b"a.txt"
+    assert tree.member(tree.ref(path)).size == 4
+    fs = RootFS([tree, _tree(make_tar([("top", b"t")]))], "test image")
+    assert fs.member(fs.entry(path)).size == 4
+    assert list(fs.children(path.rpartition(b"/")[0])) == [b"a.txt"]
+    with pytest.raises(NotFound):
+        fs.entry(b"d/" * (MAX_DEPTH + 10) + b"x")
+
+
+def test_paths_deeper_than_the_cap_are_malformed() -> None:
+    with pytest.raises(MalformedMetadata, match="deeper than 4096 components"):
+        _tree(_deep_tar(30_000))
+
+
+# -- who may open view nodes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ownership", "caller", "image_mode", "allowed"),
+    [
+        (Ownership(1000, 1000), 0, 0o600, True),  # root: the kernel checks the image's modes
+        (Ownership(1000, 1000), 1000, 0o600, True),  # the mount's owner
+        (Ownership(1000, 1000), 2000, 0o644, False),  # 0400 policy: others never
+        (Ownership(0, 0, umask=0o022), 2000, 0o644, True),  # widened, image grants other read
+        (Ownership(0, 0, umask=0o022), 2000, 0o640, False),  # image grants owner/group only
+        (Ownership(0, 0, umask=0o022), 65534, 0o600, False),  # never by matching image owners
+        (Ownership(0, 0, umask=0o027), 2000, 0o644, False),  # policy grants group, not others
+        (Ownership(65534, 65534), 65534, 0o600, True),  # uid= makes nobody the owner
+        (Ownership(65534, 65534), 2000, 0o644, False),
+    ],
+)
+def test_may_open_view(ownership: Ownership, caller: int, image_mode: int, allowed: bool) -> None:
+    assert ownership.may_open_view(caller, image_mode) is allowed

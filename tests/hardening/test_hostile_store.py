@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ DRIVER = harden.DRIVER
 MAX_PEAK_RSS_MIB = 300.0
 READ_TIMEOUT = 60.0
 READ_CAP = 64 << 20
+MAX_VIEW_PATHS = 200
 FILES = {
     "a.txt": b"alpha\n" * 100,
     "dir/b.txt": b"bravo\n" * 50,
@@ -371,6 +373,7 @@ def big_data_size_negative(c: Ctx) -> None:
 
 
 LAYER, IMAGE, SKIP, OK = "layer-EIO", "image-EIO", "skipped", "served-ok"
+SIG = "signatures-EIO"  # only signatures/ fails; manifest, config, blobs and views serve
 ATTACKS: dict[str, tuple[Callable[[Ctx], None], frozenset[str]]] = {
     f.__name__: (f, frozenset(allowed))
     for f, allowed in [
@@ -411,9 +414,9 @@ ATTACKS: dict[str, tuple[Callable[[Ctx], None], frozenset[str]]] = {
         (digest_not_hex, {IMAGE}),
         (big_data_digest_not_hex, {IMAGE}),
         (big_data_names_escape, {OK}),
-        (signature_sizes_short, {IMAGE}),
-        (signature_sizes_negative, {IMAGE}),
-        (signature_sizes_huge, {IMAGE}),
+        (signature_sizes_short, {SIG}),
+        (signature_sizes_negative, {SIG}),
+        (signature_sizes_huge, {SIG}),
         (diff_size_negative, {IMAGE}),
         (diff_size_huge, {IMAGE}),
         (diff_size_wrong, {LAYER}),
@@ -528,13 +531,57 @@ def _read_image(mnt: Path, image_id: str) -> Outcome:
     return Outcome(True, errors, read)
 
 
+def _read_views(mnt: Path, image_id: str) -> Outcome:
+    """List and read ``rootfs/`` and ``layers/`` (at most MAX_VIEW_PATHS paths)."""
+    if image_id not in os.listdir(mnt):
+        return Outcome(False, {}, {})
+    top = mnt / image_id
+    errors: dict[str, int] = {}
+    read: dict[str, bytes] = {}
+    pending = [Path("rootfs"), Path("layers")]
+    seen = 0
+    while pending and seen < MAX_VIEW_PATHS:
+        rel = pending.pop()
+        seen += 1
+        try:
+            st = os.lstat(top / rel)
+            if stat.S_ISDIR(st.st_mode):
+                pending += [rel / name for name in os.listdir(top / rel)]
+            elif stat.S_ISREG(st.st_mode):
+                read[str(rel)] = _read_capped(top / rel)
+        except OSError as exc:
+            errors[str(rel)] = exc.errno or 0
+    return Outcome(True, errors, read)
+
+
+def _check_views(attack: str, got: str, d: harden.Daemon, hostile: Hostile) -> None:
+    """The views fail with EIO at most, never leak host bytes, and serve fully where the
+    attack is not on the layer (signatures, big-data names)."""
+    views = _with_timeout(lambda: _read_views(d.mnt, hostile.ids[attack]), READ_TIMEOUT)
+    assert views is not None, f"{attack}: reading rootfs/ and layers/ hung"
+    leaked = [rel for rel, data in views.read.items() if hostile.host.found_in(data)]
+    assert not leaked, f"{attack}: host bytes served in {leaked}"
+    bad_errno = {rel: e for rel, e in views.errors.items() if e != errno.EIO}
+    assert not bad_errno, f"{attack}: view errors other than EIO: {bad_errno}"
+    if got in (SIG, OK):
+        assert not views.errors, f"{attack}: views failed: {views.errors}"
+        assert views.read.get("rootfs/a.txt") == FILES["a.txt"], attack
+    if attack == "deep_path":
+        assert views.errors, "deep_path: the views of the deep layer served"
+        assert "deeper than 4096 components" in d.log()
+
+
 def _classify(outcome: Outcome) -> str:
     if not outcome.listed:
         return SKIP
     if not outcome.errors:
         return OK
-    if all(k.startswith("blobs/") for k in outcome.errors) and "manifest.json" in outcome.read:
+    if "manifest.json" not in outcome.read:
+        return IMAGE
+    if all(k.startswith("blobs/") for k in outcome.errors):
         return LAYER
+    if all(k.split("/")[0] == "signatures" for k in outcome.errors):
+        return SIG
     return IMAGE
 
 
@@ -584,6 +631,7 @@ def test_attack(
         layer = hostile.layers[attack][:12]
         assert what in d.log() or layer in d.log(), f"{attack}: no log line for {what}"
         counts.add(AREA, f"failures with a log line ({mode})")
+    _check_views(attack, got, d, hostile)
     assert harden.alive(d.pid), f"{attack}: the daemon died"
     good = (d.mnt / hostile.good / "blobs" / hostile.good_blob).read_bytes()
     assert good == hostile.good_bytes, f"{attack}: the untouched image stopped serving"

@@ -152,3 +152,61 @@ def test_unprivileged_reader(
             assert other.returncode != 0
     finally:
         harden.stop(d)
+
+
+# -- layers/ and rootfs/: image owners never map to host users -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def view_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[harden.Tools, str]:
+    """An image with /pub/open.txt (0644, root) and /pub/private.txt (0600, owned by 65534
+    inside the image), and /priv/ (0700, owned by 65534 inside the image)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mounts as root, reads as nobody)")
+    tools = harden.Tools.at(tmp_path_factory.mktemp("privviews"))
+    src = tools.base / "src"
+    for sub in ("owned/pub", "owned/priv"):
+        (src / sub).mkdir(parents=True)
+    for name, data, mode in (
+        ("open.txt", b"open to all\n", 0o644),
+        ("owned/pub/private.txt", b"nobody-in-the-image only\n", 0o600),
+        ("owned/priv/inside.txt", b"inside\n", 0o644),
+    ):
+        (src / name).write_bytes(data)
+        (src / name).chmod(mode)
+    (src / "owned" / "pub").chmod(0o755)
+    (src / "owned" / "priv").chmod(0o700)
+    ctr = tools.buildah("from", "scratch").stdout.strip()
+    tools.buildah("copy", ctr, str(src / "open.txt"), "/pub/open.txt")
+    tools.buildah("copy", "--chown", f"{NOBODY}:{NOBODY}", ctr, f"{src}/owned/.", "/")
+    image = tools.buildah("commit", "-q", ctr, "localhost/privviews:1").stdout.strip()
+    tools.buildah("rm", ctr)
+    return tools, image
+
+
+def test_view_modes_never_grant_host_users_image_owners_rights(
+    view_store: tuple[harden.Tools, str], public_dir: Path, counts: Counts
+) -> None:
+    tools, image = view_store
+    d = _mount(tools, public_dir, "allow_other", "umask=022")
+    try:
+        (layer,) = os.listdir(d.mnt / image / "layers")
+        for top in (d.mnt / image / "rootfs", d.mnt / image / "layers" / layer):
+            private, priv = top / "pub" / "private.txt", top / "priv"
+            for path, mode in ((private, 0o600), (priv, 0o700)):
+                st = os.stat(path)
+                assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, NOBODY), path
+            assert private.read_bytes() == b"nobody-in-the-image only\n"  # root may
+            opened = _as(NOBODY, "cat", str(top / "pub" / "open.txt"))
+            assert opened.returncode == 0, opened.stderr
+            assert opened.stdout == "open to all\n"
+            denied = _as(NOBODY, "cat", str(private))
+            listed = _as(NOBODY, "ls", str(priv))
+            counts.add(AREA, "image-owner-only view nodes nobody opened (must be 0)",
+                       int(denied.returncode == 0) + int(listed.returncode == 0))  # fmt: skip
+            assert denied.returncode != 0
+            assert "ermission denied" in denied.stderr
+            assert listed.returncode != 0
+            assert "ermission denied" in listed.stderr
+    finally:
+        harden.stop(d)
