@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,29 +19,10 @@ from imgfs import ocilayout
 from imgfs.fileviews import FileViews
 from imgfs.layerblob import LayerBlobs
 from imgfs.tree import NodeKey, TreeView, build_view
-from tests import crafted
+from tests import crafted, smallstore
 from tests.mounting import mounted
 
-DRIVER = "overlay"
-
-
-def _buildah(base: Path, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTAINERS_", "STORAGE_"))}
-    conf = base / "storage.conf"
-    conf.write_text('[storage]\ndriver = "overlay"\n')
-    env["CONTAINERS_STORAGE_CONF"] = str(conf)
-    cmd = [
-        "buildah",
-        "--root",
-        str(base / "root"),
-        "--runroot",
-        str(base / "run"),
-        "--storage-driver",
-        DRIVER,
-        *args,
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return result.stdout.strip()
+DRIVER = smallstore.DRIVER
 
 
 @pytest.fixture(scope="session")
@@ -50,13 +30,7 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A buildah store with two one-layer images: ``localhost/a:1`` and ``localhost/b:1``."""
     base = tmp_path_factory.mktemp("small")
     for name, text in (("a", "alpha\n" * 100), ("b", "bravo\n" * 100)):
-        src = base / f"{name}.txt"
-        src.write_text(text)
-        ctr = _buildah(base, "from", "scratch")
-        _buildah(base, "copy", ctr, str(src), f"/{name}.txt")
-        _buildah(base, "config", "--label", f"name={name}", ctr)
-        _buildah(base, "commit", "-q", ctr, f"localhost/{name}:1")
-        _buildah(base, "rm", ctr)
+        smallstore.commit_image(base, name, text)
     return base
 
 
