@@ -132,6 +132,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self.limiter = trio.CapacityLimiter(8)
+        self._nowait_flag = os.RWF_NOWAIT  # 0 once the cache's file system refused it
         self.files = files if files is not None else FileViews()
         self.view = build_view(store.images, _now_ns(), self.files)
 
@@ -326,9 +327,17 @@ class Operations(pyfuse3.Operations):
         if end <= snap.published:
             buf = bytearray(end - off)
             try:
-                got = os.preadv(snap.fd, [buf], off, os.RWF_NOWAIT)
+                got = os.preadv(snap.fd, [buf], off, self._nowait_flag)
             except BlockingIOError:
                 got = 0
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or not self._nowait_flag:
+                    raise
+                # The cache dir's file system has no RWF_NOWAIT (tmpfs): its pages are in
+                # memory anyway, so read inline without the flag from now on.
+                log.info("cache file system lacks RWF_NOWAIT; reading snapshots inline")
+                self._nowait_flag = 0
+                got = os.preadv(snap.fd, [buf], off)
             if got == len(buf):
                 return memoryview(buf)
         data: bytes = await self._run(snap.read, off, size)

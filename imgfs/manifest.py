@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from imgfs.digest import EMPTY_LAYER_DIGEST, is_digest
@@ -32,7 +33,9 @@ GZIP_EMPTY_LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 LIST_TYPES = (OCI_INDEX, DOCKER_LIST)
 SCHEMA1_TYPES = (DOCKER_V2S1, DOCKER_V2S1_SIGNED)
-_KNOWN = (OCI_MANIFEST, OCI_INDEX, DOCKER_V2S2, DOCKER_LIST, DOCKER_V2S1, DOCKER_V2S1_SIGNED)
+# Declared types c/image's guess takes as they are; schema1 is only ever recognised by its
+# schemaVersion (a declared schema1 type decides nothing, as in c/image).
+_DECLARED = (OCI_MANIFEST, OCI_INDEX, DOCKER_V2S2, DOCKER_LIST)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def digest_of(data: bytes, what: str = "manifest") -> str:
         doc = json.loads(data)
     except (ValueError, RecursionError):
         doc = None
-    if isinstance(doc, dict) and doc.get("schemaVersion") == 1 and doc.get("signatures"):
+    if isinstance(doc, dict) and guess_type(doc) == DOCKER_V2S1_SIGNED:
         return "sha256:" + hashlib.sha256(_jws_payload(data, doc, what)).hexdigest()
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -96,11 +99,12 @@ def digest_of(data: bytes, what: str = "manifest") -> str:
 def guess_type(doc: dict[str, object]) -> str:
     """c/image's GuessMIMEType on a decoded manifest."""
     declared = doc.get("mediaType")
-    if isinstance(declared, str) and declared in _KNOWN:
+    if isinstance(declared, str) and declared in _DECLARED:
         return declared
     version = doc.get("schemaVersion")
     if version == 1:
-        return DOCKER_V2S1_SIGNED if doc.get("signatures") else DOCKER_V2S1
+        # signed when "signatures" is there and not null, even if empty (Go: non-nil interface)
+        return DOCKER_V2S1_SIGNED if doc.get("signatures") is not None else DOCKER_V2S1
     config = doc.get("config")
     if isinstance(config, dict):
         if config.get("mediaType") == DOCKER_CONFIG:
@@ -174,7 +178,11 @@ def _throwaway(hist: object) -> bool:
 
 def _jws_payload(data: bytes, doc: dict[str, object], what: str) -> bytes:
     signatures = doc.get("signatures")
-    first = signatures[0] if isinstance(signatures, list) and signatures else None
+    if not isinstance(signatures, list):
+        raise MalformedMetadata(f"{what}: schema1 signatures are not a list")
+    if not signatures:
+        return b""  # libtrust: no signature gives format length 0 and no tail
+    first = signatures[0]
     protected = first.get("protected") if isinstance(first, dict) else None
     try:
         header = json.loads(_b64url(str(protected)))
@@ -186,7 +194,13 @@ def _jws_payload(data: bytes, doc: dict[str, object], what: str) -> bytes:
     return data[:length] + tail
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _b64url(text: str) -> bytes:
+    """JOSE base64url as libtrust decodes it: the URL alphabet only, padding optional."""
+    if _B64URL.fullmatch(text) is None:
+        raise binascii.Error("not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 

@@ -46,6 +46,14 @@ untagged           (no names)                   buildah commit without a name
 crafted            localhost/crafted:v1         one uncompressed layer whose tar bytes are made
                                                 here (GNU long names, 10240-byte blocking,
                                                 trailing garbage); ``crafted_tar`` = those bytes
+schema1            localhost/schema1:v1         signed Docker schema 1: an OCI image whose config
+                                                history has 3 ``empty_layer`` entries (one on top)
+                                                around its 2 layers, ``skopeo copy --format v2s1``
+                                                to dir:, then into the store: 5 fsLayers, 3 of
+                                                them ``throwaway`` (a3ed95...), no config;
+                                                ``manifest_digest`` = the JWS payload digest;
+                                                the dir: export re-signs the manifest (differs on
+                                                every run), its blobs do not
 =================  ===========================  ====================================================
 
 The awkward content (layer 1, imported with ``buildah add``, then re-tarred by c/storage): names
@@ -106,6 +114,7 @@ __all__ = [
     "ToolError",
     "build_stores",
     "images_json",
+    "jws_payload",
     "load_storeset",
     "source_hash",
     "stores_dir_from_env",
@@ -177,11 +186,13 @@ class Image:
     name: str | None  # the name it was built/imported as (None: untagged)
     names: list[str]  # names of its record in images.json, in stored order
     id: str  # 64-hex image ID
-    manifest_digest: str  # sha256 of inspect_raw (= big-data-digests["manifest"])
+    manifest_digest: str  # big-data-digests["manifest"]: sha256 of inspect_raw, except for
+    # signed schema1 (the JWS payload's digest, storage-format 4.4)
     inspect_raw: bytes  # `skopeo inspect --raw` = the stored primary manifest
-    config_digest: str | None  # from the manifest; None for a manifest list image
+    config_digest: str | None  # from the manifest; None for a manifest list and schema1
     config_raw: bytes | None  # the config blob bytes
-    diff_ids: list[str]  # config rootfs.diff_ids (bottom layer first); [] for lists
+    diff_ids: list[str]  # config rootfs.diff_ids (bottom layer first); [] for lists; schema1:
+    # the blobSums of its non-throwaway entries (uncompressed tars here), bottom first
     oracle_dir: Path | None  # `skopeo copy ... dir:` output, None when skopeo cannot
     oracle_flags: list[str]  # extra skopeo flags the oracle export needed
     oracle_note: str | None  # why the export failed/was degraded (skopeo's message)
@@ -253,6 +264,17 @@ def images_json(store: Store) -> list[dict[str, Any]]:
     records = json.loads(data)
     assert isinstance(records, list)
     return records
+
+
+def jws_payload(signed: bytes) -> bytes:
+    """The JWS payload of a signed schema1 manifest (docker/libtrust; independent of imgfs):
+    the bytes up to the first signature's ``formatLength`` plus its decoded ``formatTail``."""
+
+    def b64url(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    protected = json.loads(b64url(json.loads(signed)["signatures"][0]["protected"]))
+    return signed[: protected["formatLength"]] + b64url(protected["formatTail"])
 
 
 def source_hash() -> str:
@@ -819,6 +841,7 @@ class _StoreBuilder:
         self.signed()
         self.fromlist()
         self.crafted()
+        self.schema1()
         self.mylist()
         images = [_describe(self.tools, self.base, self.store, p) for p in self.pending]
         # inputs no longer needed (~20 MiB); crafted-layer.tar and the *-pre dirs stay
@@ -1025,6 +1048,38 @@ class _StoreBuilder:
         notes = "GNU-format tar, 10240-byte blocking, trailing bytes after the end"
         self.add("crafted", "localhost/crafted:v1", crafted_tar=path, notes=notes)
 
+    def schema1(self) -> None:
+        """A signed Docker schema 1 image with throwaway entries, converted by skopeo.
+
+        The conversion goes through dir: (a direct ``--format v2s1`` import into the store left,
+        when tried, an image with 3 physical layers for 2 real ones that skopeo could not
+        export); the dir: copy then goes into the store unchanged, signed with a random key.
+        """
+        l1 = _tar_files({"schema1/one.txt": b"schema1 layer one\n", "schema1/keep": b"1\n"})
+        l2 = _tar_files({"schema1/two.txt": b"schema1 layer two\n"})
+        config = _config(_host_arch(), "schema1", [_sha(l1), _sha(l2)])
+        steps = [("ADD one", False), ("ENV x", True), ("LABEL y", True), ("ADD two", False)]
+        steps.append(("CMD", True))  # the top entry is a throwaway one too
+        config["history"] = [
+            {"created": config["created"], "created_by": f"schema1 {step}"}
+            | ({"empty_layer": True} if empty else {})
+            for step, empty in steps
+        ]
+        raw, _ = self.layout.image(config, [(l1, OCI_LAYER), (l2, OCI_LAYER)])
+        self.layout.tag("schema1", raw)
+        converted = self.work / "schema1-dir"
+        self.skopeo_copy(self.oci("schema1"), f"dir:{converted}", "--format", "v2s1")
+        self.skopeo_copy(f"dir:{converted}", self.store.ref("localhost/schema1:v1"))
+        stored = json.loads(
+            self.tools.skopeo_bytes("inspect", "--raw", self.store.ref("localhost/schema1:v1"))
+        )
+        if stored.get("schemaVersion") != 1 or not stored.get("signatures"):
+            raise RuntimeError("schema1: the store does not hold a signed schema 1 manifest")
+        if _schema1_throwaway(stored) != [empty for _, empty in steps]:
+            raise RuntimeError("schema1: the stored manifest lost the throwaway entries")
+        notes = "signed schema1; fsLayers top first: empty, two, empty, empty, one"
+        self.add("schema1", "localhost/schema1:v1", notes=notes)
+
     def mylist(self) -> None:
         self.buildah("manifest", "create", "localhost/mylist:v1")
         self.buildah("manifest", "add", "localhost/mylist:v1", self.store.ref("localhost/tiny:v1"))
@@ -1041,6 +1096,21 @@ class _StoreBuilder:
 
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
+
+
+def _schema1_throwaway(manifest: dict[str, Any]) -> list[bool]:
+    """Per schema1 history entry, bottom first: whether it is ``throwaway`` (an empty layer)."""
+    return [
+        json.loads(h["v1Compatibility"]).get("throwaway") is True
+        for h in reversed(manifest["history"])
+    ]
+
+
+def _schema1_layers(manifest: dict[str, Any]) -> list[str]:
+    """The blobSums of a schema1 manifest's real (non-throwaway) layers, bottom first."""
+    blobs = [ly["blobSum"] for ly in reversed(manifest["fsLayers"])]
+    empty = _schema1_throwaway(manifest)
+    return [b for b, e in zip(blobs, empty, strict=True) if not e]
 
 
 def _dir_signatures(path: Path) -> list[bytes]:
@@ -1099,6 +1169,8 @@ def _describe(tools: _Tools, base: Path, store: Store, p: _Pending) -> Image:
     diff_ids: list[str] = []
     if config_raw is not None:
         diff_ids = list(json.loads(config_raw).get("rootfs", {}).get("diff_ids") or [])
+    elif manifest.get("schemaVersion") == 1:
+        diff_ids = _schema1_layers(manifest)
 
     if p.expected_signatures is not None:
         sigs = p.expected_signatures
@@ -1108,10 +1180,11 @@ def _describe(tools: _Tools, base: Path, store: Store, p: _Pending) -> Image:
         sigs = []
     return Image(
         driver=store.driver, kind=p.kind, name=p.name, names=names, id=image_id,
-        manifest_digest=_sha(inspect_raw), inspect_raw=inspect_raw, config_digest=config_digest,
-        config_raw=config_raw, diff_ids=diff_ids, oracle_dir=oracle, oracle_flags=flags,
-        oracle_note=note, expected_signatures=sigs, list_digest=p.list_digest,
-        other_manifests=p.other_manifests, crafted_tar=p.crafted_tar, notes=p.notes,
+        manifest_digest=rec["big-data-digests"]["manifest"], inspect_raw=inspect_raw,
+        config_digest=config_digest, config_raw=config_raw, diff_ids=diff_ids,
+        oracle_dir=oracle, oracle_flags=flags, oracle_note=note, expected_signatures=sigs,
+        list_digest=p.list_digest, other_manifests=p.other_manifests,
+        crafted_tar=p.crafted_tar, notes=p.notes,
     )  # fmt: skip
 
 

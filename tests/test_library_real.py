@@ -121,3 +121,46 @@ def test_list_image_has_no_layers_but_its_manifests(real_stores: realstores.Stor
     assert kinds.count("manifest") >= 2  # the list and at least one instance manifest
     holders = dict(image.instances())
     assert real_stores.image("overlay", "tiny").id in holders.values()
+
+
+def test_schema1_image_digest_layers_and_empty_layer(real_stores: realstores.StoreSet) -> None:
+    """Signed schema1 (storage-format 4.4, 5.3, 11.14): JWS payload digest, no config, the
+    throwaway entries served as the 32-byte gzipped empty layer exactly as skopeo exports it."""
+    empty = imgfs.manifest.EMPTY_LAYER_DIGEST
+    for driver in real_stores.stores:
+        expected = real_stores.image(driver, "schema1")
+        assert expected.oracle_dir is not None
+        store = _open(real_stores, driver)
+        image = store.image("localhost/schema1:v1")
+        assert image.id == expected.id
+        raw = image.manifest()
+        assert raw == expected.inspect_raw
+        payload_digest = "sha256:" + hashlib.sha256(realstores.jws_payload(raw)).hexdigest()
+        assert image.digest == expected.manifest_digest == payload_digest
+        assert image.digest != "sha256:" + hashlib.sha256(raw).hexdigest()
+        assert store.image(f"localhost/schema1@{payload_digest}").id == expected.id
+        assert image.parsed_manifest().media_type == imgfs.manifest.DOCKER_V2S1_SIGNED
+        assert image.config() is None
+        assert image.signatures() == []
+        first, second = expected.diff_ids
+        infos = image.layer_infos()
+        assert [i.digest for i in infos] == [first, empty, empty, second, empty]
+        assert [i.kind for i in infos] == [
+            "layer",
+            "empty-layer",
+            "empty-layer",
+            "layer",
+            "empty-layer",
+        ]
+        blobs = {b.digest: b for b in image.blobs()}
+        assert sorted(blobs) == sorted({empty, first, second, payload_digest})
+        assert (blobs[empty].kind, blobs[empty].size) == ("empty-layer", 32)
+        assert blobs[payload_digest].kind == "manifest"
+        exported = expected.oracle_files()
+        with image.open_blob(empty) as f:
+            assert f.read() == exported[empty.split(":")[1]].read_bytes()
+        with image.open_blob(payload_digest) as f:
+            assert f.read() == raw
+        for diff_id, path in zip(expected.diff_ids, expected.layer_paths(), strict=True):
+            with image.open_blob(diff_id) as f:
+                assert f.read() == path.read_bytes()

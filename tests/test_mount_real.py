@@ -193,3 +193,54 @@ def test_direct_mode_serves_the_same_bytes(
         for diff_id, oracle in zip(img.diff_ids, img.layer_paths(), strict=True):
             assert _sha(m.path / img.id / "blobs" / diff_id) == _sha(oracle)
         assert not [p for p in m.cache_dir.iterdir() if p.name != "index"]
+
+
+def test_schema1_image_served_exactly(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet
+) -> None:
+    """Signed schema1: no config.json, the stored (signed) manifest, the gzipped empty layer and
+    the layer tars as skopeo exports them, the manifest blob named by the JWS payload digest."""
+    m, driver = mount
+    img = real_stores.image(driver, "schema1")
+    assert img.oracle_dir is not None
+    empty = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4"
+    d = m.path / img.id
+    listing = set(os.listdir(d))
+    assert "config.json" not in listing
+    assert {"manifest.json", "signatures", "blobs", "layers", "rootfs"} <= listing
+    assert (d / "manifest.json").read_bytes() == img.inspect_raw
+    assert os.listdir(d / "signatures") == []
+    digest = "sha256:" + hashlib.sha256(realstores.jws_payload(img.inspect_raw)).hexdigest()
+    assert img.manifest_digest == digest
+    blobs = d / "blobs"
+    assert sorted(os.listdir(blobs)) == sorted({empty, *img.diff_ids, digest})
+    assert (blobs / digest).read_bytes() == img.inspect_raw
+    assert os.stat(blobs / empty).st_size == 32
+    assert (blobs / empty).read_bytes() == (img.oracle_dir / empty.split(":")[1]).read_bytes()
+    for diff_id, oracle in zip(img.diff_ids, img.layer_paths(), strict=True):
+        assert os.stat(blobs / diff_id).st_size == oracle.stat().st_size
+        assert _sha(blobs / diff_id) == _sha(oracle) == diff_id.split(":")[1]
+    assert sorted(os.listdir(d / "layers")) == [
+        f"{n}-{diff_id.split(':')[1]}" for n, diff_id in enumerate(img.diff_ids)
+    ]
+    assert (d / "rootfs" / "schema1" / "two.txt").read_bytes() == b"schema1 layer two\n"
+    assert os.path.realpath(m.path / "by-name" / "localhost" / "schema1:v1") == str(d)
+
+
+def test_cache_dir_on_tmpfs(real_stores: realstores.StoreSet, tmp_path: Path) -> None:
+    """tmpfs has no RWF_NOWAIT: snapshot reads must still work (inline, without the flag)."""
+    store = real_stores.store("overlay")
+    img = real_stores.image("overlay", "awkward")
+    work = tmp_path / "work"
+    (work / "cache").mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(work / "cache")], check=True
+    )
+    try:
+        with mounted(store.root, store.runroot, "overlay", work) as m:
+            for diff_id in img.diff_ids:
+                blob = m.path / img.id / "blobs" / diff_id
+                assert _sha(blob) == diff_id.split(":")[1]
+                assert _sha(blob) == diff_id.split(":")[1]  # again, from the cached snapshot
+    finally:
+        subprocess.run(["umount", "-l", str(work / "cache")], check=False)

@@ -23,6 +23,7 @@ from tests.realstores import (
     StoreSet,
     build_stores,
     images_json,
+    jws_payload,
     source_hash,
 )
 
@@ -41,6 +42,7 @@ EXPECTED_NAMES: dict[str, list[str]] = {
     "mylist": ["localhost/mylist:v1"],
     "untagged": [],
     "crafted": ["localhost/crafted:v1"],
+    "schema1": ["localhost/schema1:v1"],
 }
 # Images whose stored layers are uncompressed with plain descriptors: skopeo's dir: export keeps
 # the stored manifest byte for byte (storage-format 9.2). All others are rewritten.
@@ -55,6 +57,10 @@ MANIFEST_KEPT = {
 }
 NO_ORACLE = {"mylist"}
 DIR_VERSION = b"Directory Transport Version: 1.1\n"
+EMPTY_LAYER = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4"
+EMPTY_LAYER_BYTES = bytes.fromhex(
+    "1f8b080000096e8800ff621805a360148c5800080000ffff2eafb5ef00040000"
+)
 
 params = pytest.mark.parametrize("driver", DRIVERS)
 
@@ -115,7 +121,8 @@ def test_images_json_names_and_digests(real_stores: StoreSet, driver: str) -> No
         rec = _record(real_stores, img)
         assert sorted(rec.get("names") or []) == EXPECTED_NAMES[img.kind], img.kind
         assert sorted(img.names) == EXPECTED_NAMES[img.kind]
-        assert img.manifest_digest == "sha256:" + hashlib.sha256(img.inspect_raw).hexdigest()
+        digested = jws_payload(img.inspect_raw) if img.kind == "schema1" else img.inspect_raw
+        assert img.manifest_digest == "sha256:" + hashlib.sha256(digested).hexdigest(), img.kind
         assert rec["big-data-digests"]["manifest"] == img.manifest_digest, img.kind
         assert len(img.id) == 64
         if img.config_digest is not None and img.kind != "mylist":
@@ -131,9 +138,11 @@ def test_oracle_dirs(real_stores: StoreSet, driver: str) -> None:
             continue
         assert img.oracle_dir is not None, img.kind
         assert img.oracle_dir.is_dir(), img.kind
-        assert img.config_digest is not None
         files = img.oracle_files()
         assert files["version"].read_bytes() == DIR_VERSION
+        if img.kind == "schema1":
+            continue  # test_schema1_image
+        assert img.config_digest is not None
         manifest = json.loads(files["manifest.json"].read_bytes())
         assert manifest["config"]["digest"] == img.config_digest
         layer_digests = [ly["digest"] for ly in manifest["layers"]]
@@ -298,6 +307,49 @@ def test_untagged_and_crafted(real_stores: StoreSet, driver: str) -> None:
     assert crafted.diff_ids == ["sha256:" + hashlib.sha256(data).hexdigest()]
     assert crafted.layer_paths()[0].read_bytes() == data
     assert data.endswith(b"trailing garbage after the end\n")
+
+
+@params
+def test_schema1_image(real_stores: StoreSet, driver: str) -> None:
+    img = real_stores.image(driver, "schema1")
+    stored = json.loads(img.inspect_raw)
+    assert stored["schemaVersion"] == 1
+    assert stored["signatures"], "signed (prettyjws)"
+    assert "mediaType" not in stored
+    throwaway = [
+        json.loads(h["v1Compatibility"]).get("throwaway") is True for h in stored["history"]
+    ]
+    assert throwaway == [True, False, True, True, False]  # top first: CMD, ADD two, ..., ADD one
+    blob_sums = [ly["blobSum"] for ly in stored["fsLayers"]]
+    assert [b for b, e in zip(blob_sums, throwaway, strict=True) if e] == [EMPTY_LAYER] * 3
+    assert [b for b, e in zip(blob_sums, throwaway, strict=True) if not e][::-1] == img.diff_ids
+    assert len(img.diff_ids) == 2
+    assert img.config_digest is None
+    assert img.config_raw is None
+    assert img.expected_signatures == []
+    # c/image's digest is the JWS payload's (storage-format 4.4), not the file's
+    payload_digest = "sha256:" + hashlib.sha256(jws_payload(img.inspect_raw)).hexdigest()
+    assert img.manifest_digest == payload_digest
+    assert img.manifest_digest != "sha256:" + hashlib.sha256(img.inspect_raw).hexdigest()
+    rec = _record(real_stores, img)
+    assert not [k for k in rec["big-data-names"] if k.startswith("sha256:")], "no config blob"
+    assert rec["big-data-digests"][f"manifest-{img.manifest_digest}"] == img.manifest_digest
+    chain = _chain(real_stores, img)
+    assert [r["diff-digest"] for r in chain] == img.diff_ids, "only the real layers are stored"
+    # the dir: export: re-signed manifest with the same payload, the empty layer, the layer tars
+    assert img.oracle_dir is not None
+    files = img.oracle_files()
+    exported = files["manifest.json"].read_bytes()
+    assert exported != img.inspect_raw, "c/image rewrites (and re-signs) schema1 on export"
+    assert jws_payload(exported) == jws_payload(img.inspect_raw)
+    blobs = {name for name in files if len(name) == 64}
+    assert blobs == {d.split(":")[1] for d in [EMPTY_LAYER, *img.diff_ids]}
+    assert files[EMPTY_LAYER.split(":")[1]].read_bytes() == EMPTY_LAYER_BYTES
+    for layer in img.layer_paths():
+        assert _sha_file(layer) == "sha256:" + layer.name
+    assert not [n for n in files if n.startswith("signature-")]
+    members = {m.name for p in img.layer_paths() for m in _members(p)}
+    assert {"schema1/one.txt", "schema1/two.txt"} <= members
 
 
 def test_cached_build_is_reused(real_stores: StoreSet) -> None:

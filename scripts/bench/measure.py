@@ -21,6 +21,7 @@ from pathlib import Path
 
 MiB = 1 << 20
 SAMPLE_SECONDS = 0.02
+DAEMON_EXIT_SECONDS = 120.0
 
 
 def drop_caches() -> None:
@@ -156,8 +157,11 @@ def _daemon_pid(log: Path) -> int:
 def _unmount_imgfs(mnt: Path, log: Path) -> None:
     pid = _daemon_pid(log)
     subprocess.run(["imgfs", "-u", str(mnt)], check=False)
-    for _ in range(500):
+    started = time.monotonic()
+    while time.monotonic() - started < DAEMON_EXIT_SECONDS:
         if not Path(f"/proc/{pid}").exists():
+            if time.monotonic() - started > 1:
+                print(f"(imgfs daemon took {time.monotonic() - started:.1f} s to exit)")
             return
         time.sleep(0.01)
     raise RuntimeError(f"imgfs daemon {pid} did not exit after unmounting {mnt}")
