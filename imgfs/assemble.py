@@ -86,21 +86,24 @@ _BUFFERS = 8  # staging buffers of READ_CHUNK bytes in flight between reading an
 
 
 class _Pipeline:
-    """A writer thread: one buffer's write overlaps reading and hashing the next ones.
+    """Two stage threads: hashing and writing overlap reading (and CRC-checking) the next buffers.
 
     The producer fills a buffer from ``take``, then ``submit``s it with a publish mark; the
-    writer writes it, publishes the mark and recycles the buffer. A writer error (ENOSPC, a
-    cancelled snapshot) is re-raised by the producer's next ``take``/``submit``/``drain``.
+    hasher feeds it to sha256 (which releases the GIL, so it runs beside the reader), the writer
+    writes it, publishes the mark and recycles the buffer. A stage error (ENOSPC, a cancelled
+    snapshot) is re-raised by the producer's next ``take``/``submit``/``drain``.
     """
 
     def __init__(self, sink: Sink) -> None:
         self._sink = sink
+        self._hash = hashlib.sha256()
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(_BUFFERS):
             self._free.put(bytearray(READ_CHUNK))
-        self._todo: queue.SimpleQueue[tuple[bytearray | None, int, int]] = queue.SimpleQueue()
+        self._to_hash: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._to_write: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def _check(self) -> None:
         if self._error is not None:
@@ -112,16 +115,32 @@ class _Pipeline:
         return buf
 
     def submit(self, buf: bytearray, length: int, publish: int) -> None:
-        """Write ``buf[:length]``, then publish ``publish`` (unless it is negative)."""
+        """Hash and write ``buf[:length]``, then publish ``publish`` (unless it is negative)."""
         self._check()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="imgfs-write", daemon=True)
-            self._thread.start()
-        self._todo.put((buf, length, publish))
+        if not self._threads:
+            for target, name in ((self._hash_stage, "hash"), (self._write_stage, "write")):
+                thread = threading.Thread(target=target, name=f"imgfs-{name}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        self._to_hash.put((buf, length, publish))
 
-    def _run(self) -> None:
+    def hexdigest(self) -> str:
+        """The sha256 of everything submitted (call after ``drain``)."""
+        return self._hash.hexdigest()
+
+    def _hash_stage(self) -> None:
         while True:
-            buf, length, publish = self._todo.get()
+            job = self._to_hash.get()
+            buf, length, _ = job
+            if buf is not None and length and self._error is None:
+                self._hash.update(memoryview(buf)[:length])
+            self._to_write.put(job)
+            if buf is None:
+                return
+
+    def _write_stage(self) -> None:
+        while True:
+            buf, length, publish = self._to_write.get()
             if buf is None:
                 return
             try:
@@ -136,16 +155,20 @@ class _Pipeline:
                 self._free.put(buf)
 
     def drain(self) -> None:
-        """Wait until everything submitted is written and published; raise a writer error."""
+        """Wait until everything submitted is hashed, written and published; raise an error."""
         self.close()
         self._check()
 
     def close(self) -> None:
-        """Stop the writer thread after what was submitted (idempotent; never raises)."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._todo.put((None, 0, -1))
-            thread.join()
+        """Stop the stage threads after what was submitted (idempotent; never raises)."""
+        threads, self._threads = self._threads, []
+        if threads:
+            self._to_hash.put((None, 0, -1))
+            for thread in threads:
+                thread.join()
+
+
+_Job = tuple[bytearray | None, int, int]
 
 
 class _Generator:
@@ -164,7 +187,6 @@ class _Generator:
         self._digest_hex = digest_hex
         self._expected_size = expected_size
         self._what = what
-        self._hash = hashlib.sha256()
         self._buf = pipe.take()
         self._fill = 0
         self._written = 0
@@ -183,7 +205,6 @@ class _Generator:
         return memoryview(self._buf)[self._fill :]
 
     def _submit(self) -> None:
-        self._hash.update(memoryview(self._buf)[: self._fill])
         mark = min(self._verified, self._expected_size - 1)
         publish = mark if mark > self._published else -1
         self._pipe.submit(self._buf, self._fill, publish)
@@ -263,7 +284,7 @@ class _Generator:
             )
         self._submit()  # all but the last byte
         self._pipe.drain()
-        got = self._hash.hexdigest()
+        got = self._pipe.hexdigest()
         if got != self._digest_hex:
             raise IntegrityError(
                 f"{self._what}: blob digest sha256:{got} does not match sha256:{self._digest_hex}"
