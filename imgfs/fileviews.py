@@ -11,8 +11,6 @@ Must not know: FUSE, the mounted tree's names and keys, image metadata beyond La
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -21,13 +19,14 @@ from collections.abc import Sequence
 
 from fastcrc import crc64
 
-from imgfs.errors import IntegrityError, LayerUnavailable, MalformedMetadata
+from imgfs import cachefiles
+from imgfs.errors import IntegrityError, LayerUnavailable
+from imgfs.layerblob import open_tarsplit
 from imgfs.layerfiles import LayerFiles
 from imgfs.layertree import LayerTree, Member
 from imgfs.locks import read_locked
 from imgfs.rootfs import RootFS
 from imgfs.store import LayerSource
-from imgfs.storefiles import open_regular
 from imgfs.tarheader import REGULAR
 from imgfs.tarsplit import iter_entries
 
@@ -48,17 +47,15 @@ class FileViews:
         self._building: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         if index_dir is not None:
-            os.makedirs(index_dir, mode=0o700, exist_ok=True)
+            cachefiles.prepare_dir(index_dir)
 
     # -- trees -------------------------------------------------------------------------------
 
     def layer_tree(self, source: LayerSource) -> LayerTree:
         """The tree of one layer: from memory, the persisted file, or a tar-split parse."""
-        fd = _open_tarsplit(source)
+        fd = open_tarsplit(source)
         try:
-            st = os.fstat(fd)
-            identity = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
-            key = f"{source.layer_id}-{hashlib.sha256(identity).hexdigest()[:16]}"
+            key = cachefiles.key_for(source.layer_id, os.fstat(fd))
             with self._build_lock(key):
                 tree = self._cached(key)
                 if tree is None:
@@ -115,31 +112,13 @@ class FileViews:
         return None if self.index_dir is None else os.path.join(self.index_dir, f"{key}.tree")
 
     def _load(self, key: str, source: LayerSource) -> LayerTree | None:
-        path = self._path(key)
-        if path is None or not os.path.exists(path):
-            return None
-        try:
-            with open(path, "rb") as f:
-                return LayerTree.from_bytes(f.read(), source.what)
-        except (OSError, MalformedMetadata) as exc:
-            log.warning("ignoring persisted layer tree %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return None
+        return cachefiles.load(
+            self._path(key), lambda data: LayerTree.from_bytes(data, source.what)
+        )
 
     def _persist(self, key: str, tree: LayerTree) -> None:
-        path = self._path(key)
-        if path is None or tree.member_count < PERSIST_MIN_MEMBERS or os.path.exists(path):
-            return
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(tree.to_bytes())
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("cannot persist layer tree %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        if tree.member_count >= PERSIST_MIN_MEMBERS:
+            cachefiles.save(self._path(key), tree.to_bytes)
 
     # -- contents ----------------------------------------------------------------------------
 
@@ -158,17 +137,6 @@ class FileViews:
         finally:
             files.close()
         return MemberReader(fd, member, what)
-
-
-def _open_tarsplit(source: LayerSource) -> int:
-    lock = os.path.join(os.path.dirname(source.tarsplit_path), "layers.lock")
-    with read_locked([lock]):
-        try:
-            return open_regular(source.tarsplit_path, f"{source.what}: tar-split")
-        except FileNotFoundError as exc:
-            raise LayerUnavailable(
-                f"{source.what}: no tar-split metadata, so its files cannot be listed exactly"
-            ) from exc
 
 
 class MemberReader:

@@ -11,7 +11,6 @@ Must not know: FUSE, the snapshot cache's internals, image metadata.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -19,8 +18,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import BinaryIO, cast
 
+from imgfs import cachefiles
 from imgfs.assemble import BlobFile, LayerReader, Sink, generate
-from imgfs.errors import IntegrityError, LayerUnavailable, MalformedMetadata
+from imgfs.errors import IntegrityError, LayerUnavailable
 from imgfs.layerfiles import LayerFiles
 from imgfs.layerindex import LayerIndex
 from imgfs.locks import read_locked
@@ -42,12 +42,11 @@ class LayerBlobs:
         self._indexes: OrderedDict[str, LayerIndex] = OrderedDict()
         self._lock = threading.Lock()
         if index_dir is not None:
-            os.makedirs(index_dir, mode=0o700, exist_ok=True)
-            _remove_stale_temps(index_dir)
+            cachefiles.prepare_dir(index_dir)
 
     def produce(self, source: LayerSource, sink: Sink) -> None:
         """Generate the whole blob into ``sink`` (snapshot mode), verified as it goes."""
-        with _opened(source) as (gz, files, _identity):
+        with _opened(source) as (gz, files, _key):
             log.info("generating %s (%d bytes)", source.what, source.size)
             generate(
                 iter_entries(gz, source.what), files, sink, source.digest, source.size, source.what
@@ -55,16 +54,15 @@ class LayerBlobs:
 
     def open_reader(self, source: LayerSource) -> LayerReader:
         """A random-access reader (``--direct``); the caller closes it."""
-        with _opened(source, keep_files=True) as (gz, files, identity):
+        with _opened(source, keep_files=True) as (gz, files, key):
             try:
-                index = self._index(source, gz, identity)
+                index = self._index(source, gz, key)
             except BaseException:
                 files.close()
                 raise
         return LayerReader(index, files, source.digest, source.what, close_files=True)
 
-    def _index(self, source: LayerSource, gz: BinaryIO, identity: str) -> LayerIndex:
-        key = f"{source.layer_id}-{identity}"
+    def _index(self, source: LayerSource, gz: BinaryIO, key: str) -> LayerIndex:
         with self._lock:
             index = self._indexes.get(key)
             if index is not None:
@@ -85,67 +83,40 @@ class LayerBlobs:
         return index
 
     def _index_path(self, key: str) -> str | None:
-        if self.index_dir is None:
-            return None
-        return os.path.join(self.index_dir, f"{key}.idx.zst")
+        return None if self.index_dir is None else os.path.join(self.index_dir, f"{key}.idx.zst")
 
     def _load_persisted(self, key: str, source: LayerSource) -> LayerIndex | None:
-        path = self._index_path(key)
-        if path is None or not os.path.exists(path):
-            return None
-        try:
-            with open(path, "rb") as f:
-                return LayerIndex.from_bytes(f.read(), source.what)
-        except (OSError, MalformedMetadata) as exc:
-            log.warning("ignoring persisted index %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return None
+        return cachefiles.load(
+            self._index_path(key), lambda data: LayerIndex.from_bytes(data, source.what)
+        )
 
     def _persist(self, key: str, index: LayerIndex) -> None:
-        path = self._index_path(key)
-        if path is None or index.file_count < PERSIST_MIN_FILES or os.path.exists(path):
-            return
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(index.to_bytes())
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("cannot persist index %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def _remove_stale_temps(index_dir: str) -> None:
-    """Delete ``<key>.idx.zst.tmp-<pid>-<thread>`` files of processes that died (SIGKILL)."""
-    removed = 0
-    for name in os.listdir(index_dir):
-        _, sep, tail = name.rpartition(".tmp-")
-        pid = tail.split("-", 1)[0]
-        if not sep or not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(index_dir, name))
-            removed += 1
-    if removed:
-        log.info("removed %d stale index temp file(s) from %s", removed, index_dir)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if index.file_count >= PERSIST_MIN_FILES:
+            cachefiles.save(self._index_path(key), index.to_bytes)
 
 
 def open_layer_blob(source: LayerSource) -> BinaryIO:
     """A verified, seekable file object over a layer blob (the library's ``open_blob``)."""
     reader = LayerBlobs().open_reader(source)
     return cast(BinaryIO, BlobFile(reader))
+
+
+def open_tarsplit(source: LayerSource) -> int:
+    """The layer's tar-split file, opened under the layers lock (never a symlink or FIFO)."""
+    lock = os.path.join(os.path.dirname(source.tarsplit_path), "layers.lock")
+    with read_locked([lock]):
+        return _open_tarsplit_locked(source)
+
+
+def _open_tarsplit_locked(source: LayerSource) -> int:
+    try:
+        return open_regular(source.tarsplit_path, f"{source.what}: tar-split")
+    except FileNotFoundError as exc:
+        raise LayerUnavailable(
+            f"{source.what}: no tar-split metadata, so the layer cannot be reproduced exactly"
+        ) from exc
+    except OSError as exc:
+        raise LayerUnavailable(f"{source.what}: tar-split: {exc.strerror}") from exc
 
 
 @contextlib.contextmanager
@@ -155,24 +126,16 @@ def _opened(
     """Open the tar-split and the content dirs under the layers lock; yield after unlocking."""
     lock = os.path.join(os.path.dirname(source.tarsplit_path), "layers.lock")
     with read_locked([lock]):
-        try:
-            fd = open_regular(source.tarsplit_path, f"{source.what}: tar-split")
-        except FileNotFoundError as exc:
-            raise LayerUnavailable(
-                f"{source.what}: no tar-split metadata, so the layer cannot be rebuilt exactly"
-            ) from exc
-        except OSError as exc:
-            raise LayerUnavailable(f"{source.what}: tar-split: {exc.strerror}") from exc
+        fd = _open_tarsplit_locked(source)
         try:
             files = LayerFiles(list(source.content_dirs), source.what)
         except BaseException:
             os.close(fd)
             raise
-    st = os.fstat(fd)
-    identity = hashlib.sha256(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    key = cachefiles.key_for(source.layer_id, os.fstat(fd))
     gz = os.fdopen(fd, "rb")
     try:
-        yield gz, files, identity[:16]
+        yield gz, files, key
     finally:
         gz.close()
         if not keep_files:
