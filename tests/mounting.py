@@ -40,6 +40,16 @@ def unmount(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
 
 
+def mount_command(
+    root: Path, runroot: Path, driver: str, mnt: Path, cache: Path, log_file: Path, *extra: str
+) -> list[str]:
+    """The ``imgfs`` command line that mounts ``root`` on ``mnt`` as the tests do."""
+    return imgfs_command(
+        "--driver", driver, "--runroot", str(runroot), "--cache-dir", str(cache),
+        "--log-file", str(log_file), *extra, str(root), str(mnt),
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def mounted(root: Path, runroot: Path, driver: str, workdir: Path, *extra: str) -> Iterator[Mount]:
     """Mount ``root`` (daemonized: the command returns once the mount is ready)."""
@@ -47,19 +57,7 @@ def mounted(root: Path, runroot: Path, driver: str, workdir: Path, *extra: str) 
     cache = workdir / "cache"
     mnt.mkdir(parents=True, exist_ok=True)
     log_file = workdir / "imgfs.log"
-    cmd = imgfs_command(
-        "--driver",
-        driver,
-        "--runroot",
-        str(runroot),
-        "--cache-dir",
-        str(cache),
-        "--log-file",
-        str(log_file),
-        *extra,
-        str(root),
-        str(mnt),
-    )
+    cmd = mount_command(root, runroot, driver, mnt, cache, log_file, *extra)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     try:
         assert result.returncode == 0, f"imgfs failed: {result.stderr}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.mounting import imgfs_command, unmount
+from tests.mounting import mount_command, unmount
 
 DRIVER = "overlay"
 HOST_FILES = (Path("/etc/passwd"), Path("/etc/shadow"), Path("/etc/group"))
@@ -277,19 +277,7 @@ def start(
     driver: str = DRIVER,
 ) -> Daemon:
     mnt.mkdir(parents=True, exist_ok=True)
-    cmd = imgfs_command(
-        "--driver",
-        driver,
-        "--runroot",
-        str(runroot),
-        "--cache-dir",
-        str(cache),
-        "--log-file",
-        str(log_file),
-        *extra,
-        str(root),
-        str(mnt),
-    )
+    cmd = mount_command(root, runroot, driver, mnt, cache, log_file, *extra)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"imgfs failed: {result.stderr}")
