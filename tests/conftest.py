@@ -16,7 +16,8 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.realstores import StoreSet, build_stores, stores_dir_from_env  # noqa: E402
+from tests.mounting import Mount, mounted  # noqa: E402
+from tests.realstores import DRIVERS, StoreSet, build_stores, stores_dir_from_env  # noqa: E402
 
 
 def fuse_unavailable_reason() -> str | None:
@@ -86,3 +87,17 @@ def _restore_root_logger() -> Iterator[None]:
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
+
+
+@pytest.fixture(scope="module", params=DRIVERS)
+def mount(
+    request: pytest.FixtureRequest,
+    real_stores: StoreSet,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Mount, str]]:
+    """The real overlay and vfs test stores, each mounted once per test module."""
+    driver = request.param
+    store = real_stores.store(driver)
+    work = tmp_path_factory.mktemp(f"mount-{driver}")
+    with mounted(store.root, store.runroot, driver, work) as m:
+        yield m, driver

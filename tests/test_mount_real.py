@@ -8,7 +8,6 @@ import os
 import random
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,6 @@ from tests import realstores
 from tests.mounting import Mount, mounted
 
 pytestmark = pytest.mark.usefixtures("fuse_required")
-
-
-@pytest.fixture(scope="module", params=realstores.DRIVERS)
-def mount(
-    request: pytest.FixtureRequest,
-    real_stores: realstores.StoreSet,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Mount, str]]:
-    driver = request.param
-    store = real_stores.store(driver)
-    work = tmp_path_factory.mktemp(f"mount-{driver}")
-    with mounted(store.root, store.runroot, driver, work) as m:
-        yield m, driver
 
 
 def _sha(path: Path) -> str:

@@ -16,7 +16,6 @@ import stat
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,24 +23,11 @@ import pytest
 
 from tests import realstores
 from tests.layer_oracle import apply_layers, tar_listing
-from tests.mounting import Mount, mounted
+from tests.mounting import Mount
 
 pytestmark = pytest.mark.usefixtures("fuse_required")
 
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-
-
-@pytest.fixture(scope="module", params=realstores.DRIVERS)
-def mount(
-    request: pytest.FixtureRequest,
-    real_stores: realstores.StoreSet,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Mount, str]]:
-    driver = request.param
-    store = real_stores.store(driver)
-    work = tmp_path_factory.mktemp(f"views-{driver}")
-    with mounted(store.root, store.runroot, driver, work) as m:
-        yield m, driver
 
 
 def _images(stores: realstores.StoreSet, driver: str) -> list[realstores.Image]:
