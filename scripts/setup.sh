@@ -18,5 +18,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v -i "warning" || true
-python3 -c "import imgfs, pyfuse3, trio" || { echo "setup: imgfs did not install" >&2; exit 1; }
+log=$(mktemp)
+if ! python3 -m pip install -q --disable-pip-version-check -e ".[dev]" >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "setup: pip could not install imgfs and its dependencies" >&2
+  exit 1
+fi
+rm -f "$log"
+python3 -c "import imgfs, pyfuse3, trio, pybase64, fastcrc, zstandard, pytest" || {
+  echo "setup: imgfs did not install" >&2; exit 1; }
