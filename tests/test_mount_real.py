@@ -230,3 +230,19 @@ def test_cache_dir_on_tmpfs(real_stores: realstores.StoreSet, tmp_path: Path) ->
                 assert _sha(blob) == diff_id.split(":")[1]  # again, from the cached snapshot
     finally:
         subprocess.run(["umount", "-l", str(work / "cache")], check=False)
+
+
+def test_layer_blobs_are_direct_io_private_mmap_works(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet
+) -> None:
+    """Layer blobs are opened with direct I/O (README): MAP_PRIVATE works, MAP_SHARED may not."""
+    import mmap
+
+    m, driver = mount
+    img = real_stores.image(driver, "awkward")
+    blob = m.path / img.id / "blobs" / img.diff_ids[-1]
+    want = img.layer_paths()[-1].read_bytes()
+    with open(blob, "rb") as f:
+        with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as view:
+            assert view[:] == want
+        assert f.read() == want
