@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgfs.errors import ConfigError
+from imgfs.errors import ConfigError, StoreNotFound
 
 SUPPORTED_DRIVERS = ("overlay", "vfs", "btrfs")
 KNOWN_DRIVERS = ("overlay", "vfs", "btrfs", "zfs", "aufs", "devicemapper")
@@ -99,6 +99,8 @@ def _choose_driver(
         return normalize_driver(configured)
     if found := _driver_in(graphroot):
         return found
+    if store_arg:
+        raise StoreNotFound(f"no store at {graphroot}: no <driver>-images directory in it")
     raise ConfigError(
         f"no storage driver configured and no <driver>-images directory in {graphroot}"
     )

@@ -107,3 +107,10 @@ def test_additional_image_store_images_are_served(
     with image.open_blob(layer.digest) as f:
         assert f.read() == tiny.layer_paths()[0].read_bytes()
     assert not (primary / "vfs-layers").exists()  # nothing written to either store
+
+
+def test_a_directory_without_images_is_no_store(tmp_path: Path) -> None:
+    env = {"CONTAINERS_STORAGE_CONF": str(tmp_path / "none.conf"), "HOME": str(tmp_path)}
+    (tmp_path / "none.conf").write_text("[storage]\n")
+    with pytest.raises(imgfs.StoreNotFound, match="no store at"):
+        config.resolve(str(tmp_path), env=env)
