@@ -29,14 +29,6 @@ def is_digest(value: object) -> bool:
     return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
-def check_id(value: object, what: str) -> str:
-    """Return ``value`` if it is a valid ID, else raise MalformedMetadata naming ``what``."""
-    if not is_id(value):
-        raise MalformedMetadata(f"{what}: invalid ID {value!r:.80}")
-    assert isinstance(value, str)
-    return value
-
-
 def check_digest(value: object, what: str) -> str:
     """Return ``value`` if it is a valid sha256 digest, else raise MalformedMetadata."""
     if not is_digest(value):

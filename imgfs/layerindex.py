@@ -22,10 +22,8 @@ from __future__ import annotations
 import hashlib
 import operator
 import struct
-import threading
 from array import array
 from bisect import bisect_right
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -34,6 +32,7 @@ import zstandard
 
 from imgfs.errors import IntegrityError, MalformedMetadata
 from imgfs.tarsplit import FileEntry, Segment
+from imgfs.zchunks import ChunkedBytes
 
 CHUNK = 256 << 10
 MAX_BLOB_SIZE = 1 << 62  # no diff-size given: a bound no real blob reaches
@@ -84,61 +83,6 @@ def close_iterable(entries: object) -> None:
         close()
 
 
-class _ChunkedBytes:
-    """An append-once byte stream stored as zstd frames of CHUNK raw bytes; tiny LRU reads."""
-
-    def __init__(self, frames: list[bytes], length: int, what: str) -> None:
-        self._frames = frames
-        self._length = length
-        self._what = what
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @property
-    def length(self) -> int:
-        return self._length
-
-    @property
-    def frames(self) -> list[bytes]:
-        return self._frames
-
-    @property
-    def nbytes(self) -> int:
-        cached = sum(len(raw) for raw in self._cache.values())
-        return sum(len(f) for f in self._frames) + 40 * len(self._frames) + cached
-
-    def read(self, pos: int, n: int) -> bytes:
-        """Bytes ``[pos, pos+n)`` of the stream (clipped at its end)."""
-        end = min(pos + n, self._length)
-        parts: list[bytes] = []
-        while pos < end:
-            k, skip = divmod(pos, CHUNK)
-            raw = self._chunk(k)
-            take = min(end - pos, len(raw) - skip)
-            parts.append(raw[skip : skip + take])
-            pos += take
-        return b"".join(parts)
-
-    def _chunk(self, k: int) -> bytes:
-        with self._lock:
-            raw = self._cache.get(k)
-            if raw is not None:
-                self._cache.move_to_end(k)
-                return raw
-        want = min(CHUNK, self._length - k * CHUNK)
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(self._frames[k], max_output_size=want)
-        except zstandard.ZstdError as exc:
-            raise MalformedMetadata(f"{self._what}: index chunk {k} is corrupt: {exc}") from exc
-        if len(raw) != want:
-            raise MalformedMetadata(f"{self._what}: index chunk {k} has the wrong length")
-        with self._lock:
-            self._cache[k] = raw
-            while len(self._cache) > _LRU_SIZE:
-                self._cache.popitem(last=False)
-        return raw
-
-
 class _ChunkWriter:
     """Accumulates a byte stream and compresses each full CHUNK as it fills.
 
@@ -184,8 +128,8 @@ class LayerIndex:
         seg_pos: array[int],
         crcs: array[int],
         name_pos: array[int],
-        segments: _ChunkedBytes,
-        names: _ChunkedBytes,
+        segments: ChunkedBytes,
+        names: ChunkedBytes,
         member_count: int,
         what: str,
     ) -> None:
@@ -256,8 +200,8 @@ class LayerIndex:
             seg_pos=seg_pos,
             crcs=crcs,
             name_pos=name_pos,
-            segments=_ChunkedBytes(seg_out.finish(), seg_total, what),
-            names=_ChunkedBytes(name_out.finish(), name_total, what),
+            segments=ChunkedBytes(seg_out.finish(), seg_total, CHUNK, what, _LRU_SIZE),
+            names=ChunkedBytes(name_out.finish(), name_total, CHUNK, what, _LRU_SIZE),
             member_count=members,
             what=what,
         )
@@ -408,8 +352,8 @@ class _Loader:
             seg_pos=seg_pos,
             crcs=crcs,
             name_pos=name_pos,
-            segments=_ChunkedBytes(frames[:n_seg], seg_len, self._what),
-            names=_ChunkedBytes(frames[n_seg:], names_len, self._what),
+            segments=ChunkedBytes(frames[:n_seg], seg_len, CHUNK, self._what, _LRU_SIZE),
+            names=ChunkedBytes(frames[n_seg:], names_len, CHUNK, self._what, _LRU_SIZE),
             member_count=members,
             what=self._what,
         )

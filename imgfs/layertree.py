@@ -21,7 +21,6 @@ import hashlib
 import struct
 import threading
 from array import array
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ from imgfs.tarheader import (
     parse_header,
 )
 from imgfs.tarsplit import FileEntry, Segment, clean_name
+from imgfs.zchunks import ChunkAppender, ChunkedBytes
 
 MAX_LINK_DEPTH = 64
 MAX_DEPTH = 4096  # path components of a member (PATH_MAX / 2: "a/" repeated fills PATH_MAX)
@@ -82,66 +82,6 @@ class Member:
         return self.typeflag == DIRECTORY
 
 
-class _Chunks:
-    """An append-only byte stream kept as zstd frames of CHUNK bytes, read through a tiny LRU."""
-
-    def __init__(self, frames: list[bytes] | None = None, length: int = 0) -> None:
-        self.frames: list[bytes] = frames or []
-        self.length = length
-        self._tail = bytearray()
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-        self._decompressor = zstandard.ZstdDecompressor()
-        self._compressor = zstandard.ZstdCompressor(level=1)
-
-    def append(self, data: bytes) -> int:
-        pos = self.length
-        self._tail += data
-        self.length += len(data)
-        if len(self._tail) >= CHUNK:
-            self._flush(final=False)
-        return pos
-
-    def _flush(self, final: bool) -> None:
-        compressor = self._compressor
-        full = len(self._tail) if final else len(self._tail) - len(self._tail) % CHUNK
-        for pos in range(0, full, CHUNK):
-            self.frames.append(compressor.compress(bytes(self._tail[pos : pos + CHUNK])))
-        del self._tail[:full]
-
-    def finish(self) -> None:
-        self._flush(final=True)
-
-    def read(self, pos: int, n: int, what: str) -> bytes:
-        parts = []
-        end = min(pos + n, self.length)
-        while pos < end:
-            k, skip = divmod(pos, CHUNK)
-            raw = self._chunk(k, what)
-            take = min(end - pos, len(raw) - skip)
-            parts.append(raw[skip : skip + take])
-            pos += take
-        return b"".join(parts)
-
-    def _chunk(self, k: int, what: str) -> bytes:
-        with self._lock:
-            raw = self._cache.get(k)
-            if raw is not None:
-                self._cache.move_to_end(k)
-                return raw
-            want = min(CHUNK, self.length - k * CHUNK)
-            try:
-                raw = self._decompressor.decompress(self.frames[k], max_output_size=want)
-            except (zstandard.ZstdError, IndexError) as exc:
-                raise MalformedMetadata(f"{what}: layer tree chunk {k} is corrupt") from exc
-            if len(raw) != want:
-                raise MalformedMetadata(f"{what}: layer tree chunk {k} has the wrong length")
-            self._cache[k] = raw
-            while len(self._cache) > _CHUNK_CACHE:
-                self._cache.popitem(last=False)
-        return raw
-
-
 @dataclass(frozen=True)
 class _Columns:
     """Per member: type byte, content size, CRC, header position/length, raw name."""
@@ -153,7 +93,7 @@ class _Columns:
     head_len: array[int]
     name_pos: array[int]  # n + 1 offsets into names
     names: bytes
-    headers: _Chunks
+    headers: ChunkedBytes
 
 
 class LayerTree:
@@ -185,17 +125,18 @@ class LayerTree:
         ``IntegrityError`` as soon as the tar described so far is longer.
         """
         limit = MAX_BLOB_SIZE if expected_size is None else expected_size
+        headers = ChunkAppender(CHUNK)
         cols = _Columns(
             bytearray(), array("Q"), array("Q"), array("Q"), array("I"), array("Q", [0]), b"",
-            _Chunks(),
+            ChunkedBytes([], 0, CHUNK, what, _CHUNK_CACHE),
         )  # fmt: skip
         names: list[bytes] = []
         try:
-            _collect(entries, cols, names, what, limit)
+            _collect(entries, cols, headers, names, what, limit)
         finally:
             close_iterable(entries)
-        cols.headers.finish()
-        return cls(_Columns(**{**cols.__dict__, "names": b"".join(names)}), what)
+        full = {"names": b"".join(names), "headers": headers.finish(what, _CHUNK_CACHE)}
+        return cls(_Columns(**{**cols.__dict__, **full}), what)
 
     def _index_names(self) -> None:
         cols = self._cols
@@ -327,7 +268,7 @@ class LayerTree:
         cols = self._cols
         name = cols.names[cols.name_pos[ref] : cols.name_pos[ref + 1]]
         what = f"{self.what}: member {name!r:.200}"
-        header = parse_header(cols.headers.read(cols.head_pos[ref], cols.head_len[ref], what), what)
+        header = parse_header(cols.headers.read(cols.head_pos[ref], cols.head_len[ref]), what)
         if header.name != name:
             raise MalformedMetadata(f"{what}: the tar header names {header.name!r:.200}")
         flag, size = header.typeflag, cols.sizes[ref]
@@ -403,6 +344,7 @@ def _implied_dir(path: bytes, ref: int) -> Member:
 def _collect(
     entries: Iterable[Segment | FileEntry],
     cols: _Columns,
+    headers: ChunkAppender,
     names: list[bytes],
     what: str,
     limit: int,
@@ -415,12 +357,7 @@ def _collect(
     name_total = 0
     total = 0  # tar bytes described so far
     types, sizes, crcs = cols.types, cols.sizes, cols.crcs
-    head_pos, head_len, name_pos, headers = (
-        cols.head_pos,
-        cols.head_len,
-        cols.name_pos,
-        cols.headers,
-    )
+    head_pos, head_len, name_pos = cols.head_pos, cols.head_len, cols.name_pos
     for entry in entries:
         if type(entry) is Segment:
             pending_bytes += len(entry.payload)
@@ -477,12 +414,12 @@ def _load_columns(data: bytes, what: str) -> _Columns:
         table = zstandard.ZstdDecompressor().decompress(
             body[8 : 8 + head_len], max_output_size=_MAX_BODY
         )
-        return _parse_columns(table, body[8 + head_len :])
+        return _parse_columns(table, body[8 + head_len :], what)
     except (zstandard.ZstdError, struct.error, ValueError) as exc:
         raise fail(f"corrupt: {exc}") from exc
 
 
-def _parse_columns(table: bytes, frames_raw: memoryview) -> _Columns:
+def _parse_columns(table: bytes, frames_raw: memoryview, what: str) -> _Columns:
     n, header_bytes, name_bytes, n_frames = _COUNTS.unpack_from(table)
     pos = _COUNTS.size
 
@@ -515,5 +452,12 @@ def _parse_columns(table: bytes, frames_raw: memoryview) -> _Columns:
     if at != len(frames_raw) or -(-header_bytes // CHUNK) != n_frames:
         raise ValueError("frames do not match lengths")
     return _Columns(
-        types, sizes, crcs, head_pos, head_len, name_pos, names, _Chunks(frames, header_bytes)
+        types,
+        sizes,
+        crcs,
+        head_pos,
+        head_len,
+        name_pos,
+        names,
+        ChunkedBytes(frames, header_bytes, CHUNK, what, _CHUNK_CACHE),
     )

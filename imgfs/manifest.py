@@ -29,7 +29,6 @@ DOCKER_V2S1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_V2S1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-GZIP_EMPTY_LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 LIST_TYPES = (OCI_INDEX, DOCKER_LIST)
 SCHEMA1_TYPES = (DOCKER_V2S1, DOCKER_V2S1_SIGNED)

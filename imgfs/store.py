@@ -97,7 +97,7 @@ class Store:
         roots = [RootLayout(cfg.graphroot, cfg.driver)]
         if cfg.imagestore and cfg.imagestore != cfg.graphroot:
             roots.insert(0, RootLayout(cfg.imagestore, cfg.driver))
-        roots += [RootLayout(p, cfg.driver, read_only=True) for p in cfg.additional_image_stores]
+        roots += [RootLayout(p, cfg.driver) for p in cfg.additional_image_stores]
         self.roots: tuple[RootLayout, ...] = tuple(roots)
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
@@ -139,14 +139,6 @@ class Store:
         with self._lock:
             old = self._snapshot
         return old is None or self._state() != old.state
-
-    def refresh(self) -> bool:
-        """Reload metadata if it changed; returns True if it did."""
-        with self._lock:
-            old = self._snapshot
-            snap = self._load(old)
-            self._snapshot = snap
-        return old is None or snap is not old
 
     def _current(self) -> _Snapshot:
         with self._lock:

@@ -26,7 +26,6 @@ class RootLayout:
 
     root: str
     driver: str
-    read_only: bool = False
 
     @property
     def images_dir(self) -> str:

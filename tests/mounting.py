@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,15 @@ class Mount:
             return self.log_file.read_text()
         except FileNotFoundError:
             return ""
+
+
+def sha256_file(path: bytes | str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (through the mount: 1 MiB requests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def imgfs_command(*args: str) -> list[str]:

@@ -119,6 +119,7 @@ __all__ = [
     "source_hash",
     "stores_dir_from_env",
     "tool_env",
+    "write_tool_conf",
 ]
 
 DRIVERS = ("overlay", "vfs")
@@ -452,20 +453,30 @@ def tool_env(base: Path, gnupghome: Path | None = None) -> dict[str, str]:
 
 def _write_conf(base: Path) -> None:
     conf = base / "conf"
+    write_tool_conf(
+        base,
+        storage_conf=(
+            "# tools are always given --root/--runroot/--storage-driver; this is a safety net\n"
+            "[storage]\n"
+            'driver = "vfs"\n'
+            f'graphroot = "{conf}/unused-root"\n'
+            f'runroot = "{conf}/unused-runroot"\n'
+        ),
+        containers_conf="# empty: built-in defaults\n",
+    )
+
+
+def write_tool_conf(base: Path, storage_conf: str, containers_conf: str) -> None:
+    """The configuration files ``tool_env(base)`` points the tools at (under ``base/conf``)."""
+    conf = base / "conf"
     conf.mkdir(parents=True, exist_ok=True)
     (base / "tmp").mkdir(exist_ok=True)
     (conf / "registries.d").mkdir(exist_ok=True)
-    (conf / "storage.conf").write_text(
-        "# tools are always given --root/--runroot/--storage-driver; this is a safety net\n"
-        "[storage]\n"
-        'driver = "vfs"\n'
-        f'graphroot = "{conf}/unused-root"\n'
-        f'runroot = "{conf}/unused-runroot"\n'
-    )
+    (conf / "storage.conf").write_text(storage_conf)
     (conf / "registries.conf").write_text(
         'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
     )
-    (conf / "containers.conf").write_text("# empty: built-in defaults\n")
+    (conf / "containers.conf").write_text(containers_conf)
     (conf / "auth.json").write_text('{"auths": {}}\n')
     (conf / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}\n')
 

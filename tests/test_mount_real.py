@@ -13,17 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests import realstores
-from tests.mounting import Mount, mounted
+from tests.mounting import Mount, mounted, sha256_file
 
 pytestmark = pytest.mark.usefixtures("fuse_required")
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def test_root_lists_every_image(mount: tuple[Mount, str], real_stores: realstores.StoreSet) -> None:
@@ -67,7 +59,7 @@ def test_cp_of_every_blob_equals_skopeo_dir(
             dst = tmp_path / name
             subprocess.run(["cp", str(src), str(dst)], check=True)
             assert dst.stat().st_size == src.stat().st_size == oracle.stat().st_size
-            assert _sha(dst) == _sha(oracle) == name, (img.kind, name)
+            assert sha256_file(dst) == sha256_file(oracle) == name, (img.kind, name)
             dst.unlink()
             copied += 1
     assert copied >= 10
@@ -165,7 +157,7 @@ def test_concurrent_cp_generates_each_blob_once(
             t.join(120)
         assert not errors
         for src, dst in jobs:
-            assert _sha(dst) == src.name.split(":")[1]
+            assert sha256_file(dst) == src.name.split(":")[1]
         generations = [line for line in m.log().splitlines() if "generating layer" in line]
         assert len(generations) == len(set(img.diff_ids)), generations
 
@@ -177,7 +169,7 @@ def test_direct_mode_serves_the_same_bytes(
     img = real_stores.image("vfs", "awkward")
     with mounted(store.root, store.runroot, "vfs", tmp_path, "--direct") as m:
         for diff_id, oracle in zip(img.diff_ids, img.layer_paths(), strict=True):
-            assert _sha(m.path / img.id / "blobs" / diff_id) == _sha(oracle)
+            assert sha256_file(m.path / img.id / "blobs" / diff_id) == sha256_file(oracle)
         assert not [p for p in m.cache_dir.iterdir() if p.name != "index"]
 
 
@@ -205,7 +197,7 @@ def test_schema1_image_served_exactly(
     assert (blobs / empty).read_bytes() == (img.oracle_dir / empty.split(":")[1]).read_bytes()
     for diff_id, oracle in zip(img.diff_ids, img.layer_paths(), strict=True):
         assert os.stat(blobs / diff_id).st_size == oracle.stat().st_size
-        assert _sha(blobs / diff_id) == _sha(oracle) == diff_id.split(":")[1]
+        assert sha256_file(blobs / diff_id) == sha256_file(oracle) == diff_id.split(":")[1]
     assert sorted(os.listdir(d / "layers")) == [
         f"{n}-{diff_id.split(':')[1]}" for n, diff_id in enumerate(img.diff_ids)
     ]
@@ -226,8 +218,8 @@ def test_cache_dir_on_tmpfs(real_stores: realstores.StoreSet, tmp_path: Path) ->
         with mounted(store.root, store.runroot, "overlay", work) as m:
             for diff_id in img.diff_ids:
                 blob = m.path / img.id / "blobs" / diff_id
-                assert _sha(blob) == diff_id.split(":")[1]
-                assert _sha(blob) == diff_id.split(":")[1]  # again, from the cached snapshot
+                assert sha256_file(blob) == diff_id.split(":")[1]
+                assert sha256_file(blob) == diff_id.split(":")[1]  # again, from the cached snapshot
     finally:
         subprocess.run(["umount", "-l", str(work / "cache")], check=False)
 

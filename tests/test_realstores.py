@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.mounting import sha256_file
 from tests.realstores import (
     BIG_SIZE,
     DRIVERS,
@@ -63,14 +64,6 @@ EMPTY_LAYER_BYTES = bytes.fromhex(
 )
 
 params = pytest.mark.parametrize("driver", DRIVERS)
-
-
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _record(ss: StoreSet, img: Image) -> dict[str, Any]:
@@ -151,7 +144,7 @@ def test_oracle_dirs(real_stores: StoreSet, driver: str) -> None:
         expected = {d.split(":")[1] for d in [img.config_digest, *img.diff_ids]}
         assert blobs == expected, img.kind
         for hexname in blobs:
-            assert _sha_file(files[hexname]) == "sha256:" + hexname, f"{img.kind}/{hexname}"
+            assert sha256_file(files[hexname]) == hexname, f"{img.kind}/{hexname}"
         assert files[img.config_digest.split(":")[1]].read_bytes() == img.config_raw
         if img.kind in MANIFEST_KEPT:
             assert files["manifest.json"].read_bytes() == img.inspect_raw, img.kind
@@ -346,7 +339,7 @@ def test_schema1_image(real_stores: StoreSet, driver: str) -> None:
     assert blobs == {d.split(":")[1] for d in [EMPTY_LAYER, *img.diff_ids]}
     assert files[EMPTY_LAYER.split(":")[1]].read_bytes() == EMPTY_LAYER_BYTES
     for layer in img.layer_paths():
-        assert _sha_file(layer) == "sha256:" + layer.name
+        assert sha256_file(layer) == layer.name
     assert not [n for n in files if n.startswith("signature-")]
     members = {m.name for p in img.layer_paths() for m in _members(p)}
     assert {"schema1/one.txt", "schema1/two.txt"} <= members

@@ -23,7 +23,7 @@ import pytest
 
 from tests import realstores
 from tests.layer_oracle import apply_layers, tar_listing
-from tests.mounting import Mount
+from tests.mounting import Mount, sha256_file
 
 pytestmark = pytest.mark.usefixtures("fuse_required")
 
@@ -32,14 +32,6 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 
 def _images(stores: realstores.StoreSet, driver: str) -> list[realstores.Image]:
     return [i for i in stores.images[driver] if i.oracle_dir is not None and i.diff_ids]
-
-
-def _sha(path: bytes | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _walk(root: bytes) -> dict[bytes, os.stat_result]:
@@ -87,7 +79,9 @@ def _compare_trees(mine: bytes, want: bytes, what: str) -> int:
         if stat.S_ISREG(st.st_mode):
             assert st.st_size == ref.st_size, where
             assert st.st_nlink == ref.st_nlink, where
-            assert _sha(os.path.join(mine, rel)) == _sha(os.path.join(want, rel)), where
+            assert sha256_file(os.path.join(mine, rel)) == sha256_file(os.path.join(want, rel)), (
+                where
+            )
         elif stat.S_ISLNK(st.st_mode):
             assert os.readlink(os.path.join(mine, rel)) == os.readlink(os.path.join(want, rel))
         elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
@@ -230,7 +224,7 @@ def test_oci_layout_round_trips_through_skopeo(
         out = tmp_path / f"{img.kind}-dir"
         _skopeo("copy", "-q", f"oci:{layout}", f"dir:{out}")
         for diff_id, want in zip(img.diff_ids, img.layer_paths(), strict=True):
-            assert _sha(out / diff_id.split(":")[1]) == _sha(want), img.kind
+            assert sha256_file(out / diff_id.split(":")[1]) == sha256_file(want), img.kind
         config = manifest["config"]["digest"].split(":")[1]
         assert (out / config).read_bytes() == img.config_raw
         assert (out / "manifest.json").read_bytes() == manifest_bytes

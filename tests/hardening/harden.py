@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests import realstores
 from tests.mounting import mount_command, unmount
 
 DRIVER = "overlay"
@@ -75,29 +76,14 @@ class Counts:
 
 def write_tool_conf(base: Path) -> dict[str, str]:
     """storage.conf/registries.conf/containers.conf/policy under ``base``; the tools' env."""
-    conf = base / "conf"
-    conf.mkdir(parents=True, exist_ok=True)
-    (base / "tmp").mkdir(exist_ok=True)
-    (conf / "storage.conf").write_text(
-        f'[storage]\ndriver = "{DRIVER}"\ngraphroot = "{base}/root"\nrunroot = "{base}/run"\n'
+    realstores.write_tool_conf(
+        base,
+        storage_conf=(
+            f'[storage]\ndriver = "{DRIVER}"\ngraphroot = "{base}/root"\nrunroot = "{base}/run"\n'
+        ),
+        containers_conf='[engine]\ncgroup_manager = "cgroupfs"\n',
     )
-    (conf / "registries.conf").write_text(
-        'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
-    )
-    (conf / "containers.conf").write_text('[engine]\ncgroup_manager = "cgroupfs"\n')
-    (conf / "auth.json").write_text('{"auths": {}}\n')
-    (conf / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}\n')
-    drop = ("CONTAINERS_", "BUILDAH_", "STORAGE_", "REGISTRY_AUTH", "PODMAN_", "DOCKER_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(
-        CONTAINERS_STORAGE_CONF=str(conf / "storage.conf"),
-        CONTAINERS_REGISTRIES_CONF=str(conf / "registries.conf"),
-        CONTAINERS_CONF=str(conf / "containers.conf"),
-        REGISTRY_AUTH_FILE=str(conf / "auth.json"),
-        TMPDIR=str(base / "tmp"),
-        LC_ALL="C.UTF-8",
-    )
-    return env
+    return realstores.tool_env(base)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ rewritten changed content (must be 0).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -34,6 +33,7 @@ import pytest
 
 from tests.hardening import harden
 from tests.hardening.harden import Counts
+from tests.mounting import sha256_file
 
 pytestmark = pytest.mark.usefixtures("fuse_required")
 
@@ -182,14 +182,6 @@ class CopyLog:
     bytes_ok: int = 0
 
 
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _reader(
     mnt: Path,
     out: Path,
@@ -216,7 +208,7 @@ def _reader(
         )
         with lock:
             if result.returncode == 0:
-                if _sha_file(dst) == blob.removeprefix("sha256:"):
+                if sha256_file(dst) == blob.removeprefix("sha256:"):
                     log.correct += 1
                     log.bytes_ok += dst.stat().st_size
                 else:
