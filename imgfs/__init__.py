@@ -24,9 +24,9 @@ from imgfs.errors import StoreError as StoreError
 from imgfs.errors import StoreNotFound as StoreNotFound
 from imgfs.errors import StorePermissionError as StorePermissionError
 from imgfs.errors import UnsafePath as UnsafePath
-from imgfs.store import BlobInfo as BlobInfo
-from imgfs.store import Image as Image
-from imgfs.store import Store as Store
+from imgfs.store.image import BlobInfo as BlobInfo
+from imgfs.store.image import Image as Image
+from imgfs.store.image import Store as Store
 
 __version__ = "0.1.0"
 

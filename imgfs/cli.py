@@ -2,7 +2,7 @@
 
 Owns: argparse, defaults that depend on the user's environment (cache directory), logging
 setup, the ``--list`` output and the exit codes. Must not know: how the store is read, how
-requests are answered, or how mounting works (store, fuse_ops and daemon own those).
+requests are answered, or how mounting works (the store, views and fuse packages own those).
 
 Exit codes (first matching class in an error's MRO wins):
 
@@ -31,7 +31,6 @@ import traceback
 from importlib import metadata
 from typing import TYPE_CHECKING, Final
 
-from imgfs import daemon
 from imgfs.errors import (
     FuseUnavailable,
     ImgfsError,
@@ -40,10 +39,11 @@ from imgfs.errors import (
     StorePermissionError,
     UsageError,
 )
+from imgfs.fuse import daemon
 
 if TYPE_CHECKING:
-    from imgfs.fuse_ops import Operations
-    from imgfs.store import Store
+    from imgfs.fuse.ops import Operations
+    from imgfs.store.image import Store
 
 PROG: Final = "imgfs"
 
@@ -228,7 +228,7 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _open_store(args: argparse.Namespace, graphroot: str | None) -> Store:
-    from imgfs.store import Store
+    from imgfs.store.image import Store
 
     return Store.open(
         graphroot=_absolute(graphroot), runroot=_absolute(args.runroot), driver=args.driver
@@ -257,7 +257,7 @@ def _mount(args: argparse.Namespace) -> int:
 def _make_operations(
     args: argparse.Namespace, store: Store, options: daemon.MountOptions
 ) -> Operations:
-    from imgfs.fuse_ops import make_operations
+    from imgfs.fuse.ops import make_operations
 
     return make_operations(
         store,

@@ -21,8 +21,8 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from imgfs.layerindex import LayerIndex
-from imgfs.tarsplit import iter_entries
+from imgfs.layer.index import LayerIndex
+from imgfs.layer.tarsplit import iter_entries
 
 
 def _name(rng: random.Random, k: int) -> str:

@@ -1,7 +1,7 @@
 """Test-only helpers: a one-file pyfuse3 file system and a driver that serves it.
 
 Owns: ``HelloOperations`` (a root directory holding one read-only file ``hello``) and a
-command line to run it through ``imgfs.daemon.serve`` or through ``imgfs.cli.main`` with
+command line to run it through ``imgfs.fuse.daemon.serve`` or through ``imgfs.cli.main`` with
 the store and the operations replaced by fakes. Must not know: the real store or the real
 operations; tests use it to exercise mounting, daemonizing, signals and unmounting only.
 
@@ -28,8 +28,9 @@ from typing import Any
 import pyfuse3
 import trio
 
-from imgfs import cli, daemon
+from imgfs import cli
 from imgfs.errors import ImgfsError, StoreNotFound
+from imgfs.fuse import daemon
 
 CONTENT = b"hello world\n"
 HELLO_INODE = pyfuse3.ROOT_INODE + 1
@@ -134,7 +135,7 @@ def _serve(argv: list[str]) -> int:
 
 
 class FakeStore:
-    """Stands in for imgfs.store.Store: any existing directory is a store."""
+    """Stands in for imgfs.store.image.Store: any existing directory is a store."""
 
     def __init__(self, graphroot: str) -> None:
         self.graphroot = graphroot
@@ -157,12 +158,12 @@ def _fake_make_operations(store: FakeStore, **kwargs: Any) -> HelloOperations:
 
 
 def _cli(argv: list[str]) -> int:
-    store_module = types.ModuleType("imgfs.store")
+    store_module = types.ModuleType("imgfs.store.image")
     store_module.Store = FakeStore  # type: ignore[attr-defined]
-    ops_module = types.ModuleType("imgfs.fuse_ops")
+    ops_module = types.ModuleType("imgfs.fuse.ops")
     ops_module.make_operations = _fake_make_operations  # type: ignore[attr-defined]
-    sys.modules["imgfs.store"] = store_module
-    sys.modules["imgfs.fuse_ops"] = ops_module
+    sys.modules["imgfs.store.image"] = store_module
+    sys.modules["imgfs.fuse.ops"] = ops_module
     return cli.main(argv)
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of imgfs.layerindex and imgfs.assemble: exact round trips and every refusal."""
+"""Unit tests of imgfs.layer.index and imgfs.layer.assemble: exact round trips and every refusal."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imgfs import assemble, layerindex
-from imgfs.assemble import BlobFile, LayerReader, generate
 from imgfs.errors import IntegrityError, LayerUnavailable, MalformedMetadata, UnsafePath
-from imgfs.layerfiles import LayerFiles
-from imgfs.layerindex import FileExtent, LayerIndex, SegmentExtent
-from imgfs.tarsplit import FileEntry, Segment, iter_entries
+from imgfs.layer import assemble
+from imgfs.layer import index as layerindex
+from imgfs.layer.assemble import BlobFile, LayerReader, generate
+from imgfs.layer.index import FileExtent, LayerIndex, SegmentExtent
+from imgfs.layer.tarsplit import FileEntry, Segment, iter_entries
+from imgfs.store.layerfiles import LayerFiles
 from tests.tarsplit_maker import disassemble, make_tar
 
 WHAT = "layer L"

@@ -1,25 +1,72 @@
-"""The architecture's rules, checked: the public API, and a core that never imports FUSE."""
+"""The architecture's rules, checked: the public API, the package order, and a core that never
+imports FUSE (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
-import pkgutil
+import ast
+import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import imgfs
 
-ADAPTER_MODULES = {"imgfs.fuse_ops", "imgfs.daemon", "imgfs.cli", "imgfs.__main__"}
+PACKAGE = pathlib.Path(imgfs.__file__).parent
 PUBLIC = {"Store", "Image", "BlobInfo", "ImgfsError", "StoreNotFound", "ImageNotFound"}
 
+# Lowest first: a module may import modules of its own rank or lower, never higher.
+RANKS = {
+    "imgfs.errors": 0,
+    "imgfs.digest": 0,
+    "imgfs.layer": 1,
+    "imgfs.store": 2,
+    "imgfs.cache": 3,
+    "imgfs.views": 4,
+    "imgfs.fuse": 5,
+    "imgfs.cli": 6,
+    "imgfs.__main__": 7,
+    "imgfs": 8,  # the package's __init__: the public re-exports
+}
+FUSE_ONLY = ("pyfuse3", "trio")
+ADAPTER_PACKAGES = ("imgfs.fuse",)
 
-def _core_modules() -> list[str]:
-    names = [f"imgfs.{m.name}" for m in pkgutil.iter_modules(imgfs.__path__)]
-    return sorted(set(names) - ADAPTER_MODULES)
+
+def _modules() -> dict[str, pathlib.Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _rank(module: str) -> int:
+    for depth in range(module.count(".") + 1, 0, -1):
+        prefix = ".".join(module.split(".")[:depth])
+        if prefix in RANKS and (prefix != "imgfs" or module == "imgfs"):
+            return RANKS[prefix]
+    raise AssertionError(f"{module} belongs to no package of docs/ARCHITECTURE.md")
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            if node.module == "imgfs":
+                names.update(f"imgfs.{alias.name}" for alias in node.names)
+    return names
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    exported = {name for name in dir(imgfs) if not name.startswith("_")} - {
-        m.split(".")[1] for m in _core_modules() + sorted(ADAPTER_MODULES)
+    exported = {
+        name
+        for name in dir(imgfs)
+        if not name.startswith("_") and not isinstance(getattr(imgfs, name), type(imgfs))
     }
     assert set(imgfs.__all__) - {"__version__"} == exported
     assert set(imgfs.__all__) >= PUBLIC
@@ -36,10 +83,21 @@ def test_library_api_of_design_section_4() -> None:
     assert {"digest", "size", "media_type", "kind"} <= set(imgfs.BlobInfo.__dataclass_fields__)
 
 
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_imports_follow_the_package_order(module: str) -> None:
+    rank = _rank(module)
+    for name in _imports(_modules()[module]):
+        if name.split(".")[0] in FUSE_ONLY:
+            assert module.startswith(ADAPTER_PACKAGES), f"{module} imports {name}"
+        elif name == "imgfs" or name.startswith("imgfs."):
+            assert _rank(name) <= rank, f"{module} (rank {rank}) imports {name} ({_rank(name)})"
+
+
 def test_core_never_imports_pyfuse3_or_trio() -> None:
+    core = sorted(m for m in _modules() if _rank(m) < RANKS["imgfs.fuse"] or m == "imgfs")
     code = (
         "import importlib, sys\n"
-        f"for name in {_core_modules()!r}:\n"
+        f"for name in {core!r}:\n"
         "    importlib.import_module(name)\n"
         "bad = sorted(m for m in ('pyfuse3', 'trio') if m in sys.modules)\n"
         "print(','.join(bad))\n"
@@ -47,4 +105,4 @@ def test_core_never_imports_pyfuse3_or_trio() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"the core imported {result.stdout.strip()}"
-    assert len(_core_modules()) > 15
+    assert len(core) > 20

@@ -3,7 +3,7 @@
 Mounts go through ``tests/fusehello.py cli``, which runs ``imgfs.cli.main`` in a subprocess
 with the store and the operations replaced by fakes (one file ``hello``), so the wiring,
 daemonizing and ``-u`` are exercised for real without a container store. The test against
-the real store and operations skips while ``imgfs.fuse_ops`` does not import.
+the real store and operations skips while ``imgfs.fuse.ops`` does not import.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from test_daemon import (
     wait_for,
 )
 
-from imgfs import cli, daemon, errors
+from imgfs import cli, errors
 from imgfs.errors import (
     ConfigError,
     CorruptStore,
@@ -39,6 +39,7 @@ from imgfs.errors import (
     StoreNotFound,
     StorePermissionError,
 )
+from imgfs.fuse import daemon
 
 __all__ = ["hello"]  # the fixture, re-used from test_daemon
 
@@ -171,9 +172,9 @@ def test_keyboard_interrupt_is_130(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def _store_module_or_skip() -> types.ModuleType:
     try:
-        return importlib.import_module("imgfs.store")
+        return importlib.import_module("imgfs.store.image")
     except Exception as exc:
-        pytest.skip(f"imgfs.store does not import yet: {exc}")
+        pytest.skip(f"imgfs.store.image does not import yet: {exc}")
 
 
 @pytest.mark.fuse_required
@@ -239,9 +240,9 @@ class FakeListStore:
 
 @pytest.fixture
 def fake_store(monkeypatch: pytest.MonkeyPatch) -> type[FakeListStore]:
-    module = types.ModuleType("imgfs.store")
+    module = types.ModuleType("imgfs.store.image")
     module.Store = FakeListStore  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "imgfs.store", module)
+    monkeypatch.setitem(sys.modules, "imgfs.store.image", module)
     monkeypatch.setattr(FakeListStore, "fail", None)
     monkeypatch.setattr(FakeListStore, "opened", {})
     return FakeListStore
@@ -376,9 +377,9 @@ def test_cli_busy_mountpoint(hello: HelloMount) -> None:
 def test_cli_real_store_and_operations(hello: HelloMount) -> None:
     """Wiring against the real Store and make_operations: an empty store mounts empty."""
     try:
-        importlib.import_module("imgfs.fuse_ops")
+        importlib.import_module("imgfs.fuse.ops")
     except Exception as exc:
-        pytest.skip(f"imgfs.fuse_ops does not import yet: {exc}")
+        pytest.skip(f"imgfs.fuse.ops does not import yet: {exc}")
     store = hello.state / "storage"
     for sub in ("overlay-images", "overlay-layers", "overlay"):
         (store / sub).mkdir(parents=True)

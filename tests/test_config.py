@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import imgfs
-from imgfs import config
 from imgfs.errors import ConfigError
+from imgfs.store import config
 from tests import realstores
 
 

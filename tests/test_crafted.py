@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import imgfs
-from imgfs import ocilayout
-from imgfs.fileviews import FileViews
-from imgfs.layerblob import LayerBlobs
-from imgfs.tree import NodeKey, TreeView, build_view
+from imgfs.cache.layers import LayerBlobs
+from imgfs.cache.trees import FileViews
+from imgfs.views import oci as ocilayout
+from imgfs.views.tree import NodeKey, TreeView, build_view
 from tests import crafted, smallstore
 from tests.mounting import mounted
 

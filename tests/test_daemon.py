@@ -1,4 +1,4 @@
-"""Tests of imgfs.daemon: option parsing, preflight checks, and real mounts of fusehello.
+"""Tests of imgfs.fuse.daemon: option parsing, preflight checks, and real mounts of fusehello.
 
 The mount tests run ``tests/fusehello.py serve`` in a subprocess (daemonizing forks, which
 must never happen inside pytest) and always unmount in teardown.
@@ -21,9 +21,9 @@ from pathlib import Path
 import fusehello
 import pytest
 
-from imgfs import daemon
-from imgfs.daemon import MountOptions, parse_mount_options
 from imgfs.errors import FuseUnavailable, MountError, MountpointBusy, UsageError
+from imgfs.fuse import daemon
+from imgfs.fuse.daemon import MountOptions, parse_mount_options
 
 FUSEHELLO = str(Path(fusehello.__file__).resolve())
 SRC_ROOT = str(Path(__file__).resolve().parent.parent)

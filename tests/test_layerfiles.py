@@ -1,4 +1,4 @@
-"""Unit tests of imgfs.layerfiles: safe resolution, type and size checks, lower dirs."""
+"""Unit tests of imgfs.store.layerfiles: safe resolution, type and size checks, lower dirs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from imgfs.errors import IntegrityError, LayerUnavailable, UnsafePath
-from imgfs.layerfiles import LayerFiles, openat2_available
+from imgfs.store.layerfiles import LayerFiles, openat2_available
 
 MODES = [True, False]  # openat2, component walk
 

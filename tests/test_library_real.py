@@ -8,7 +8,7 @@ import random
 import pytest
 
 import imgfs
-import imgfs.manifest
+import imgfs.store.manifest
 from tests import realstores
 
 
@@ -85,7 +85,7 @@ def test_small_blobs_read_back_exactly(real_stores: realstores.StoreSet) -> None
                 data = f.read()
             assert len(data) == info.size
             assert "sha256:" + hashlib.sha256(data).hexdigest() == info.digest or (
-                info.kind == "manifest" and imgfs.manifest.digest_of(data) == info.digest
+                info.kind == "manifest" and imgfs.store.manifest.digest_of(data) == info.digest
             )
 
 
@@ -126,7 +126,7 @@ def test_list_image_has_no_layers_but_its_manifests(real_stores: realstores.Stor
 def test_schema1_image_digest_layers_and_empty_layer(real_stores: realstores.StoreSet) -> None:
     """Signed schema1 (storage-format 4.4, 5.3, 11.14): JWS payload digest, no config, the
     throwaway entries served as the 32-byte gzipped empty layer exactly as skopeo exports it."""
-    empty = imgfs.manifest.EMPTY_LAYER_DIGEST
+    empty = imgfs.store.manifest.EMPTY_LAYER_DIGEST
     for driver in real_stores.stores:
         expected = real_stores.image(driver, "schema1")
         assert expected.oracle_dir is not None
@@ -139,7 +139,7 @@ def test_schema1_image_digest_layers_and_empty_layer(real_stores: realstores.Sto
         assert image.digest == expected.manifest_digest == payload_digest
         assert image.digest != "sha256:" + hashlib.sha256(raw).hexdigest()
         assert store.image(f"localhost/schema1@{payload_digest}").id == expected.id
-        assert image.parsed_manifest().media_type == imgfs.manifest.DOCKER_V2S1_SIGNED
+        assert image.parsed_manifest().media_type == imgfs.store.manifest.DOCKER_V2S1_SIGNED
         assert image.config() is None
         assert image.signatures() == []
         first, second = expected.diff_ids

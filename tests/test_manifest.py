@@ -1,4 +1,4 @@
-"""imgfs.manifest: c/image's type guess, manifest digest (JWS payload for signed schema1),
+"""imgfs.store.manifest: c/image's type guess, manifest digest (JWS payload for signed schema1),
 schema1 layers with throwaway entries, list instances."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from imgfs import manifest
 from imgfs.errors import MalformedMetadata
-from imgfs.manifest import (
+from imgfs.store import manifest
+from imgfs.store.manifest import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
     DOCKER_LIST,

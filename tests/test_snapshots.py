@@ -1,4 +1,4 @@
-"""Tests of imgfs.snapshots: real temp dirs, real threads, real temp files.
+"""Tests of imgfs.cache.snapshots: real temp dirs, real threads, real temp files.
 
 Waits are bounded by generous timeouts (WAIT) so that a broken implementation fails instead of
 hanging; no assertion depends on how fast anything runs.
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from imgfs.errors import CorruptStore, ImgfsError, IntegrityError
-from imgfs.snapshots import (
+from imgfs.cache.snapshots import (
     MAX_CONCURRENT_GENERATIONS,
     TEMP_PREFIX,
     Sink,
@@ -26,6 +25,7 @@ from imgfs.snapshots import (
     SnapshotCancelled,
     default_max_bytes,
 )
+from imgfs.errors import CorruptStore, ImgfsError, IntegrityError
 
 WAIT = 10.0  # seconds: only ever reached when something is broken
 BLOCKED = 0.3  # seconds a reader is given to (wrongly) return before we say it blocks
@@ -387,7 +387,7 @@ def test_in_use_snapshots_are_never_evicted(
     cache = SnapshotCache(str(cache_dir), max_bytes=150)
     x_data, y_data = blob(100, 5), blob(100, 6)
     x = _complete(cache, "x", x_data)
-    with caplog.at_level(logging.WARNING, logger="imgfs.snapshots"):
+    with caplog.at_level(logging.WARNING, logger="imgfs.cache.snapshots"):
         y = _complete(cache, "y", y_data)
     assert "over budget" in caplog.text
     assert not x.closed

@@ -1,4 +1,4 @@
-"""Unit tests of imgfs.tarsplit: decoding, bounds, duplicate paths, name cleaning."""
+"""Unit tests of imgfs.layer.tarsplit: decoding, bounds, duplicate paths, name cleaning."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imgfs import tarsplit
 from imgfs.errors import LayerUnavailable, MalformedMetadata, UnsafePath
-from imgfs.tarsplit import FileEntry, Segment, clean_name, go_clean, iter_entries
+from imgfs.layer import tarsplit
+from imgfs.layer.tarsplit import FileEntry, Segment, clean_name, go_clean, iter_entries
 from tests.tarsplit_maker import disassemble, make_tar
 
 CRC = base64.b64encode(b"\x01\x02\x03\x04\x05\x06\x07\x08").decode()

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import pytest
 
 from imgfs.errors import IntegrityError, MalformedMetadata, NotFound
-from imgfs.layertree import MAX_DEPTH, LayerTree
-from imgfs.ocilayout import index_json, layout_manifest
-from imgfs.rootfs import RootFS
-from imgfs.tarheader import HARDLINK, parse_header
-from imgfs.tarsplit import FileEntry, Segment, iter_entries
-from imgfs.tree import Ownership
+from imgfs.layer.tarheader import HARDLINK, parse_header
+from imgfs.layer.tarsplit import FileEntry, Segment, iter_entries
+from imgfs.layer.tree import MAX_DEPTH, LayerTree
+from imgfs.views.oci import index_json, layout_manifest
+from imgfs.views.rootfs import RootFS
+from imgfs.views.tree import Ownership
 from tests.realstores import awkward_tar
 from tests.tarsplit_maker import disassemble, make_tar
 

@@ -33,8 +33,8 @@ import stores as bench_stores
 from measure import MiB, Peaks, Sampler, drop_caches, imgfs_mount, median
 
 import imgfs
-from imgfs.layerindex import LayerIndex
-from imgfs.tarsplit import iter_entries
+from imgfs.layer.index import LayerIndex
+from imgfs.layer.tarsplit import iter_entries
 
 OUT_DIR = Path("/dev/shm/imgfs-bench-out")
 """Where copies go: tmpfs, so the disk column shows only imgfs's own extra disk."""

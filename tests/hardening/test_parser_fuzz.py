@@ -19,9 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgfs import config, manifest, records, signatures, tarsplit
 from imgfs.errors import ConfigError, ImgfsError, MalformedMetadata, UnsafePath
-from imgfs.store import Store
+from imgfs.layer import tarsplit
+from imgfs.store import config, manifest, records, signatures
+from imgfs.store.image import Store
 from tests.hardening.harden import Counts
 
 AREA = "2 fuzz"

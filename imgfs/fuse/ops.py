@@ -21,6 +21,9 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
+from imgfs.cache.layers import LayerBlobs
+from imgfs.cache.snapshots import Snapshot, SnapshotCache
+from imgfs.cache.trees import FileViews
 from imgfs.errors import (
     AmbiguousName,
     CorruptStore,
@@ -28,12 +31,9 @@ from imgfs.errors import (
     NotFound,
     StorePermissionError,
 )
-from imgfs.fileviews import FileViews
-from imgfs.inodes import ROOT_INODE, InodeTable
-from imgfs.layerblob import LayerBlobs
-from imgfs.snapshots import Snapshot, SnapshotCache
-from imgfs.store import Store
-from imgfs.tree import ROOT, Node, NodeKey, Ownership, TreeView, build_view
+from imgfs.fuse.inodes import ROOT_INODE, InodeTable
+from imgfs.store.image import Store
+from imgfs.views.tree import ROOT, Node, NodeKey, Ownership, RootFSCache, TreeView, build_view
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,8 @@ class Operations(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(8)
         self._nowait_flag = os.RWF_NOWAIT  # 0 once the cache's file system refused it
         self.files = files if files is not None else FileViews()
-        self.view = build_view(store.images, _now_ns(), self.files)
+        self.rootfs = RootFSCache(self.files.layer_tree)
+        self.view = build_view(store.images, _now_ns(), self.files, self.rootfs)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -405,7 +406,9 @@ class Operations(pyfuse3.Operations):
 
     async def _follow_change(self) -> None:
         old = self.view
-        new: TreeView = await self._run(build_view, self.store.images, _now_ns(), self.files)
+        new: TreeView = await self._run(
+            build_view, self.store.images, _now_ns(), self.files, self.rootfs
+        )
         self.view = new
         gone = set(old.images) - set(new.images)
         log.info("store changed: %d images (%d removed)", len(new.images), len(gone))

@@ -20,17 +20,19 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from imgfs import ocilayout
+from imgfs.cache.trees import FileViews, MemberReader
 from imgfs.errors import ImgfsError, NotFound
-from imgfs.fileviews import FileViews, MemberReader
-from imgfs.layertree import LayerTree, Member
-from imgfs.rootfs import Entry, RootFS
-from imgfs.store import BlobInfo, Image, LayerSource
-from imgfs.tarheader import BLOCKDEV, CHARDEV, DIRECTORY, FIFO, HARDLINK, SYMLINK
+from imgfs.layer.tarheader import BLOCKDEV, CHARDEV, DIRECTORY, FIFO, HARDLINK, SYMLINK
+from imgfs.layer.tree import LayerTree, Member
+from imgfs.store.image import BlobInfo, Image
+from imgfs.store.source import LayerSource
+from imgfs.views import oci as ocilayout
+from imgfs.views.rootfs import Entry, RootFS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ _SPECIAL_MODES = {CHARDEV: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.S_IF
 _MAX_ID = 0xFFFFFFFE
 _MAX_TIME = (1 << 63) - 1
 MAX_CACHED_NODES = 500_000
+MAX_CACHED_ROOTFS = 8
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,17 @@ class _ImageContent:
 class TreeView:
     """The tree of one store snapshot. Thread-safe; per-image content computed lazily."""
 
-    def __init__(self, images: list[Image], mtime_ns: int, files: FileViews | None = None) -> None:
+    def __init__(
+        self,
+        images: list[Image],
+        mtime_ns: int,
+        files: FileViews | None = None,
+        rootfs: RootFSCache | None = None,
+    ) -> None:
         self.images = {image.id: image for image in images}
         self.mtime_ns = mtime_ns
         self.files = files if files is not None else FileViews()
+        self.rootfs_cache = rootfs if rootfs is not None else RootFSCache(self.files.layer_tree)
         self._content: dict[str, _ImageContent] = {}
         self._layouts: dict[str, bytes] = {}
         self._signatures: dict[str, list[bytes]] = {}
@@ -437,7 +447,7 @@ class TreeView:
         return content.sources[n], tree.member(ref)
 
     def _rootfs(self, image: Image, content: _ImageContent) -> RootFS:
-        return self.files.rootfs(image.id, content.sources)
+        return self.rootfs_cache.get(image.id, content.sources)
 
     def _layer(
         self, content: _ImageContent, name: str | None, number: int | None = None
@@ -618,8 +628,35 @@ class _NameTree:
         return [(n, self.node((*key, n), mtime_ns)) for n in sorted(self.dirs[parts])]
 
 
+class RootFSCache:
+    """The merged trees of the most recently used images (``MAX_CACHED_ROOTFS``); thread-safe."""
+
+    def __init__(self, trees: Callable[[LayerSource], LayerTree]) -> None:
+        self._trees = trees
+        self._cache: OrderedDict[tuple[str, ...], RootFS] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, image_id: str, sources: Sequence[LayerSource]) -> RootFS:
+        """The merged tree of an image's layers (``sources`` base first)."""
+        key = (image_id, *(s.layer_id for s in sources))
+        with self._lock:
+            found = self._cache.get(key)
+            if found is not None:
+                self._cache.move_to_end(key)
+                return found
+        found = RootFS([self._trees(source) for source in sources], f"image {image_id[:12]}")
+        with self._lock:
+            self._cache[key] = found
+            while len(self._cache) > MAX_CACHED_ROOTFS:
+                self._cache.popitem(last=False)
+        return found
+
+
 def build_view(
-    images: Callable[[], list[Image]], mtime_ns: int, files: FileViews | None = None
+    images: Callable[[], list[Image]],
+    mtime_ns: int,
+    files: FileViews | None = None,
+    rootfs: RootFSCache | None = None,
 ) -> TreeView:
     """A view of the store's current images (logs and shows nothing if listing fails)."""
     try:
@@ -627,4 +664,4 @@ def build_view(
     except ImgfsError as exc:
         log.error("cannot list the store's images: %s", exc)
         listed = []
-    return TreeView(listed, mtime_ns, files)
+    return TreeView(listed, mtime_ns, files, rootfs)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imgfs.errors import MalformedMetadata, NotFound
-from imgfs.manifest import (
+from imgfs.store.manifest import (
     DOCKER_LAYER,
     DOCKER_V2S2,
     OCI_CONFIG,
@@ -32,7 +32,7 @@ from imgfs.manifest import (
     OCI_MANIFEST,
     guess_type,
 )
-from imgfs.signatures import go_json_string
+from imgfs.store.signatures import go_json_string
 
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"

@@ -1,7 +1,7 @@
-"""The files of layers and images: layer trees, merged root filesystems, file contents.
+"""The files of layers: layer trees and file contents.
 
-Owns: opening a layer's tar-split under the store's layers lock to build its LayerTree, the
-memory LRU of trees (bounded by member count) and of merged RootFS objects, the persisted trees
+Owns: building a layer's LayerTree from its tar-split, the memory LRU of trees (bounded by
+member count), the persisted trees
 (``<layer-id>-<tar-split identity>.tree`` in the index directory, next to the blob indexes), and
 reading one member's content from the layer's files with the blob path's checks: the file must
 be a regular file of the recorded size (``LayerFiles.open``), reads never return bytes past it,
@@ -15,35 +15,28 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 
 from fastcrc import crc64
 
-from imgfs import cachefiles
+from imgfs.cache import files as cachefiles
 from imgfs.errors import IntegrityError, LayerUnavailable
-from imgfs.layerblob import open_tarsplit
-from imgfs.layerfiles import LayerFiles
-from imgfs.layertree import LayerTree, Member
-from imgfs.locks import read_locked
-from imgfs.rootfs import RootFS
-from imgfs.store import LayerSource
-from imgfs.tarheader import REGULAR
-from imgfs.tarsplit import iter_entries
+from imgfs.layer.tarheader import REGULAR
+from imgfs.layer.tarsplit import iter_entries
+from imgfs.layer.tree import LayerTree, Member
+from imgfs.store.source import LayerSource
 
 log = logging.getLogger(__name__)
 
 MAX_CACHED_MEMBERS = 2_000_000
-MAX_CACHED_ROOTFS = 8
 PERSIST_MIN_MEMBERS = 512
 
 
 class FileViews:
-    """Layer trees and root filesystems, cached; thread-safe. ``index_dir`` None: no files."""
+    """Layer trees, cached; thread-safe. ``index_dir`` None: no files."""
 
     def __init__(self, index_dir: str | None = None) -> None:
         self.index_dir = index_dir
         self._trees: OrderedDict[str, LayerTree] = OrderedDict()
-        self._rootfs: OrderedDict[tuple[str, ...], RootFS] = OrderedDict()
         self._building: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         if index_dir is not None:
@@ -53,7 +46,7 @@ class FileViews:
 
     def layer_tree(self, source: LayerSource) -> LayerTree:
         """The tree of one layer: from memory, the persisted file, or a tar-split parse."""
-        fd = open_tarsplit(source)
+        fd = source.open_tarsplit()
         try:
             key = cachefiles.key_for(source.layer_id, os.fstat(fd))
             with self._build_lock(key):
@@ -65,22 +58,6 @@ class FileViews:
             return tree
         finally:
             os.close(fd)
-
-    def rootfs(self, image_id: str, sources: Sequence[LayerSource]) -> RootFS:
-        """The merged tree of an image's layers (``sources`` base first)."""
-        key = (image_id, *(s.layer_id for s in sources))
-        with self._lock:
-            found = self._rootfs.get(key)
-            if found is not None:
-                self._rootfs.move_to_end(key)
-                return found
-        trees = [self.layer_tree(source) for source in sources]
-        found = RootFS(trees, f"image {image_id[:12]}")
-        with self._lock:
-            self._rootfs[key] = found
-            while len(self._rootfs) > MAX_CACHED_ROOTFS:
-                self._rootfs.popitem(last=False)
-        return found
 
     def _build_lock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -129,14 +106,7 @@ class FileViews:
             raise LayerUnavailable(f"{what}: not a regular file (unresolved hardlink?)")
         if not member.size:
             return MemberReader(None, member, what)
-        lock = os.path.join(os.path.dirname(source.tarsplit_path), "layers.lock")
-        with read_locked([lock]):
-            files = LayerFiles(list(source.content_dirs), source.what)
-        try:
-            fd = files.open(member.data_name, member.size)
-        finally:
-            files.close()
-        return MemberReader(fd, member, what)
+        return MemberReader(source.open_file(member.data_name, member.size), member, what)
 
 
 class MemberReader:

@@ -21,7 +21,7 @@ import stat
 from types import TracebackType
 
 from imgfs.errors import IntegrityError, LayerUnavailable
-from imgfs.tarsplit import clean_name
+from imgfs.layer.tarsplit import clean_name
 
 _SYS_OPENAT2 = 437
 RESOLVE_NO_XDEV = 0x01

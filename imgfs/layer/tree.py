@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import zstandard
 
 from imgfs.errors import MalformedMetadata, NotFound
-from imgfs.layerindex import MAX_BLOB_SIZE, close_iterable, longer_than
-from imgfs.tarheader import (
+from imgfs.layer.index import MAX_BLOB_SIZE, close_iterable, longer_than
+from imgfs.layer.tarheader import (
     BLOCK,
     DIRECTORY,
     GLOBAL,
@@ -37,8 +37,8 @@ from imgfs.tarheader import (
     REGULAR,
     parse_header,
 )
-from imgfs.tarsplit import FileEntry, Segment, clean_name
-from imgfs.zchunks import ChunkAppender, ChunkedBytes
+from imgfs.layer.tarsplit import FileEntry, Segment, clean_name
+from imgfs.layer.zchunks import ChunkAppender, ChunkedBytes
 
 MAX_LINK_DEPTH = 64
 MAX_DEPTH = 4096  # path components of a member (PATH_MAX / 2: "a/" repeated fills PATH_MAX)

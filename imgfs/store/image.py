@@ -4,7 +4,7 @@ Owns: the consistent metadata snapshot of a store (images.json, layers.json and
 volatile-layers.json of every root, read under shared locks and re-read when a write token or a
 JSON file changes), the resolution of image references, and per image the manifest, config,
 signatures and blob list of DESIGN.md §1. It is the only module that opens store files, always
-through ``storefiles``, ``locks`` and ``layerfiles``.
+through ``files``, ``locks`` and ``source``.
 Must not know: FUSE, trio, inode numbers, the snapshot cache.
 """
 
@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Literal
 
-from imgfs import config as configuration
-from imgfs import manifest as manifests
 from imgfs.digest import EMPTY_LAYER_BYTES, EMPTY_LAYER_DIGEST, is_digest, is_id
 from imgfs.errors import (
     AmbiguousName,
@@ -33,17 +31,9 @@ from imgfs.errors import (
     StoreNotFound,
     StorePermissionError,
 )
-from imgfs.locks import read_locked
-from imgfs.records import (
-    ImageRecord,
-    LayerRecord,
-    load_array,
-    parse_images,
-    parse_layers,
-    parse_signature_sizes,
-)
-from imgfs.signatures import split_signatures
-from imgfs.storefiles import (
+from imgfs.store import config as configuration
+from imgfs.store import manifest as manifests
+from imgfs.store.files import (
     RootLayout,
     big_data_file_name,
     file_state,
@@ -51,6 +41,17 @@ from imgfs.storefiles import (
     read_bounded,
     read_file,
 )
+from imgfs.store.locks import read_locked
+from imgfs.store.records import (
+    ImageRecord,
+    LayerRecord,
+    load_array,
+    parse_images,
+    parse_layers,
+    parse_signature_sizes,
+)
+from imgfs.store.signatures import split_signatures
+from imgfs.store.source import LayerSource, open_layer_blob
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +69,6 @@ class BlobInfo:
     media_type: str
     kind: BlobKind
     layer_id: str | None = None
-
-
-@dataclass(frozen=True)
-class LayerSource:
-    """Everything needed to rebuild one layer blob, resolved under the layers lock."""
-
-    layer_id: str
-    digest: str
-    size: int
-    tarsplit_path: str
-    content_dirs: tuple[str, ...]
-    what: str
 
 
 @dataclass(frozen=True)
@@ -356,8 +345,6 @@ class Image:
         info = self.blob(digest)
         if info.kind != "layer":
             return io.BytesIO(self.read_small_blob(info))
-        from imgfs.layerblob import open_layer_blob
-
         return open_layer_blob(self.layer_source(info.digest))
 
     def layer_infos(self, man: manifests.Manifest | None = None) -> list[BlobInfo]:

@@ -31,8 +31,8 @@ from itertools import islice
 import zstandard
 
 from imgfs.errors import IntegrityError, MalformedMetadata
-from imgfs.tarsplit import FileEntry, Segment
-from imgfs.zchunks import ChunkedBytes
+from imgfs.layer.tarsplit import FileEntry, Segment
+from imgfs.layer.zchunks import ChunkedBytes
 
 CHUNK = 256 << 10
 MAX_BLOB_SIZE = 1 << 62  # no diff-size given: a bound no real blob reaches

@@ -22,9 +22,8 @@ from fastcrc import crc64
 
 from imgfs.digest import check_digest
 from imgfs.errors import IntegrityError
-from imgfs.layerfiles import LayerFiles
-from imgfs.layerindex import FileExtent, LayerIndex, SegmentExtent, close_iterable
-from imgfs.tarsplit import FileEntry, Segment
+from imgfs.layer.index import FileExtent, LayerIndex, SegmentExtent, close_iterable
+from imgfs.layer.tarsplit import FileEntry, Segment
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -33,6 +32,17 @@ READ_CHUNK = 1 << 20
 PUBLISH_STEP = 256 << 10
 _MAX_OPEN_FDS = 16
 MAX_GAP_FILL = 16 << 20  # a gap this small is out-of-order readahead, not a seek
+
+
+class FileOpener(Protocol):
+    """How assembly reaches a layer's content files (tar-split's FileGetter): the store's
+    FileOpener, or an in-memory fake in tests."""
+
+    def open(self, name: bytes, size: int) -> int:
+        """A read-only fd of the regular file ``name`` holding exactly ``size`` bytes."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Sink(Protocol):
@@ -51,7 +61,7 @@ def _sha256_hex(expected_digest: str, what: str) -> str:
 
 def generate(
     entries: Iterable[Segment | FileEntry],
-    files: LayerFiles,
+    files: FileOpener,
     sink: Sink,
     expected_digest: str,
     expected_size: int,
@@ -180,7 +190,7 @@ class _Generator:
     """
 
     def __init__(
-        self, files: LayerFiles, pipe: _Pipeline, digest_hex: str, expected_size: int, what: str
+        self, files: FileOpener, pipe: _Pipeline, digest_hex: str, expected_size: int, what: str
     ) -> None:
         self._files = files
         self._pipe = pipe
@@ -312,7 +322,7 @@ class LayerReader:
     def __init__(
         self,
         index: LayerIndex,
-        files: LayerFiles,
+        files: FileOpener,
         expected_digest: str,
         what: str,
         *,
@@ -430,7 +440,7 @@ class LayerReader:
                 )
 
     def close(self) -> None:
-        """Close cached file fds (and the LayerFiles if ``close_files``); idempotent."""
+        """Close cached file fds (and the FileOpener if ``close_files``); idempotent."""
         with self._lock:
             if self._closed:
                 return

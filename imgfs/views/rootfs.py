@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from imgfs.errors import NotFound
-from imgfs.layertree import MAX_DEPTH, LayerTree, Member
-from imgfs.tarheader import DIRECTORY, HARDLINK
+from imgfs.layer.tarheader import DIRECTORY, HARDLINK
+from imgfs.layer.tree import MAX_DEPTH, LayerTree, Member
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"

@@ -1,0 +1,110 @@
+"""A layer as the store holds it, and the opens of its files.
+
+Owns: ``LayerSource`` (everything needed to rebuild one layer blob, resolved from the records)
+and every open of a layer's tar-split and content files, each taken under the store's
+``layers.lock`` (held only for the opens, never for the reads that follow). Other modules never
+open layer files themselves: they ask a LayerSource.
+Must not know: caches, the mounted tree, FUSE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, cast
+
+from imgfs.errors import IntegrityError, LayerUnavailable
+from imgfs.layer.assemble import BlobFile, LayerReader
+from imgfs.layer.index import LayerIndex
+from imgfs.layer.tarsplit import iter_entries
+from imgfs.store.files import open_regular
+from imgfs.store.layerfiles import LayerFiles
+from imgfs.store.locks import read_locked
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """Everything needed to rebuild one layer blob, resolved under the layers lock."""
+
+    layer_id: str
+    digest: str
+    size: int
+    tarsplit_path: str
+    content_dirs: tuple[str, ...]
+    what: str
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(os.path.dirname(self.tarsplit_path), "layers.lock")
+
+    def open_tarsplit(self) -> int:
+        """The layer's tar-split file, opened under the layers lock (never a symlink or FIFO)."""
+        with read_locked([self.lock_path]):
+            return self._open_tarsplit_locked()
+
+    def open_file(self, name: bytes, size: int) -> int:
+        """One content file of the layer (a regular file of ``size`` bytes), under the lock."""
+        with read_locked([self.lock_path]):
+            files = LayerFiles(list(self.content_dirs), self.what)
+        try:
+            return files.open(name, size)
+        finally:
+            files.close()
+
+    @contextlib.contextmanager
+    def opened(self, keep_files: bool = False) -> Iterator[tuple[BinaryIO, LayerFiles, int]]:
+        """The tar-split (as a file object), the content dirs and the tar-split's fd, all
+        opened under the layers lock; yields after unlocking. ``keep_files``: the caller
+        closes the LayerFiles (a reader that outlives the block)."""
+        with read_locked([self.lock_path]):
+            fd = self._open_tarsplit_locked()
+            try:
+                files = LayerFiles(list(self.content_dirs), self.what)
+            except BaseException:
+                os.close(fd)
+                raise
+        gz = os.fdopen(fd, "rb")
+        try:
+            yield gz, files, fd
+        except BaseException:
+            if keep_files:
+                files.close()
+            raise
+        finally:
+            gz.close()
+            if not keep_files:
+                files.close()
+
+    def _open_tarsplit_locked(self) -> int:
+        try:
+            return open_regular(self.tarsplit_path, f"{self.what}: tar-split")
+        except FileNotFoundError as exc:
+            raise LayerUnavailable(
+                f"{self.what}: no tar-split metadata, so the layer cannot be reproduced exactly"
+            ) from exc
+        except OSError as exc:
+            raise LayerUnavailable(f"{self.what}: tar-split: {exc.strerror}") from exc
+
+
+def build_index(source: LayerSource, gz: BinaryIO) -> LayerIndex:
+    """Parse the tar-split into an offset index, cross-checked against ``diff-size``."""
+    index = LayerIndex.build(iter_entries(gz, source.what), source.what, source.size)
+    check_index_size(source, index)
+    return index
+
+
+def check_index_size(source: LayerSource, index: LayerIndex) -> None:
+    if index.size != source.size:
+        raise IntegrityError(
+            f"{source.what}: tar-split describes {index.size} bytes, diff-size is {source.size}"
+        )
+
+
+def open_layer_blob(source: LayerSource) -> BinaryIO:
+    """A verified, seekable file object over a layer blob (the library's ``open_blob``)."""
+    with source.opened(keep_files=True) as (gz, files, _fd):
+        index = build_index(source, gz)
+    reader = LayerReader(index, files, source.digest, source.what, close_files=True)
+    return cast(BinaryIO, BlobFile(reader))
