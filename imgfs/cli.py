@@ -26,6 +26,7 @@ import argparse
 import logging
 import os
 import re
+import stat
 import sys
 import traceback
 from importlib import metadata
@@ -257,18 +258,24 @@ def _mount(args: argparse.Namespace) -> int:
 def _make_operations(
     args: argparse.Namespace, store: Store, options: daemon.MountOptions
 ) -> Operations:
-    from imgfs.fuse.ops import make_operations
+    """Wire the adapter: the caches, and ownership from the store's graph root unless
+    ``-o uid=,gid=`` say otherwise."""
+    from imgfs.fuse.ops import Operations
+    from imgfs.views.content import Caches
+    from imgfs.views.node import Ownership
 
-    return make_operations(
-        store,
-        cache_dir=_absolute(args.cache_dir) or default_cache_dir(),
-        cache_size=args.cache_size,
-        direct=args.direct,
-        uid=options.uid,
-        gid=options.gid,
+    st = os.stat(store.graphroot)
+    ownership = Ownership(
+        uid=st.st_uid if options.uid is None else options.uid,
+        gid=st.st_gid if options.gid is None else options.gid,
         umask=options.umask,
-        debug=args.debug,
     )
+    cache_dir = _absolute(args.cache_dir) or default_cache_dir()
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    if stat.S_IMODE(os.stat(cache_dir).st_mode) & 0o077:
+        log.warning("cache dir %s is readable by others", cache_dir)
+    caches = Caches.build(cache_dir, args.cache_size, direct=args.direct)
+    return Operations(store, caches, ownership, debug=args.debug)
 
 
 def _list(store: Store) -> int:

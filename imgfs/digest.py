@@ -9,6 +9,7 @@ import re
 
 from imgfs.errors import MalformedMetadata
 
+_HEX = re.compile(r"[0-9a-f]*")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -22,6 +23,11 @@ EMPTY_LAYER_BYTES = bytes.fromhex(
 def is_id(value: object) -> bool:
     """True for a 64-character lower-case hex string (image and layer IDs)."""
     return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
+def is_hex(value: str) -> bool:
+    """True for lower-case hex characters only (an ID or an ID prefix; empty counts)."""
+    return _HEX.fullmatch(value) is not None
 
 
 def is_digest(value: object) -> bool:

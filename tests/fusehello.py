@@ -11,7 +11,7 @@ operations; tests use it to exercise mounting, daemonizing, signals and unmounti
 
 The state directory receives ``pid`` (the serving process, written by the background
 task), ``marker`` (created at start, removed by cleanup) and, in cli mode, ``wiring.json``
-(the keyword arguments the CLI passed to make_operations).
+(what the CLI's wiring passed to ``Caches.build`` and ``Operations``).
 """
 
 from __future__ import annotations
@@ -150,10 +150,26 @@ class FakeStore:
         return cls(root)
 
 
-def _fake_make_operations(store: FakeStore, **kwargs: Any) -> HelloOperations:
+class FakeCaches:
+    """Stands in for imgfs.views.content.Caches: records how the CLI built them."""
+
+    def __init__(self, **built: Any) -> None:
+        self.built = built
+
+    @classmethod
+    def build(
+        cls, cache_dir: str | None = None, cache_size: int | None = None, direct: bool = True
+    ) -> FakeCaches:
+        return cls(cache_dir=cache_dir, cache_size=cache_size, direct=direct)
+
+
+def _fake_operations(
+    store: FakeStore, caches: FakeCaches, ownership: Any, debug: bool = False
+) -> HelloOperations:
     state = os.environ["HELLO_STATE"]
+    owner = {"uid": ownership.uid, "gid": ownership.gid, "umask": ownership.umask}
     with open(os.path.join(state, "wiring.json"), "w") as wiring:
-        json.dump({"graphroot": store.graphroot, **kwargs}, wiring)
+        json.dump({"graphroot": store.graphroot, **caches.built, **owner, "debug": debug}, wiring)
     return HelloOperations(state)
 
 
@@ -161,9 +177,12 @@ def _cli(argv: list[str]) -> int:
     store_module = types.ModuleType("imgfs.store.image")
     store_module.Store = FakeStore  # type: ignore[attr-defined]
     ops_module = types.ModuleType("imgfs.fuse.ops")
-    ops_module.make_operations = _fake_make_operations  # type: ignore[attr-defined]
+    ops_module.Operations = _fake_operations  # type: ignore[attr-defined]
+    content_module = types.ModuleType("imgfs.views.content")
+    content_module.Caches = FakeCaches  # type: ignore[attr-defined]
     sys.modules["imgfs.store.image"] = store_module
     sys.modules["imgfs.fuse.ops"] = ops_module
+    sys.modules["imgfs.views.content"] = content_module
     return cli.main(argv)
 
 

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imgfs.errors import IntegrityError, LayerUnavailable, MalformedMetadata, UnsafePath
-from imgfs.layer import assemble
 from imgfs.layer import index as layerindex
+from imgfs.layer import verify
 from imgfs.layer.assemble import BlobFile, LayerReader, generate
 from imgfs.layer.index import FileExtent, LayerIndex, SegmentExtent
 from imgfs.layer.tarsplit import FileEntry, Segment, iter_entries
@@ -247,9 +247,9 @@ def test_reader_sequential_verifies(layer: Layer) -> None:
         reader = LayerReader(layer.index(), files, layer.digest, WHAT)
         got = b"".join(reader.read(off, 4096) for off in range(0, len(layer.tar), 4096))
         assert got == layer.tar
-        assert reader.verifying
+        assert reader.verifier.passed
         assert reader.read(0, 100) == layer.tar[:100]  # going back is fine
-        assert reader.verifying
+        assert reader.verifier.passed
         reader.close()
 
 
@@ -338,10 +338,12 @@ def test_reader_crc_mismatch_before_last_bytes(
         near_reader = LayerReader(index, files, layer.digest, WHAT)
         with pytest.raises(IntegrityError, match="CRC-64"):  # a small gap is checked first
             near_reader.read(start + 2999, 1)
-        monkeypatch.setattr(assemble, "MAX_GAP_FILL", 1000)
+        monkeypatch.setattr(verify, "MAX_GAP_FILL", 1000)
         random_reader = LayerReader(index, files, layer.digest, WHAT)
         assert random_reader.read(start + 2999, 1) == b"Z"  # random access: size-checked only
-        assert not random_reader.verifying
+        assert not random_reader.verifier.passed
+        with pytest.raises(IntegrityError, match="CRC-64"):  # the blob's end: checked first
+            random_reader.read(len(layer.tar) - 1, 1)
 
 
 def test_short_and_long_files(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ PUBLIC = {"Store", "Image", "BlobInfo", "ImgfsError", "StoreNotFound", "ImageNot
 RANKS = {
     "imgfs.errors": 0,
     "imgfs.digest": 0,
+    "imgfs.lru": 0,
+    "imgfs.gojson": 0,
     "imgfs.layer": 1,
     "imgfs.store": 2,
     "imgfs.cache": 3,
@@ -56,9 +58,10 @@ def _imports(path: pathlib.Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            if node.module == "imgfs":
+            if node.module == "imgfs":  # from imgfs import errors: the submodule
                 names.update(f"imgfs.{alias.name}" for alias in node.names)
+            else:
+                names.add(node.module)
     return names
 
 

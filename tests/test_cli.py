@@ -360,7 +360,8 @@ def test_cli_default_cache_dir(hello: HelloMount) -> None:
     wiring = json.loads((hello.state / "wiring.json").read_text())
     assert wiring["cache_dir"] == str(hello.state / "xdg" / "imgfs")
     assert wiring["cache_size"] is None
-    assert (wiring["uid"], wiring["gid"], wiring["umask"]) == (None, None, None)
+    owner = os.stat(store)  # without -o uid=,gid= the store's owner owns the tree
+    assert (wiring["uid"], wiring["gid"], wiring["umask"]) == (owner.st_uid, owner.st_gid, None)
 
 
 @pytest.mark.fuse_required
@@ -375,7 +376,7 @@ def test_cli_busy_mountpoint(hello: HelloMount) -> None:
 
 @pytest.mark.fuse_required
 def test_cli_real_store_and_operations(hello: HelloMount) -> None:
-    """Wiring against the real Store and make_operations: an empty store mounts empty."""
+    """Wiring against the real Store and Operations: an empty store mounts empty."""
     try:
         importlib.import_module("imgfs.fuse.ops")
     except Exception as exc:

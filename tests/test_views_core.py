@@ -14,9 +14,9 @@ from imgfs.errors import IntegrityError, MalformedMetadata, NotFound
 from imgfs.layer.tarheader import HARDLINK, parse_header
 from imgfs.layer.tarsplit import FileEntry, Segment, iter_entries
 from imgfs.layer.tree import MAX_DEPTH, LayerTree
+from imgfs.views.node import Ownership
 from imgfs.views.oci import index_json, layout_manifest
 from imgfs.views.rootfs import RootFS
-from imgfs.views.tree import Ownership
 from tests.realstores import awkward_tar
 from tests.tarsplit_maker import disassemble, make_tar
 

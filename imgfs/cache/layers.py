@@ -13,12 +13,14 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import BinaryIO
 
 from imgfs.cache import files as cachefiles
 from imgfs.layer.assemble import LayerReader, Sink, generate
 from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import iter_entries
+from imgfs.layer.verify import Verifiers, blob_verifier
 from imgfs.store.source import LayerSource, build_index, check_index_size
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,22 @@ class LayerBlobs:
                 iter_entries(gz, source.what), files, sink, source.digest, source.size, source.what
             )
 
-    def open_reader(self, source: LayerSource) -> LayerReader:
-        """A random-access reader (``--direct``); the caller closes it."""
+    def open_reader(
+        self, source: LayerSource, verifiers: Verifiers, identity: Hashable
+    ) -> LayerReader:
+        """A random-access reader (``--direct``) checked by the blob's verifier, found in
+        ``verifiers`` under ``identity``; the caller closes it."""
         with source.opened(keep_files=True) as (gz, files, fd):
-            index = self._index(source, gz, cachefiles.key_for(source.layer_id, os.fstat(fd)))
-        return LayerReader(index, files, source.digest, source.what, close_files=True)
+            try:
+                index = self._index(source, gz, cachefiles.key_for(source.layer_id, os.fstat(fd)))
+            except BaseException:
+                files.close()
+                raise
+        hex_digest = source.digest.removeprefix("sha256:")
+        verifier = verifiers.get(identity, lambda: blob_verifier(index, hex_digest, source.what))
+        return LayerReader(
+            index, files, source.digest, source.what, verifier=verifier, close_files=True
+        )
 
     def _index(self, source: LayerSource, gz: BinaryIO, key: str) -> LayerIndex:
         with self._lock:

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from imgfs.errors import Cancelled, CorruptStore, ImgfsError, IntegrityError
+from imgfs.layer.verify import read_exact
 
 TEMP_PREFIX = ".imgfs-snap-"
 """Name prefix of the named temp files of the mkstemp fallback (removed at the next start)."""
@@ -228,21 +229,7 @@ class Snapshot:
         )
 
     def _pread(self, offset: int, n: int) -> bytes:
-        data = os.pread(self._fd, n, offset)
-        if len(data) == n:
-            return data
-        return self._pread_rest(bytearray(data), offset, n)
-
-    def _pread_rest(self, buf: bytearray, offset: int, n: int) -> bytes:
-        while len(buf) < n:
-            more = os.pread(self._fd, n - len(buf), offset + len(buf))
-            if not more:
-                raise IntegrityError(
-                    f"snapshot of {self._key}: temp file ends at {offset + len(buf)}, "
-                    f"before its published mark {self._published}"
-                )
-            buf += more
-        return bytes(buf)
+        return read_exact(self._fd, n, offset, f"snapshot of {self._key}: temp file")
 
     def _publish(self, upto: int, written: int) -> None:
         if not 0 <= upto <= written:

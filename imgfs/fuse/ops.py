@@ -12,7 +12,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,19 +20,22 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from imgfs.cache.layers import LayerBlobs
-from imgfs.cache.snapshots import Snapshot, SnapshotCache
-from imgfs.cache.trees import FileViews
+from imgfs.cache.snapshots import Snapshot
 from imgfs.errors import (
     AmbiguousName,
     CorruptStore,
     ImgfsError,
+    IntegrityError,
     NotFound,
     StorePermissionError,
 )
 from imgfs.fuse.inodes import ROOT_INODE, InodeTable
 from imgfs.store.image import Store
-from imgfs.views.tree import ROOT, Node, NodeKey, Ownership, RootFSCache, TreeView, build_view
+from imgfs.views import content as contents
+from imgfs.views.content import Caches, Content, Inline, Snapshotted, Streamed
+from imgfs.views.keys import ROOT, Key
+from imgfs.views.node import Node, Ownership
+from imgfs.views.tree import TreeView, build_view
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +100,11 @@ class _Fetch:
 
 @dataclass
 class _Handle:
-    key: NodeKey
-    data: bytes | None = None  # small files, read whole at open
-    snapshot: Snapshot | None = None  # layer blobs, snapshot mode
-    reader: Any = None  # layer blobs, --direct mode (a LayerReader)
+    ino: int
+    key: Key
+    content: Content | None = None  # files
     fetches: list[_Fetch] = field(default_factory=list)  # --direct read-ahead windows
-    listing: list[tuple[str, Node]] = field(default_factory=list)  # directories
+    listing: list[tuple[bytes, Node]] = field(default_factory=list)  # directories
 
 
 class Operations(pyfuse3.Operations):
@@ -114,18 +115,11 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self,
-        store: Store,
-        blobs: LayerBlobs,
-        snapshots: SnapshotCache | None,
-        ownership: Ownership,
-        debug: bool = False,
-        files: FileViews | None = None,
+        self, store: Store, caches: Caches, ownership: Ownership, debug: bool = False
     ) -> None:
         super().__init__()
         self.store = store
-        self.blobs = blobs
-        self.snapshots = snapshots
+        self.caches = caches
         self.ownership = ownership
         self.debug = debug
         self.inodes = InodeTable(ROOT)
@@ -133,20 +127,18 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.limiter = trio.CapacityLimiter(8)
         self._nowait_flag = os.RWF_NOWAIT  # 0 once the cache's file system refused it
-        self.files = files if files is not None else FileViews()
-        self.rootfs = RootFSCache(self.files.layer_tree)
-        self.view = build_view(store.images, _now_ns(), self.files, self.rootfs)
+        self.view = build_view(store.images, _now_ns(), caches)
 
     # -- helpers -----------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    def _key(self, ino: int) -> NodeKey:
+    def _key(self, ino: int) -> Key:
         key = self.inodes.key(ino)
         if key is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return cast(NodeKey, key)
+        return cast(Key, key)
 
     def _attrs(self, node: Node, ino: int) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -166,17 +158,17 @@ class Operations(pyfuse3.Operations):
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = node.mtime_ns
         return attrs
 
-    async def _node(self, key: NodeKey) -> Node:
+    async def _node(self, key: Key) -> Node:
         """The node of ``key``; a cached ``layers/``/``rootfs/`` node without a thread hop."""
         node = self.view.peek(key)
         if node is None:
             node = await self._run(self.view.node, key)
         return cast(Node, node)
 
-    def _check_view_access(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
-        """EACCES unless the caller may open this ``layers/``/``rootfs/`` node (nodes with the
+    def _check_view_access(self, node: Node, uid: int) -> None:
+        """EACCES unless ``uid`` may open this ``layers/``/``rootfs/`` node (nodes with the
         image's own mode); see ``Ownership.may_open_view``."""
-        if node.mode is not None and not self.ownership.may_open_view(ctx.uid, node.mode):
+        if node.mode is not None and not self.ownership.may_open_view(uid, node.mode):
             raise pyfuse3.FUSEError(errno.EACCES)
 
     def _new_fh(self, handle: _Handle) -> int:
@@ -192,16 +184,10 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         parent = self._key(parent_inode)
-        text = os.fsdecode(name)
-        if text == ".":
-            node = await self._run(self.view.node, parent)
-        elif text == "..":
-            node = await self._run(self.view.node, parent[:-1] if len(parent) > 1 else ROOT)
-        elif (cached := self.view.peek((*parent, text))) is not None:
-            node = cached
-        else:
+        node = self.view.peek_child(parent, name)
+        if node is None:
             try:
-                node = await self._run(self.view.lookup, parent, text)
+                node = await self._run(self.view.lookup, parent, name)
             except NotFound:
                 negative = pyfuse3.EntryAttributes()
                 negative.st_ino = 0
@@ -227,9 +213,9 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         key = self._key(inode)
-        self._check_view_access(await self._node(key), ctx)
+        self._check_view_access(await self._node(key), ctx.uid)
         listing = await self._run(self.view.children, key)
-        return self._new_fh(_Handle(key, listing=listing))
+        return self._new_fh(_Handle(inode, key, listing=listing))
 
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -237,9 +223,7 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(listing)):
             name, node = listing[index]
             ino = self.inodes.ino(node.key)
-            if not pyfuse3.readdir_reply(
-                token, os.fsencode(name), self._attrs(node, ino), index + 1
-            ):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node, ino), index + 1):
                 break
             self.inodes.remember(node.key)
 
@@ -287,44 +271,54 @@ class Operations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         key = self._key(inode)
-        node = await self._run(self.view.node, key)
-        self._check_view_access(node, ctx)
-        if node.kind != "file":
-            codes = {"dir": errno.EISDIR, "link": errno.ELOOP}
-            raise pyfuse3.FUSEError(codes.get(node.kind, errno.EACCES))
-        view = self.view
-        if view.is_image_file(key):  # layers/ and rootfs/ files: read from the layer's files
-            member = _Handle(key, reader=await self._run(view.open_member, key))
-            return pyfuse3.FileInfo(fh=self._new_fh(member), keep_cache=True)
-        data = await self._run(view.small_file, key)
-        if data is not None:
-            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(key, data=data)), keep_cache=True)
-        image, info = await self._run(view.blob, key)
-        source = await self._run(image.layer_source, info.digest)
-        handle = _Handle(key)
-        if self.snapshots is None:
-            handle.reader = await self._run(self.blobs.open_reader, source)
-        else:
-            produce = functools.partial(self.blobs.produce, source)
-            handle.snapshot = await self._run(
-                self.snapshots.acquire, f"{source.digest}:{source.layer_id}", source.size, produce
-            )
+        content: Content = await self._run(self._open_content, key, ctx.uid)
+        fh = self._new_fh(_Handle(inode, key, content))
+        if isinstance(content, Inline) or (isinstance(content, Streamed) and content.page_cache):
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         # Layer blobs use direct I/O: a reader's 1 MiB reads (st_blksize) reach us as 1 MiB
         # requests instead of 128 KiB page-cache ones, a fraction of the Python round trips.
         # Measured here, cp of a 1 GiB blob: cold 3.9-6.2 s -> 2.1-2.6 s; from a complete
         # snapshot with the kernel's cache cold 3.8 s -> about 0.9 s (page cache warm: 0.55 s).
         # The price: no shared mmap of layer blobs (the README says so).
-        return pyfuse3.FileInfo(fh=self._new_fh(handle), keep_cache=False, direct_io=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
+
+    def _open_content(self, key: Key, uid: int) -> Content:
+        """In a worker thread: the node, the access check and the content, in one hop."""
+        node = self.view.node(key)
+        self._check_view_access(node, uid)
+        if node.kind != "file":
+            codes = {"dir": errno.EISDIR, "link": errno.ELOOP}
+            raise pyfuse3.FUSEError(codes.get(node.kind, errno.EACCES))
+        return self.view.open(key)
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         # pyfuse3 accepts any contiguous buffer: memoryviews avoid a copy.
         handle = self.handles[fh]
-        if handle.data is not None:
-            return cast(bytes, memoryview(handle.data)[off : off + size])
-        if handle.snapshot is not None:
-            return cast(bytes, await self._read_snapshot(handle.snapshot, off, size))
-        return cast(bytes, await self._read_direct(handle, off, size))
+        content = handle.content
+        try:
+            if isinstance(content, Inline):
+                return cast(bytes, memoryview(content.data)[off : off + size])
+            if isinstance(content, Snapshotted):
+                return cast(bytes, await self._read_snapshot(content.snapshot, off, size))
+            assert isinstance(content, Streamed)
+            if content.page_cache:
+                return cast(bytes, await self._run(content.reader.read, off, size))
+            return cast(bytes, await self._read_direct(handle, content, off, size))
+        except IntegrityError:
+            self._drop_cached_pages(handle.ino)
+            raise
+
+    def _drop_cached_pages(self, ino: int) -> None:
+        """The file failed a check: drop whatever the kernel cached of it. In a thread, after
+        this request's reply: invalidating a page that this very read holds would deadlock."""
+        trio.lowlevel.spawn_system_task(self._invalidate, ino)
+
+    async def _invalidate(self, ino: int) -> None:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+        except Exception as exc:  # the kernel may have forgotten the inode already
+            log.debug("invalidate_inode(%d): %s", ino, exc)
 
     async def _read_snapshot(self, snap: Snapshot, off: int, size: int) -> bytes | memoryview:
         end = min(off + size, snap.size)
@@ -349,30 +343,32 @@ class Operations(pyfuse3.Operations):
         data: bytes = await self._run(snap.read, off, size)
         return data
 
-    async def _read_direct(self, handle: _Handle, off: int, size: int) -> bytes | memoryview:
+    async def _read_direct(
+        self, handle: _Handle, content: Streamed, off: int, size: int
+    ) -> bytes | memoryview:
         # Reads are served from READ_AHEAD windows read in a worker thread (one hop per window,
         # not per request). Requests that the kernel sends concurrently wait for the window
-        # that covers them instead of reading it again (which would also look like a gap to
-        # the reader's sequential checks). Reading window n+1 in the background while serving
-        # window n was measured slower (GIL contention on 2 cores: 358 vs 416 MB/s), so not.
+        # that covers them instead of reading it again. Reading window n+1 in the background
+        # while serving window n was measured slower (GIL contention on 2 cores: 358 vs
+        # 416 MB/s), so not.
         fetch = next((f for f in handle.fetches if f.covers(off, size)), None)
         if fetch is None:
-            fetch = self._start_fetch(handle, off, max(size, READ_AHEAD))
+            fetch = self._start_fetch(handle, content, off, max(size, READ_AHEAD))
         await fetch.done.wait()
         if fetch.error is not None:
             raise fetch.error
         return memoryview(fetch.data)[off - fetch.start : off - fetch.start + size]
 
-    def _start_fetch(self, handle: _Handle, start: int, length: int) -> _Fetch:
+    def _start_fetch(self, handle: _Handle, content: Streamed, start: int, length: int) -> _Fetch:
         fetch = _Fetch(start, length)
         handle.fetches = [f for f in handle.fetches[-(READ_AHEAD_WINDOWS - 1) :] if f.start < start]
         handle.fetches.append(fetch)
-        trio.lowlevel.spawn_system_task(self._fetch, handle.reader, fetch)
+        trio.lowlevel.spawn_system_task(self._fetch, content, fetch)
         return fetch
 
-    async def _fetch(self, reader: Any, fetch: _Fetch) -> None:
+    async def _fetch(self, content: Streamed, fetch: _Fetch) -> None:
         try:
-            fetch.data = await self._run(reader.read, fetch.start, fetch.length)
+            fetch.data = await self._run(content.reader.read, fetch.start, fetch.length)
         except Exception as exc:  # raised by the reads that wait for this window
             fetch.error = exc
         except BaseException:
@@ -384,12 +380,8 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
-        if handle is None:
-            return
-        if handle.snapshot is not None and self.snapshots is not None:
-            await self._run(self.snapshots.release, handle.snapshot)
-        if handle.reader is not None:
-            await self._run(handle.reader.close)
+        if handle is not None and handle.content is not None:
+            await self._run(contents.release, self.caches, handle.content)
 
     # -- live view ---------------------------------------------------------------------------
 
@@ -406,9 +398,7 @@ class Operations(pyfuse3.Operations):
 
     async def _follow_change(self) -> None:
         old = self.view
-        new: TreeView = await self._run(
-            build_view, self.store.images, _now_ns(), self.files, self.rootfs
-        )
+        new: TreeView = await self._run(build_view, self.store.images, _now_ns(), self.caches)
         self.view = new
         gone = set(old.images) - set(new.images)
         log.info("store changed: %d images (%d removed)", len(new.images), len(gone))
@@ -417,39 +407,11 @@ class Operations(pyfuse3.Operations):
 
     def close(self) -> None:
         for handle in self.handles.values():
-            if handle.snapshot is not None and self.snapshots is not None:
-                self.snapshots.release(handle.snapshot)
-            if handle.reader is not None:
-                handle.reader.close()
+            if handle.content is not None:
+                contents.release(self.caches, handle.content)
         self.handles.clear()
-        if self.snapshots is not None:
-            self.snapshots.close()
+        self.caches.close()
 
 
 def _now_ns() -> int:
     return time.time_ns()
-
-
-def make_operations(
-    store: Store,
-    *,
-    cache_dir: str,
-    cache_size: int | None = None,
-    direct: bool = False,
-    uid: int | None = None,
-    gid: int | None = None,
-    umask: int | None = None,
-    debug: bool = False,
-) -> Operations:
-    """Wire the adapter: ownership from the store's graph root unless uid/gid are given."""
-    st = os.stat(store.graphroot)
-    ownership = Ownership(
-        uid=st.st_uid if uid is None else uid, gid=st.st_gid if gid is None else gid, umask=umask
-    )
-    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    if stat.S_IMODE(os.stat(cache_dir).st_mode) & 0o077:
-        log.warning("cache dir %s is readable by others", cache_dir)
-    blobs = LayerBlobs(index_dir=os.path.join(cache_dir, "index"))
-    files = FileViews(index_dir=os.path.join(cache_dir, "index"))
-    snapshots = None if direct else SnapshotCache(cache_dir, cache_size, log=log)
-    return Operations(store, blobs, snapshots, ownership, debug=debug, files=files)

@@ -24,6 +24,7 @@ from imgfs.digest import check_digest
 from imgfs.errors import IntegrityError
 from imgfs.layer.index import FileExtent, LayerIndex, SegmentExtent, close_iterable
 from imgfs.layer.tarsplit import FileEntry, Segment
+from imgfs.layer.verify import Verifier, blob_verifier, read_exact
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 READ_CHUNK = 1 << 20
 PUBLISH_STEP = 256 << 10
 _MAX_OPEN_FDS = 16
-MAX_GAP_FILL = 16 << 20  # a gap this small is out-of-order readahead, not a seek
 
 
 class FileOpener(Protocol):
@@ -305,18 +305,14 @@ class _Generator:
 
 
 class LayerReader:
-    """Random-access reads of one layer blob through its index (``--direct``, library files).
+    """Random-access reads of one layer blob through its offset index (``--direct``, library).
 
-    Every read checks file sizes (a short file raises ``IntegrityError``, never padding). While
-    reads arrive in sequence from offset 0 (overlapping re-reads are fine), each file's CRC-64
-    is checked before the read that completes the file returns, and the blob's sha256 before
-    the read that reaches EOF returns. A read up to MAX_GAP_FILL bytes past the checked
-    position (kernel readahead reorders a sequential reader's requests) first checks the
-    skipped bytes itself; the first read past a larger gap turns checking off. A failed check
-    poisons the reader: every later read raises.
+    ``read_raw`` serves exact, size-checked bytes (a short file raises ``IntegrityError``, never
+    padding); ``read`` serves them through the blob's ``Verifier`` (``imgfs.layer.verify``),
+    shared by every reader of the blob when the caller passes one: the blob's last bytes only
+    once its sha256 and every file's CRC-64 passed, whatever order the reads come in.
 
-    Thread-safety: ``read`` and ``close`` take a per-reader lock, so a reader may be shared, but
-    one reader per open handle keeps the sequential checks meaningful.
+    Thread-safety: ``read`` and ``close`` take a per-reader lock (the fd cache is per reader).
     """
 
     def __init__(
@@ -326,85 +322,45 @@ class LayerReader:
         expected_digest: str,
         what: str,
         *,
+        verifier: Verifier | None = None,
         close_files: bool = False,
     ) -> None:
         self._index = index
         self._files = files
-        self._digest_hex = _sha256_hex(expected_digest, what)
         self._what = what
+        self.verifier = verifier or blob_verifier(index, _sha256_hex(expected_digest, what), what)
         self._close_files = close_files
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
-        self._poison: str | None = None
-        self._verifying = True
-        self._seq_pos = 0
-        self._hash = hashlib.sha256()
-        self._crc: int | None = None
 
     @property
     def size(self) -> int:
         """Blob size in bytes."""
         return self._index.size
 
-    @property
-    def verifying(self) -> bool:
-        """True while reads have been sequential, so CRCs and the digest are being checked."""
-        return self._verifying
-
     def read(self, offset: int, n: int) -> bytes:
         """Exactly ``n`` bytes from ``offset``, fewer only at EOF (``b""`` at or past it)."""
-        if offset < 0 or n < 0:
-            raise ValueError("offset and n must not be negative")
         with self._lock:
             if self._closed:
                 raise ValueError(f"{self._what}: reader is closed")
-            if self._poison is not None:
-                raise IntegrityError(self._poison)
-            try:
-                return self._read(offset, min(offset + n, self.size))
-            except IntegrityError as exc:
-                self._poison = str(exc)
-                raise
+            return self.verifier.read(self, offset, n)
 
-    def _read(self, offset: int, end: int) -> bytes:
-        if offset >= end:
-            return b""
-        if self._verifying and offset > self._seq_pos:
-            if offset - self._seq_pos <= MAX_GAP_FILL:
-                # Reads of one sequential reader arrive out of order (kernel readahead runs
-                # several at once): verify the skipped bytes now instead of giving up.
-                self._read(self._seq_pos, offset)
-            else:
-                self._verifying = False
+    def read_raw(self, offset: int, n: int) -> bytes:
+        """Bytes ``[offset, offset + n)`` (within the blob), size-checked only."""
         parts: list[bytes] = []
-        pos = offset
+        pos, end = offset, offset + n
         while pos < end:
             ext = self._index.extent_at(pos)
             if isinstance(ext, SegmentExtent):
                 take = min(end, ext.start + ext.length) - pos
-                data = self._index.read_segment(ext.seg_pos + pos - ext.start, take)
+                parts.append(self._index.read_segment(ext.seg_pos + pos - ext.start, take))
             else:
                 take = min(end, ext.start + ext.size) - pos
-                data = self._read_file(ext, pos - ext.start, take)
-            if self._verifying and pos + take > self._seq_pos:
-                self._check_sequential(ext, pos, data)
-            parts.append(data)
+                what = f"{self._what}: file {ext.name!r:.200}"
+                parts.append(read_exact(self._fd(ext), take, pos - ext.start, what))
             pos += take
-        return b"".join(parts)
-
-    def _read_file(self, ext: FileExtent, off: int, n: int) -> bytes:
-        fd = self._fd(ext)
-        data = os.pread(fd, n, off)
-        while len(data) < n:
-            more = os.pread(fd, n - len(data), off + len(data))
-            if not more:
-                raise IntegrityError(
-                    f"{self._what}: file {ext.name!r:.200} is shorter than its recorded "
-                    f"{ext.size} bytes"
-                )
-            data += more
-        return data
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _fd(self, ext: FileExtent) -> int:
         fd = self._fds.get(ext.index)
@@ -416,28 +372,6 @@ class LayerReader:
         while len(self._fds) > _MAX_OPEN_FDS:
             os.close(self._fds.popitem(last=False)[1])
         return fd
-
-    def _check_sequential(self, ext: SegmentExtent | FileExtent, pos: int, data: bytes) -> None:
-        """Hash the bytes at and after ``_seq_pos``; check a completed file and EOF."""
-        new = memoryview(data)[self._seq_pos - pos :]
-        self._hash.update(new)
-        if isinstance(ext, FileExtent):
-            if self._seq_pos == ext.start:
-                self._crc = None
-            self._crc = crc64.go_iso(new, self._crc)
-            if self._seq_pos + len(new) == ext.start + ext.size and self._crc != ext.crc:
-                raise IntegrityError(
-                    f"{self._what}: file {ext.name!r:.200} fails its CRC-64 "
-                    f"(got {self._crc:016x}, tar-split records {ext.crc:016x})"
-                )
-        self._seq_pos += len(new)
-        if self._seq_pos == self.size:
-            got = self._hash.hexdigest()
-            if got != self._digest_hex:
-                raise IntegrityError(
-                    f"{self._what}: blob digest sha256:{got} does not match "
-                    f"sha256:{self._digest_hex}"
-                )
 
     def close(self) -> None:
         """Close cached file fds (and the FileOpener if ``close_files``); idempotent."""

@@ -32,7 +32,7 @@ import zstandard
 
 from imgfs.errors import IntegrityError, MalformedMetadata
 from imgfs.layer.tarsplit import FileEntry, Segment
-from imgfs.layer.zchunks import ChunkedBytes
+from imgfs.layer.zchunks import ChunkedBytes, ChunkWriter
 
 CHUNK = 256 << 10
 MAX_BLOB_SIZE = 1 << 62  # no diff-size given: a bound no real blob reaches
@@ -83,41 +83,6 @@ def close_iterable(entries: object) -> None:
         close()
 
 
-class _ChunkWriter:
-    """Accumulates a byte stream and compresses each full CHUNK as it fills.
-
-    Hot loops append to ``parts`` and add to ``pending`` themselves, then call ``flush`` once
-    ``pending >= CHUNK``; ``length`` is the flushed length plus ``pending``.
-    """
-
-    def __init__(self, compressor: zstandard.ZstdCompressor) -> None:
-        self._compressor = compressor
-        self.parts: list[bytes] = []
-        self.pending = 0
-        self.flushed = 0
-        self.frames: list[bytes] = []
-
-    @property
-    def length(self) -> int:
-        return self.flushed + self.pending
-
-    def flush(self, final: bool = False) -> None:
-        data = b"".join(self.parts)
-        full = len(data) if final else len(data) - len(data) % CHUNK
-        for pos in range(0, full, CHUNK):
-            frame = self._compressor.compress(data[pos : pos + CHUNK])
-            # compress() returns a bytes object that keeps its compressBound()-sized
-            # allocation; a copy holds only the frame.
-            self.frames.append(bytes(memoryview(frame)))
-        self.parts = [data[full:]] if full < len(data) else []
-        self.flushed += full
-        self.pending = len(data) - full
-
-    def finish(self) -> list[bytes]:
-        self.flush(final=True)
-        return self.frames
-
-
 class LayerIndex:
     """Offset index of one layer blob. Immutable after build; reads are thread-safe."""
 
@@ -153,9 +118,8 @@ class LayerIndex:
         soon as the blob described so far is longer (a bomb is not parsed to the decoder's caps).
         """
         limit = MAX_BLOB_SIZE if expected_size is None else expected_size
-        compressor = zstandard.ZstdCompressor(level=_LEVEL)
-        seg_out = _ChunkWriter(compressor)
-        name_out = _ChunkWriter(compressor)
+        seg_out = ChunkWriter(CHUNK, _LEVEL)
+        name_out = ChunkWriter(CHUNK, _LEVEL)
         starts, seg_pos, crcs, name_pos = array("Q"), array("Q"), array("Q"), array("Q")
         seg_parts, name_parts = seg_out.parts, name_out.parts
         seg_total = data_total = name_total = members = 0
@@ -200,8 +164,8 @@ class LayerIndex:
             seg_pos=seg_pos,
             crcs=crcs,
             name_pos=name_pos,
-            segments=ChunkedBytes(seg_out.finish(), seg_total, CHUNK, what, _LRU_SIZE),
-            names=ChunkedBytes(name_out.finish(), name_total, CHUNK, what, _LRU_SIZE),
+            segments=seg_out.finish(what, _LRU_SIZE),
+            names=name_out.finish(what, _LRU_SIZE),
             member_count=members,
             what=what,
         )

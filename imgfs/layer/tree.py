@@ -38,7 +38,7 @@ from imgfs.layer.tarheader import (
     parse_header,
 )
 from imgfs.layer.tarsplit import FileEntry, Segment, clean_name
-from imgfs.layer.zchunks import ChunkAppender, ChunkedBytes
+from imgfs.layer.zchunks import ChunkedBytes, ChunkWriter
 
 MAX_LINK_DEPTH = 64
 MAX_DEPTH = 4096  # path components of a member (PATH_MAX / 2: "a/" repeated fills PATH_MAX)
@@ -125,7 +125,7 @@ class LayerTree:
         ``IntegrityError`` as soon as the tar described so far is longer.
         """
         limit = MAX_BLOB_SIZE if expected_size is None else expected_size
-        headers = ChunkAppender(CHUNK)
+        headers = ChunkWriter(CHUNK)
         cols = _Columns(
             bytearray(), array("Q"), array("Q"), array("Q"), array("I"), array("Q", [0]), b"",
             ChunkedBytes([], 0, CHUNK, what, _CHUNK_CACHE),
@@ -344,7 +344,7 @@ def _implied_dir(path: bytes, ref: int) -> Member:
 def _collect(
     entries: Iterable[Segment | FileEntry],
     cols: _Columns,
-    headers: ChunkAppender,
+    headers: ChunkWriter,
     names: list[bytes],
     what: str,
     limit: int,

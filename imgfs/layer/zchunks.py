@@ -1,17 +1,17 @@
 """A byte stream kept in memory as zstd frames of a fixed raw size, read back through a tiny LRU.
 
 Owns: random reads of such a stream (the tar headers and names of a layer index or layer tree
-compress 10-20x), and a simple appender that builds one. Must not know: what the bytes mean.
+compress 10-20x), and the one writer that builds such a stream. Must not know: what the bytes mean.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
 import zstandard
 
 from imgfs.errors import MalformedMetadata
+from imgfs.lru import LRU
 
 
 class ChunkedBytes:
@@ -24,15 +24,14 @@ class ChunkedBytes:
         self.length = length
         self._chunk_size = chunk
         self._what = what
-        self._cache_size = cache_size
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: LRU[int, bytes] = LRU(cache_size)
         self._lock = threading.Lock()
         self._decompressor = zstandard.ZstdDecompressor()
 
     @property
     def nbytes(self) -> int:
         """Approximate memory: the frames, their list slots and the decompressed cache."""
-        cached = sum(len(raw) for raw in self._cache.values())
+        cached = len(self._cache) * self._chunk_size
         return sum(len(f) for f in self.frames) + 40 * len(self.frames) + cached
 
     def read(self, pos: int, n: int) -> bytes:
@@ -51,7 +50,6 @@ class ChunkedBytes:
         with self._lock:  # one reused decompressor (not thread-safe), so decompress locked
             raw = self._cache.get(k)
             if raw is not None:
-                self._cache.move_to_end(k)
                 return raw
             want = min(self._chunk_size, self.length - k * self._chunk_size)
             try:
@@ -60,37 +58,51 @@ class ChunkedBytes:
                 raise MalformedMetadata(f"{self._what}: compressed chunk {k} is corrupt") from exc
             if len(raw) != want:
                 raise MalformedMetadata(f"{self._what}: compressed chunk {k} has the wrong length")
-            self._cache[k] = raw
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._cache.put(k, raw)
         return raw
 
 
-class ChunkAppender:
-    """Builds a ChunkedBytes: ``append`` returns each piece's position; ``finish`` the result."""
+class ChunkWriter:
+    """Builds a ChunkedBytes, compressing each full ``chunk`` as the stream fills.
 
-    def __init__(self, chunk: int) -> None:
+    ``append`` returns each piece's position. Hot loops may instead append to ``parts`` and add
+    to ``pending`` themselves, calling ``flush`` once ``pending >= chunk`` (and re-reading
+    ``parts`` after it); ``length`` is the flushed length plus ``pending``.
+    """
+
+    def __init__(self, chunk: int, level: int = 1) -> None:
         self._chunk_size = chunk
-        self._compressor = zstandard.ZstdCompressor(level=1)
-        self._tail = bytearray()
+        self._compressor = zstandard.ZstdCompressor(level=level)
+        self.parts: list[bytes] = []
+        self.pending = 0
+        self.flushed = 0
         self.frames: list[bytes] = []
-        self.length = 0
+
+    @property
+    def length(self) -> int:
+        return self.flushed + self.pending
 
     def append(self, data: bytes) -> int:
         pos = self.length
-        self._tail += data
-        self.length += len(data)
-        if len(self._tail) >= self._chunk_size:
-            self._flush(final=False)
+        self.parts.append(data)
+        self.pending += len(data)
+        if self.pending >= self._chunk_size:
+            self.flush()
         return pos
 
-    def _flush(self, final: bool) -> None:
+    def flush(self, final: bool = False) -> None:
         size = self._chunk_size
-        full = len(self._tail) if final else len(self._tail) - len(self._tail) % size
+        data = b"".join(self.parts)
+        full = len(data) if final else len(data) - len(data) % size
         for pos in range(0, full, size):
-            self.frames.append(self._compressor.compress(bytes(self._tail[pos : pos + size])))
-        del self._tail[:full]
+            frame = self._compressor.compress(data[pos : pos + size])
+            # compress() returns a bytes object that keeps its compressBound()-sized
+            # allocation; a copy holds only the frame.
+            self.frames.append(bytes(memoryview(frame)))
+        self.parts = [data[full:]] if full < len(data) else []
+        self.flushed += full
+        self.pending = len(data) - full
 
     def finish(self, what: str, cache_size: int) -> ChunkedBytes:
-        self._flush(final=True)
+        self.flush(final=True)
         return ChunkedBytes(self.frames, self.length, self._chunk_size, what, cache_size)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Literal
 
-from imgfs.digest import EMPTY_LAYER_BYTES, EMPTY_LAYER_DIGEST, is_digest, is_id
+from imgfs.digest import EMPTY_LAYER_BYTES, EMPTY_LAYER_DIGEST, is_digest, is_hex, is_id
 from imgfs.errors import (
     AmbiguousName,
     BlobNotFound,
@@ -573,7 +573,7 @@ class Image:
 def _resolve(snap: _Snapshot, ref: str) -> ImageRecord:
     if is_id(ref) and ref in snap.images:
         return snap.images[ref][0]
-    if 3 <= len(ref) < 64 and all(c in "0123456789abcdef" for c in ref):
+    if 3 <= len(ref) < 64 and is_hex(ref):
         matches = [rec for rec, _ in snap.images.values() if rec.id.startswith(ref)]
         if len(matches) == 1:
             return matches[0]

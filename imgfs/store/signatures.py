@@ -12,6 +12,7 @@ import binascii
 import json
 from collections.abc import Sequence
 
+from imgfs import gojson
 from imgfs.errors import MalformedMetadata
 
 _OPENPGP_FIRST_BYTES = frozenset(
@@ -68,42 +69,8 @@ def _sigstore(body: bytes, what: str) -> bytes:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise MalformedMetadata(f"{what}: invalid sigstore annotations")
     parts = [
-        b'{"mimeType":' + go_json_string(mime),
-        b',"payload":' + go_json_string(base64.b64encode(payload).decode("ascii")),
-        b',"annotations":' + _go_map(annotations) if annotations else b',"annotations":null',
+        b'{"mimeType":' + gojson.string(mime),
+        b',"payload":' + gojson.string(base64.b64encode(payload).decode("ascii")),
+        b',"annotations":' + (gojson.string_map(annotations) if annotations else b"null"),
     ]
     return b"".join(parts) + b"}"
-
-
-def _go_map(values: dict[str, str]) -> bytes:
-    items = sorted(values.items(), key=lambda kv: kv[0].encode("utf-8"))
-    inner = b",".join(go_json_string(k) + b":" + go_json_string(v) for k, v in items)
-    return b"{" + inner + b"}"
-
-
-_GO_ESCAPES = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-    "<": "\\u003c",
-    ">": "\\u003e",
-    "&": "\\u0026",
-    "\u2028": "\\u2028",
-    "\u2029": "\\u2029",
-}
-
-
-def go_json_string(value: str) -> bytes:
-    """A JSON string as Go's encoding/json Marshal writes it (HTML-safe escaping)."""
-    out = []
-    for ch in value:
-        esc = _GO_ESCAPES.get(ch)
-        if esc is not None:
-            out.append(esc)
-        elif ord(ch) < 0x20:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return ('"' + "".join(out) + '"').encode("utf-8", "surrogateescape")

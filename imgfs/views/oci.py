@@ -22,6 +22,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from imgfs import gojson
 from imgfs.errors import MalformedMetadata, NotFound
 from imgfs.store.manifest import (
     DOCKER_LAYER,
@@ -32,7 +33,6 @@ from imgfs.store.manifest import (
     OCI_MANIFEST,
     guess_type,
 )
-from imgfs.store.signatures import go_json_string
 
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
@@ -88,7 +88,7 @@ def index_json(manifest_digest: str, manifest_size: int) -> bytes:
         {"mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": manifest_size}
     )
     return (
-        b'{"schemaVersion":2,"mediaType":' + go_json_string(OCI_INDEX)
+        b'{"schemaVersion":2,"mediaType":' + gojson.string(OCI_INDEX)
         + b',"manifests":[' + manifest + b"]}"
     )  # fmt: skip
 
@@ -162,7 +162,7 @@ def _descriptor(desc: dict[str, Any], what: str = "manifest") -> bytes:
     urls = _list(desc.get("urls"), "urls", what)
     if urls:
         parts.append(
-            b'"urls":[' + b",".join(go_json_string(_string(u, "url", what)) for u in urls) + b"]"
+            b'"urls":[' + b",".join(gojson.string(_string(u, "url", what)) for u in urls) + b"]"
         )
     if desc.get("annotations"):
         parts.append(b'"annotations":' + _map(desc["annotations"], what))
@@ -184,7 +184,7 @@ def _platform(platform: dict[str, Any], what: str) -> bytes:
         parts.append(_field("os.version", _string(platform["os.version"], "os.version", what)))
     features = _list(platform.get("os.features"), "os.features", what)
     if features:
-        items = b",".join(go_json_string(_string(f, "os.features", what)) for f in features)
+        items = b",".join(gojson.string(_string(f, "os.features", what)) for f in features)
         parts.append(b'"os.features":[' + items + b"]")
     if platform.get("variant"):
         parts.append(_field("variant", _string(platform["variant"], "variant", what)))
@@ -194,14 +194,9 @@ def _platform(platform: dict[str, Any], what: str) -> bytes:
 def _map(value: object, what: str) -> bytes:
     if not isinstance(value, dict):
         raise MalformedMetadata(f"{what}: annotations are not an object")
-    items = sorted(
-        (
-            (_string(k, "annotation", what), _string(v, "annotation", what))
-            for k, v in value.items()
-        ),
-        key=lambda kv: kv[0].encode("utf-8", "surrogatepass"),
+    return gojson.string_map(
+        {_string(k, "annotation", what): _string(v, "annotation", what) for k, v in value.items()}
     )
-    return b"{" + b",".join(go_json_string(k) + b":" + go_json_string(v) for k, v in items) + b"}"
 
 
 def _base64(value: object, what: str) -> str:
@@ -219,4 +214,4 @@ def _string(value: object, name: str, what: str) -> str:
 
 
 def _field(key: str, value: str) -> bytes:
-    return go_json_string(key) + b":" + go_json_string(value)
+    return gojson.string(key) + b":" + gojson.string(value)

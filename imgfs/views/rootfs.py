@@ -16,12 +16,13 @@ directories the layers hold at that path) and caches it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from imgfs.errors import NotFound
 from imgfs.layer.tarheader import DIRECTORY, HARDLINK
 from imgfs.layer.tree import MAX_DEPTH, LayerTree, Member
+from imgfs.lru import LRU
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
@@ -240,3 +241,24 @@ class RootFS:
             return self.entry(path).identity == identity
         except NotFound:
             return False
+
+
+MAX_CACHED_ROOTFS = 8
+
+
+class RootFSCache:
+    """The merged trees of the most recently used images; thread-safe."""
+
+    def __init__(self) -> None:
+        self._cache: LRU[tuple[str, ...], RootFS] = LRU(MAX_CACHED_ROOTFS)
+
+    def get(
+        self, key: tuple[str, ...], what: str, trees: Callable[[], Sequence[LayerTree]]
+    ) -> RootFS:
+        """The merged tree cached under ``key`` (an image and its layers), else built from
+        ``trees()`` (base first)."""
+        found = self._cache.get(key)
+        if found is None:
+            found = RootFS(list(trees()), what)
+            self._cache.put(key, found)
+        return found

@@ -1,0 +1,336 @@
+"""The one verifier: what a reader of a layer blob or of a layer's file may be served.
+
+Owns: the verification state of one file — a layer blob (per-file CRC-64 and the whole blob's
+sha256) or one member of a layer (its CRC-64) — shared by every reader of that file, and the
+rule that follows from it:
+
+- a file whose size, CRC-64 or digest check failed stays failed: every later read raises;
+- the bytes that complete a file (its last byte) are returned only once the whole file passed
+  its check, however the requests arrive — in order, out of order (kernel readahead), from the
+  middle, or from a second reader whose earlier pages came from the kernel's page cache. When a
+  request reaches the end of a file whose prefix is not checked yet, the verifier reads and
+  checks that prefix itself first;
+- a read that extends the checked prefix (or lands at most ``MAX_GAP_FILL`` bytes past it) is
+  checked as it is served; any other read of the middle of a file is size-checked only.
+
+Also owns ``read_exact``, the one exact-read loop of imgfs (a short read is an integrity error,
+never padding). Must not know: where the bytes come from (a ``RangeSource`` gives them), the
+store, caches, FUSE.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Hashable
+from typing import Protocol
+
+from fastcrc import crc64
+
+from imgfs.errors import IntegrityError
+from imgfs.layer.index import LayerIndex, SegmentExtent
+from imgfs.lru import LRU
+
+MAX_GAP_FILL = 16 << 20  # a gap this small is out-of-order readahead, not a seek
+CHECK_CHUNK = 1 << 20  # how much the verifier reads at a time to check a prefix itself
+
+
+def read_exact(fd: int, n: int, offset: int, what: str) -> bytes:
+    """Exactly ``n`` bytes at ``offset`` of ``fd``; ``IntegrityError`` if the file is shorter."""
+    data = os.pread(fd, n, offset)
+    if len(data) == n:
+        return data
+    buf = bytearray(data)
+    while len(buf) < n:
+        more = os.pread(fd, n - len(buf), offset + len(buf))
+        if not more:
+            end = offset + len(buf)
+            raise IntegrityError(f"{what} is shorter than its recorded size (ends at {end})")
+        buf += more
+    return bytes(buf)
+
+
+class RangeSource(Protocol):
+    """Raw, size-checked bytes of one file: ``read_raw`` returns exactly ``n`` bytes (the caller
+    never asks past ``size``) or raises ``IntegrityError``. One per open handle."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read_raw(self, offset: int, n: int) -> bytes: ...
+
+
+class Checker(Protocol):
+    """A running check over a file's bytes, fed in order from offset 0."""
+
+    def feed(self, pos: int, data: memoryview) -> None:
+        """Bytes ``[pos, pos + len(data))``; raises ``IntegrityError`` on a completed part that
+        fails (e.g. a file inside a blob whose CRC-64 does not match)."""
+        ...
+
+    def finish(self) -> None:
+        """Every byte was fed; raise ``IntegrityError`` unless the whole file passes."""
+        ...
+
+
+class CrcChecker:
+    """One layer member: its CRC-64/GO-ISO as the tar-split records it."""
+
+    def __init__(self, expected: int | None, what: str) -> None:
+        self._expected = expected
+        self._what = what
+        self._crc: int | None = None
+
+    def feed(self, pos: int, data: memoryview) -> None:
+        self._crc = crc64.go_iso(data, self._crc)
+
+    def finish(self) -> None:
+        if self._crc != self._expected:
+            got = self._crc or 0
+            raise IntegrityError(
+                f"{self._what} fails its CRC-64 (got {got:016x}, "
+                f"tar-split records {self._expected or 0:016x})"
+            )
+
+
+class DigestChecker:
+    """A whole blob's sha256 (the hex of its name)."""
+
+    def __init__(self, digest_hex: str, what: str) -> None:
+        self._digest_hex = digest_hex
+        self._what = what
+        self._hash = hashlib.sha256()
+
+    def feed(self, pos: int, data: memoryview) -> None:
+        self._hash.update(data)
+
+    def finish(self) -> None:
+        got = self._hash.hexdigest()
+        if got != self._digest_hex:
+            raise IntegrityError(
+                f"{self._what}: blob digest sha256:{got} does not match sha256:{self._digest_hex}"
+            )
+
+
+class Verifier:
+    """The verification state of one file, shared by all its readers; thread-safe.
+
+    ``read(source, offset, n)`` returns up to ``n`` bytes (fewer only at the end of the file),
+    under the rule of this module. ``failure`` is why the file failed, or None.
+    """
+
+    def __init__(self, size: int, checker: Callable[[], Checker], what: str) -> None:
+        self.size = size
+        self.what = what
+        self._new_checker = checker
+        self._checker: Checker | None = None
+        self._checked = 0
+        self._passed = size == 0
+        self._failure: str | None = None
+        self._lock = threading.Lock()
+        self.on_fail: Callable[[str], None] | None = None  # set by the Verifiers registry
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    @property
+    def passed(self) -> bool:
+        return self._passed
+
+    def fail(self, reason: str) -> None:
+        """Mark the file failed (a check elsewhere, e.g. snapshot generation, found it bad)."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = reason
+        self._report(reason)
+
+    def _report(self, reason: str) -> None:
+        if self.on_fail is not None:
+            self.on_fail(reason)
+
+    def read(self, source: RangeSource, offset: int, n: int) -> bytes:
+        if offset < 0 or n < 0:
+            raise ValueError("offset and n must not be negative")
+        end = min(offset + n, self.size)
+        if offset >= end:
+            self._raise_if_failed()
+            return b""
+        if self._passed:
+            return source.read_raw(offset, end - offset)
+        with self._lock:
+            self._raise_if_failed()
+            try:
+                return self._read_locked(source, offset, end)
+            except IntegrityError as exc:
+                self._failure = str(exc)
+                failed = exc
+        self._report(str(failed))
+        raise failed
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise IntegrityError(self._failure)
+
+    def _read_locked(self, source: RangeSource, offset: int, end: int) -> bytes:
+        if self._passed:
+            return source.read_raw(offset, end - offset)
+        if offset > self._checked and (end == self.size or offset - self._checked <= MAX_GAP_FILL):
+            self._check_upto(source, offset)  # readahead out of order, or a read of the end
+        if offset <= self._checked < end:
+            data = source.read_raw(offset, end - offset)
+            self._feed(offset, data)
+            return data
+        return source.read_raw(offset, end - offset)  # the middle, away from the check
+
+    def _check_upto(self, source: RangeSource, upto: int) -> None:
+        """Read and check ``[checked, upto)`` ourselves."""
+        while self._checked < upto:
+            pos = self._checked
+            self._feed(pos, source.read_raw(pos, min(CHECK_CHUNK, upto - pos)))
+
+    def _feed(self, offset: int, data: bytes) -> None:
+        """Feed the part of ``data`` (at ``offset``) past the checked prefix; finish at EOF."""
+        new = memoryview(data)[self._checked - offset :]
+        if not new:
+            return
+        if self._checker is None:
+            self._checker = self._new_checker()
+        self._checker.feed(self._checked, new)
+        self._checked += len(new)
+        if self._checked == self.size:
+            self._checker.finish()
+            self._passed = True
+            self._checker = None
+
+
+class BlobChecker:
+    """A layer blob: each layer file's CRC-64 as it completes, and the blob's sha256 at the end."""
+
+    def __init__(self, index: LayerIndex, digest_hex: str, what: str) -> None:
+        self._index = index
+        self._what = what
+        self._digest = DigestChecker(digest_hex, what)
+        self._crc: int | None = None
+
+    def feed(self, pos: int, data: memoryview) -> None:
+        self._digest.feed(pos, data)
+        base, end = pos, pos + len(data)
+        while pos < end:
+            ext = self._index.extent_at(pos)
+            if isinstance(ext, SegmentExtent):
+                pos = min(end, ext.start + ext.length)
+                continue
+            stop = min(end, ext.start + ext.size)
+            if pos == ext.start:
+                self._crc = None
+            self._crc = crc64.go_iso(data[pos - base : stop - base], self._crc)
+            if stop == ext.start + ext.size and self._crc != ext.crc:
+                raise IntegrityError(
+                    f"{self._what}: file {ext.name!r:.200} fails its CRC-64 "
+                    f"(got {self._crc:016x}, tar-split records {ext.crc:016x})"
+                )
+            pos = stop
+
+    def finish(self) -> None:
+        self._digest.finish()
+
+
+def blob_verifier(index: LayerIndex, digest_hex: str, what: str) -> Verifier:
+    """The verifier of a layer blob read through ``index``."""
+    return Verifier(index.size, lambda: BlobChecker(index, digest_hex, what), what)
+
+
+def member_verifier(size: int, crc: int | None, what: str) -> Verifier:
+    """The verifier of one layer member of ``size`` bytes with tar-split CRC ``crc``."""
+    return Verifier(size, lambda: CrcChecker(crc, what), what)
+
+
+class FdRange:
+    """A ``RangeSource`` over one open regular file of a known size (a layer member)."""
+
+    def __init__(self, fd: int | None, size: int, what: str) -> None:
+        self._fd = fd
+        self.size = size
+        self._what = what
+
+    def read_raw(self, offset: int, n: int) -> bytes:
+        if self._fd is None:
+            raise ValueError(f"{self._what}: read after close")
+        return read_exact(self._fd, n, offset, self._what)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class ClosableRange(RangeSource, Protocol):
+    def close(self) -> None: ...
+
+
+class VerifiedReader:
+    """What one open handle reads: its own ``RangeSource`` checked by the file's shared
+    ``Verifier``. ``read(offset, n)`` returns up to ``n`` bytes (fewer only at EOF)."""
+
+    def __init__(self, source: ClosableRange, verifier: Verifier) -> None:
+        self._source = source
+        self.verifier = verifier
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self.verifier.size
+
+    def read(self, offset: int, n: int) -> bytes:
+        with self._lock:
+            return self.verifier.read(self._source, offset, n)
+
+    def close(self) -> None:
+        with self._lock:
+            self._source.close()
+
+
+MAX_VERIFIERS = 65_536
+MAX_FAILURES = 65_536
+
+
+class Verifiers:
+    """The verifiers of the files being read, by file identity; thread-safe.
+
+    A verifier lives while it is recently used (``MAX_VERIFIERS``); a failure is remembered on
+    its own (``MAX_FAILURES``), so a failed file stays failed when its verifier is evicted. A
+    forgotten pass only costs a re-check; a forgotten failure at most a re-check that fails.
+    """
+
+    def __init__(self) -> None:
+        self._live: LRU[Hashable, Verifier] = LRU(MAX_VERIFIERS)
+        self._failures: LRU[Hashable, str] = LRU(MAX_FAILURES)
+        self._lock = threading.Lock()
+
+    def get(self, identity: Hashable, make: Callable[[], Verifier]) -> Verifier:
+        with self._lock:
+            found = self._live.get(identity)
+            if found is None:
+                found = make()
+                failure = self._failures.get(identity)
+                if failure is not None:
+                    found.fail(failure)
+                found.on_fail = functools.partial(self._remember_failure, identity)
+                self._live.put(identity, found)
+            return found
+
+    def _remember_failure(self, identity: Hashable, reason: str) -> None:
+        self._failures.put(identity, reason)
+
+    def fail(self, identity: Hashable, reason: str) -> None:
+        """Record that the file ``identity`` failed a check made elsewhere (a snapshot)."""
+        self._failures.put(identity, reason)
+        found = self._live.get(identity)
+        if found is not None:
+            found.fail(reason)
+
+    def failure(self, identity: Hashable) -> str | None:
+        return self._failures.get(identity)

@@ -1,0 +1,99 @@
+"""``<image-id>/``: the image directory, ``manifest.json`` and ``config.json``.
+
+A file view (``layers/``, ``rootfs/``, ``oci/``) that cannot be built lists as a plain directory
+and fails when entered, so one broken layer never hides the image's manifest, config,
+signatures and other blobs. Must not know: pyfuse3, trio, inode numbers, errno values.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from imgfs.errors import ImgfsError, NotFound
+from imgfs.views.content import Content, Inline
+from imgfs.views.keys import ImageFileKey, ImageKey, Key, OciKey, RootfsKey, SectionKey
+from imgfs.views.node import Node
+from imgfs.views.sections.base import Section, blob_xattrs
+
+if TYPE_CHECKING:
+    from imgfs.views.tree import TreeView
+
+log = logging.getLogger(__name__)
+
+_DESIGN_FILES = (b"manifest.json", b"config.json", b"signatures", b"blobs")
+
+
+def _child_key(image_id: str, name: bytes) -> Key | None:
+    keys: dict[bytes, Key] = {
+        b"manifest.json": ImageFileKey(image_id, "manifest.json"),
+        b"config.json": ImageFileKey(image_id, "config.json"),
+        b"signatures": SectionKey(image_id, "signatures"),
+        b"blobs": SectionKey(image_id, "blobs"),
+        b"instances": SectionKey(image_id, "instances"),
+        b"layers": SectionKey(image_id, "layers"),
+        b"rootfs": RootfsKey(image_id),
+        b"oci": OciKey(image_id),
+    }
+    return keys.get(name)
+
+
+class ImageDir(Section):
+    def node(self, view: TreeView, key: ImageKey) -> Node:
+        image = view.image(key.image)
+        return Node(key, "dir", 0, view.image_mtime(image))
+
+    def children(self, view: TreeView, key: ImageKey) -> list[tuple[bytes, Node]]:
+        return [(n, self._listed_node(view, key, n)) for n in self._names(view, key)]
+
+    def lookup(self, view: TreeView, key: ImageKey, name: bytes) -> Node:
+        child = _child_key(key.image, name)
+        if child is not None and name in _DESIGN_FILES:
+            return view.node(child)  # never builds the file views
+        if child is None or name not in self._names(view, key):
+            raise NotFound(f"no {name!r:.100} in image {key.image[:12]}")
+        return self._listed_node(view, key, name)
+
+    def _names(self, view: TreeView, key: ImageKey) -> list[bytes]:
+        content = view.content(view.image(key.image))
+        names = [b"manifest.json", b"signatures", b"blobs"]
+        if content.config_size is not None:
+            names.insert(1, b"config.json")
+        if content.instances:
+            names.append(b"instances")
+        if content.sources:
+            names += [b"layers", b"rootfs"]
+        if content.has_layout:
+            names.append(b"oci")
+        return names
+
+    def _listed_node(self, view: TreeView, key: ImageKey, name: bytes) -> Node:
+        child = _child_key(key.image, name)
+        assert child is not None
+        try:
+            return view.node(child)
+        except ImgfsError as exc:
+            if name not in (b"rootfs", b"layers", b"oci"):
+                raise
+            log.debug("image %s: %s/ is unavailable: %s", key.image[:12], name.decode(), exc)
+            return Node(child, "dir", 0, view.image_mtime(view.image(key.image)))
+
+
+class ImageFile(Section):
+    def node(self, view: TreeView, key: ImageFileKey) -> Node:
+        image = view.image(key.image)
+        mtime = view.image_mtime(image)
+        if key.name == "manifest.json":
+            return Node(key, "file", view.content(image).manifest_size, mtime)
+        info = view.config_blob(image)
+        return Node(key, "file", info.size, mtime, stable=True, xattrs=blob_xattrs(info))
+
+    def open(self, view: TreeView, key: ImageFileKey) -> Content:
+        image = view.image(key.image)
+        if key.name == "manifest.json":
+            return Inline(image.manifest())
+        return Inline(image.read_small_blob(view.config_blob(image)))
+
+
+IMAGE = ImageDir()
+IMAGE_FILE = ImageFile()
