@@ -269,6 +269,7 @@ def _make_operations(
         uid=st.st_uid if options.uid is None else options.uid,
         gid=st.st_gid if options.gid is None else options.gid,
         umask=options.umask,
+        shared="allow_other" in options.fuse_options,
     )
     cache_dir = _absolute(args.cache_dir) or default_cache_dir()
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)

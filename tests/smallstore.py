@@ -6,11 +6,14 @@ import os
 import subprocess
 from pathlib import Path
 
+from tests import tools
+
 DRIVER = "overlay"
 
 
 def buildah(base: Path, *args: str) -> str:
     """Run buildah on the store ``base/root`` (run root ``base/run``); returns its stdout."""
+    tools.require("buildah")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTAINERS_", "STORAGE_"))}
     conf = base / "storage.conf"
     conf.write_text(f'[storage]\ndriver = "{DRIVER}"\n')

@@ -288,3 +288,26 @@ def test_ls_lR_rootfs_timing(mount: tuple[Mount, str], real_stores: realstores.S
     started = time.monotonic()
     subprocess.run(["ls", "-lR", str(m.path / img.id / "rootfs")], check=True, capture_output=True)
     assert time.monotonic() - started < 10
+
+
+def test_colon_free_by_name_path_works_with_skopeo_oci(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet, tmp_path: Path
+) -> None:
+    """skopeo reads ``:`` in ``oci:PATH`` as its own separator; the ``=`` twin has none."""
+    m, driver = mount
+    img, name = next(
+        (i, n)
+        for i in _images(real_stores, driver)
+        if i.config_digest is not None
+        for n in i.names
+        if "@" not in n
+        and os.path.realpath(m.path / "by-name" / n) == os.path.realpath(m.path / i.id)
+    )
+    twin = m.path / "by-name" / name.replace(":", "=")
+    assert ":" not in str(twin.relative_to(m.path))
+    assert os.path.realpath(twin) == os.path.realpath(m.path / img.id)
+    assert twin.name not in os.listdir(twin.parent)  # looked up, not listed
+    out = tmp_path / "dir"
+    _skopeo("copy", "-q", f"oci:{twin}/oci", f"dir:{out}")
+    for diff_id, want in zip(img.diff_ids, img.layer_paths(), strict=True):
+        assert sha256_file(out / diff_id.split(":")[1]) == sha256_file(want)

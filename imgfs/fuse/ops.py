@@ -145,6 +145,10 @@ class Operations(pyfuse3.Operations):
         attrs.st_ino = ino
         attrs.generation = 0
         timeout = STABLE_TIMEOUT if node.stable else NAME_TIMEOUT
+        if self.ownership.shared and node.mode is not None:
+            # Other users reach the mount: the kernel must ask again on every path walk, so
+            # that the view access rule (``_visible``) sees each caller, not a cached answer.
+            timeout = 0.0
         attrs.entry_timeout = timeout
         attrs.attr_timeout = timeout
         attrs.st_mode = self.ownership.mode(node.kind) if node.mode is None else node.mode
@@ -165,6 +169,17 @@ class Operations(pyfuse3.Operations):
             node = await self._run(self.view.node, key)
         return cast(Node, node)
 
+    async def _visible(self, key: Key, uid: int) -> Node:
+        """The node of ``key`` if ``uid`` may see it: the ONE place of the view access rule
+        for lookup, getattr, readlink, xattrs, open and opendir (``Ownership.may_search`` of
+        the directory holding a ``layers/``/``rootfs/`` node)."""
+        node = await self._node(key)
+        if node.mode is not None and self.ownership.shared:
+            parent = await self._node(key.parent())
+            if parent.mode is not None and not self.ownership.may_search(uid, parent.mode):
+                raise pyfuse3.FUSEError(errno.EACCES)
+        return node
+
     def _check_view_access(self, node: Node, uid: int) -> None:
         """EACCES unless ``uid`` may open this ``layers/``/``rootfs/`` node (nodes with the
         image's own mode); see ``Ownership.may_open_view``."""
@@ -184,6 +199,9 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         parent = self._key(parent_inode)
+        folder = await self._visible(parent, _uid(ctx))
+        if folder.mode is not None and not self.ownership.may_search(_uid(ctx), folder.mode):
+            raise pyfuse3.FUSEError(errno.EACCES)
         node = self.view.peek_child(parent, name)
         if node is None:
             try:
@@ -199,12 +217,12 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        node = await self._node(self._key(inode))
+        node = await self._visible(self._key(inode), _uid(ctx))
         return self._attrs(node, inode)
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = await self._node(self._key(inode))
+        node = await self._visible(self._key(inode), _uid(ctx))
         if node.kind != "link":
             raise pyfuse3.FUSEError(errno.EINVAL)
         target: bytes = node.target
@@ -213,7 +231,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         key = self._key(inode)
-        self._check_view_access(await self._node(key), ctx.uid)
+        self._check_view_access(await self._visible(key, _uid(ctx)), _uid(ctx))
         listing = await self._run(self.view.children, key)
         return self._new_fh(_Handle(inode, key, listing=listing))
 
@@ -248,7 +266,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        node = await self._node(self._key(inode))
+        node = await self._visible(self._key(inode), _uid(ctx))
         for attr, value in node.xattrs:
             if attr.encode() == name:
                 found: bytes = value
@@ -257,7 +275,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        node = await self._node(self._key(inode))
+        node = await self._visible(self._key(inode), _uid(ctx))
         return [attr.encode() for attr, _ in node.xattrs]
 
     @_boundary
@@ -271,7 +289,8 @@ class Operations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         key = self._key(inode)
-        content: Content = await self._run(self._open_content, key, ctx.uid)
+        await self._visible(key, _uid(ctx))
+        content: Content = await self._run(self._open_content, key, _uid(ctx))
         fh = self._new_fh(_Handle(inode, key, content))
         if isinstance(content, Inline) or (isinstance(content, Streamed) and content.page_cache):
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -415,3 +434,8 @@ class Operations(pyfuse3.Operations):
 
 def _now_ns() -> int:
     return time.time_ns()
+
+
+def _uid(ctx: pyfuse3.RequestContext | None) -> int:
+    """The caller's uid (pyfuse3 passes no context for some internal calls: treat as root)."""
+    return 0 if ctx is None else int(ctx.uid)

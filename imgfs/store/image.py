@@ -408,19 +408,11 @@ class Image:
         return chain
 
     def layer_source(self, digest: str) -> LayerSource:
-        """Where to rebuild the layer blob ``digest`` of this image from."""
-        chain = self.layer_chain()
-        for depth, rec in enumerate(chain):
-            if rec.diff_digest == digest:
-                assert rec.diff_size is not None
-                return LayerSource(
-                    layer_id=rec.id,
-                    digest=digest,
-                    size=rec.diff_size,
-                    tarsplit_path=os.path.join(rec.source, f"{rec.id}.tar-split.gz"),
-                    content_dirs=self._content_dirs(list(reversed(chain[: depth + 1]))),
-                    what=f"layer {rec.id[:12]} of image {self.id[:12]}",
-                )
+        """Where to rebuild the layer blob ``digest`` of this image from (the first layer of
+        the chain with that digest)."""
+        for source in self.layer_sources():
+            if source.digest == digest:
+                return source
         raise BlobNotFound(f"{self.what} has no layer {digest}")
 
     def layer_sources(self) -> list[LayerSource]:
@@ -438,6 +430,7 @@ class Image:
                     tarsplit_path=os.path.join(rec.source, f"{rec.id}.tar-split.gz"),
                     content_dirs=self._content_dirs(list(reversed(chain[: depth + 1]))),
                     what=f"layer {rec.id[:12]} of image {self.id[:12]}",
+                    created_ns=_ns(rec.created),
                 )
             )
         return sources
@@ -568,6 +561,16 @@ class Image:
             raise IntegrityError(f"{what}: content digest is {actual}")
         if expected is not None and actual != expected:
             raise IntegrityError(f"{what}: content digest {actual} != recorded {expected}")
+
+
+def _ns(when: datetime | None) -> int:
+    """Nanoseconds since the epoch (0 when unknown or out of range)."""
+    if when is None:
+        return 0
+    try:
+        return int(when.timestamp() * 1e9)
+    except (OverflowError, ValueError, OSError):
+        return 0
 
 
 def _resolve(snap: _Snapshot, ref: str) -> ImageRecord:

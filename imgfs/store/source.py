@@ -34,6 +34,7 @@ class LayerSource:
     tarsplit_path: str
     content_dirs: tuple[str, ...]
     what: str
+    created_ns: int = 0  # the layer record's creation time (0: unknown)
 
     @property
     def lock_path(self) -> str:

@@ -25,6 +25,7 @@ class Ownership:
     uid: int
     gid: int
     umask: int | None = None
+    shared: bool = False  # -o allow_other: other users reach the mount
 
     def mode(self, kind: Kind) -> int:
         if kind == "link":
@@ -52,6 +53,13 @@ class Ownership:
         if caller_uid in (0, self.uid):
             return True
         return self.others_may_read() and bool(image_mode & stat.S_IROTH)
+
+    def may_search(self, caller_uid: int, image_mode: int) -> bool:
+        """Whether ``caller_uid`` may look up names in a ``layers/``/``rootfs/`` directory of
+        image mode ``image_mode``: the rule of ``may_open_view`` with "other" search (x)."""
+        if caller_uid in (0, self.uid):
+            return True
+        return self.others_may_read() and bool(image_mode & stat.S_IXOTH)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests import realstores
+from tests import realstores, tools
 from tests.mounting import mount_command, unmount
 
 DRIVER = "overlay"
@@ -117,6 +117,7 @@ class Tools:
         ]
 
     def run(self, cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        tools.require(cmd[0])
         return subprocess.run(
             cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )

@@ -58,8 +58,15 @@ _MAX_ID = 0xFFFFFFFE
 _MAX_TIME = (1 << 63) - 1
 
 
-def member_node(key: Key, member: Member, nlink: int) -> Node:
-    """A ``layers/`` or ``rootfs/`` node with the image's own attributes (numeric owners)."""
+ROOT_MODE = 0o555  # a layer root the tar does not name, as ``podman image mount`` shows it
+
+
+def member_node(key: Key, member: Member, nlink: int, created_ns: int = 0) -> Node:
+    """A ``layers/`` or ``rootfs/`` node with the image's own attributes (numeric owners).
+
+    ``nlink``: the paths showing a file, or 2 + the subdirectories of a directory. A layer
+    root that the tar does not name shows mode 0555 and the layer's ``created_ns``.
+    """
     flag = member.typeflag
     kind: Kind = "file"
     file_type, size, target, rdev = stat.S_IFREG, member.size, b"", 0
@@ -73,10 +80,13 @@ def member_node(key: Key, member: Member, nlink: int) -> Node:
         if flag != FIFO:
             rdev = os.makedev(member.devmajor & 0xFFFFFFFF, member.devminor & 0xFFFFFFFF)
     mode = stat.S_IFLNK | 0o777 if kind == "link" else file_type | member.mode
+    mtime = member.mtime_ns
+    if member.implied and not member.path:
+        mode, mtime = stat.S_IFDIR | ROOT_MODE, created_ns
     return Node(
-        key, kind, size, max(min(member.mtime_ns, _MAX_TIME), -_MAX_TIME), target=target,
+        key, kind, size, max(min(mtime, _MAX_TIME), -_MAX_TIME), target=target,
         stable=True, xattrs=member.xattrs, mode=mode, uid=min(member.uid, _MAX_ID),
-        gid=min(member.gid, _MAX_ID), nlink=1 if kind == "dir" else nlink, rdev=rdev,
+        gid=min(member.gid, _MAX_ID), nlink=nlink, rdev=rdev,
     )  # fmt: skip
 
 

@@ -37,7 +37,8 @@ class Layers(Section):
                 raise NotFound(f"{key!r:.100} is gone")
             return member_node(key, tree.member(key.ref), tree.link_count(key.ref))
         if not key.path:
-            return member_node(key, tree.root(), 1)
+            created = view.content(image).sources[key.number].created_ns
+            return member_node(key, tree.root(), _dir_links(tree, b""), created)
         return _path_node(view, tree, tree.ref(key.path), key)
 
     def children(self, view: TreeView, key: LayersKey) -> list[tuple[bytes, Node]]:
@@ -112,11 +113,16 @@ def _inode(tree: LayerTree, ref: int) -> int:
     return ref
 
 
+def _dir_links(tree: LayerTree, path: bytes) -> int:
+    """2 + the subdirectories of directory ``path`` (its ``st_nlink``)."""
+    return 2 + sum(1 for ref in tree.child_refs(path).values() if tree.is_dir(ref))
+
+
 def _path_node(view: TreeView, tree: LayerTree, ref: int, key: LayerKey) -> Node:
     ref = _inode(tree, ref)
-    count = 1 if tree.is_dir(ref) else tree.link_count(ref)
+    count = _dir_links(tree, key.path) if tree.is_dir(ref) else tree.link_count(ref)
     shown: Key = key
-    if count > 1:
+    if count > 1 and not tree.is_dir(ref):
         shown = LayerInodeKey(key.image, key.number, ref)
     return view.remember(key, member_node(shown, tree.member(ref), count))
 

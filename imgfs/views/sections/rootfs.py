@@ -68,9 +68,14 @@ def _identity_entry(fs: RootFS, key: RootfsInodeKey) -> Entry:
 def _entry_node(view: TreeView, fs: RootFS, entry: Entry, key: RootfsKey) -> Node:
     shown: Key = key
     nlink = 1
-    if fs.hardlinked(entry):
+    tree = fs.layers[entry.layer]
+    if tree.is_dir(entry.ref):
+        children = fs.children(key.path).values()
+        nlink = 2 + sum(1 for e in children if fs.layers[e.layer].is_dir(e.ref))
+    elif fs.hardlinked(entry):
         shown, nlink = RootfsInodeKey(key.image, entry.layer, entry.ref), fs.nlink(entry)
-    return view.remember(key, member_node(shown, fs.member(entry), nlink))
+    created = view.content(view.image(key.image)).sources[entry.layer].created_ns
+    return view.remember(key, member_node(shown, fs.member(entry), nlink, created))
 
 
 ROOTFS = Rootfs()

@@ -1,0 +1,269 @@
+"""The FUSE adapter's handlers under ``trio.run``, without a kernel (tests/storemaker stores).
+
+Checks what only the adapter decides: errno values (the one mapping), ``..``, readdir offsets,
+lookup counts and ``forget``, ENODATA, EROFS, EISDIR, access, and that a file failing its check
+answers EIO to every reader and has the kernel's pages dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import tarfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import pyfuse3
+import pytest
+import trio
+
+import imgfs
+from imgfs.fuse import ops as ops_module
+from imgfs.fuse.inodes import ROOT_INODE
+from imgfs.fuse.ops import Operations
+from imgfs.views.content import Caches
+from imgfs.views.node import Ownership
+from tests import storemaker
+from tests.tarsplit_maker import make_tar
+
+T = TypeVar("T")
+FILE = bytes(range(256)) * 1024
+LAYER = make_tar([("dir", None), ("dir/file", FILE), ("dir/small", b"small\n")])
+ROOT_CTX = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> storemaker.StoreMaker:
+    maker = storemaker.StoreMaker(tmp_path / "root")
+    maker.add_image("localhost/app:v1", [LAYER])
+    maker.write()
+    return maker
+
+
+def _ops(made: storemaker.StoreMaker, tmp: Path, *, direct: bool = True) -> Operations:
+    store = imgfs.Store.open(str(made.root), str(tmp / "run"), storemaker.DRIVER)
+    caches = Caches.build(str(tmp / "cache"), direct=direct)
+    return Operations(store, caches, Ownership(0, 0))
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    return trio.run(fn)
+
+
+async def _lookup_path(ops: Operations, path: bytes) -> pyfuse3.EntryAttributes:
+    attrs = await ops.getattr(ROOT_INODE, ROOT_CTX)
+    for name in filter(None, path.split(b"/")):
+        attrs = await ops.lookup(attrs.st_ino, name, ROOT_CTX)
+        assert attrs.st_ino != 0, f"{name!r} not found"
+    return attrs
+
+
+async def _read_all(ops: Operations, ino: int, step: int = 1 << 16) -> bytes:
+    info = await ops.open(ino, os.O_RDONLY, ROOT_CTX)
+    out = bytearray()
+    try:
+        while chunk := await ops.read(info.fh, len(out), step):
+            out += chunk
+    finally:
+        await ops.release(info.fh)
+    return bytes(out)
+
+
+async def _errno_of(call: Awaitable[Any]) -> int:
+    try:
+        await call
+    except pyfuse3.FUSEError as exc:
+        return exc.errno
+    return 0
+
+
+def test_dotdot_of_an_image_directory(made: storemaker.StoreMaker, tmp_path: Path) -> None:
+    ops = _ops(made, tmp_path)
+    image = made.images[0].id.encode()
+
+    async def main() -> None:
+        img = await _lookup_path(ops, image)
+        up = await ops.lookup(img.st_ino, b"..", ROOT_CTX)
+        assert up.st_ino == ROOT_INODE
+        layer = await _lookup_path(ops, image + b"/rootfs/dir")
+        up = await ops.lookup(layer.st_ino, b"..", ROOT_CTX)
+        rootfs = await _lookup_path(ops, image + b"/rootfs")
+        assert up.st_ino == rootfs.st_ino
+        assert (await ops.lookup(rootfs.st_ino, b"..", ROOT_CTX)).st_ino == img.st_ino
+
+    _run(main)
+
+
+def test_negative_lookup_errnos_and_write_refusal(
+    made: storemaker.StoreMaker, tmp_path: Path
+) -> None:
+    ops = _ops(made, tmp_path)
+    image = made.images[0].id.encode()
+
+    async def main() -> None:
+        missing = await ops.lookup(ROOT_INODE, b"no-such-image", ROOT_CTX)
+        assert missing.st_ino == 0  # a cacheable negative entry, not an error
+        manifest = await _lookup_path(ops, image + b"/manifest.json")
+        assert await _errno_of(ops.open(manifest.st_ino, os.O_WRONLY, ROOT_CTX)) == errno.EROFS
+        assert await _errno_of(ops.open(manifest.st_ino, os.O_RDWR, ROOT_CTX)) == errno.EROFS
+        directory = await _lookup_path(ops, image + b"/blobs")
+        assert await _errno_of(ops.open(directory.st_ino, os.O_RDONLY, ROOT_CTX)) == errno.EISDIR
+        assert await _errno_of(ops.getattr(999_999, ROOT_CTX)) == errno.ENOENT
+        assert await _errno_of(ops.getxattr(manifest.st_ino, b"user.nope", ROOT_CTX)) == (
+            errno.ENODATA
+        )
+        assert await _errno_of(ops.readlink(manifest.st_ino, ROOT_CTX)) == errno.EINVAL
+        assert not await ops.access(manifest.st_ino, os.W_OK, ROOT_CTX)
+        assert await ops.access(manifest.st_ino, os.R_OK, ROOT_CTX)
+
+    _run(main)
+
+
+def test_errno_mapping_is_one_table() -> None:
+    cases = {
+        imgfs.NotFound("x"): errno.ENOENT,
+        imgfs.AmbiguousName("x"): errno.ENOENT,
+        imgfs.StorePermissionError("x"): errno.EACCES,
+        imgfs.CorruptStore("x"): errno.EIO,
+        imgfs.IntegrityError("x"): errno.EIO,
+        imgfs.LayerUnavailable("x"): errno.EIO,
+        RuntimeError("bug"): errno.EIO,
+        pyfuse3.FUSEError(errno.ELOOP): errno.ELOOP,
+    }
+    for exc, code in cases.items():
+        assert ops_module._errno_for(exc) == code, exc
+
+
+def test_readdir_offsets_resume_and_lookup_counts(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = _ops(made, tmp_path)
+    image = made.images[0].id.encode()
+    replies: list[tuple[bytes, int, int]] = []
+    room = [2]
+
+    def reply(token: object, name: bytes, attrs: pyfuse3.EntryAttributes, offset: int) -> bool:
+        if room[0] == 0:
+            return False
+        room[0] -= 1
+        replies.append((name, attrs.st_ino, offset))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+
+    async def main() -> None:
+        img = await _lookup_path(ops, image)
+        fh = await ops.opendir(img.st_ino, ROOT_CTX)
+        await ops.readdir(fh, 0, None)
+        assert [n for n, _, _ in replies] == [b"manifest.json", b"config.json"]
+        room[0] = 100
+        await ops.readdir(fh, replies[-1][2], None)  # resume after the last offset returned
+        await ops.releasedir(fh)
+        names = [n for n, _, _ in replies]
+        assert names == [
+            b"manifest.json", b"config.json", b"signatures", b"blobs", b"layers", b"rootfs", b"oci"
+        ]  # fmt: skip
+        assert [o for _, _, o in replies] == list(range(1, 8))
+        blobs_ino = next(i for n, i, _ in replies if n == b"blobs")
+        again = await ops.lookup(img.st_ino, b"blobs", ROOT_CTX)
+        assert again.st_ino == blobs_ino  # one inode per key
+        await ops.forget([(blobs_ino, 2)])  # readdir's reference and the lookup's
+        fresh = await ops.lookup(img.st_ino, b"blobs", ROOT_CTX)
+        assert fresh.st_ino != blobs_ino  # forgotten inodes are never reused
+
+    _run(main)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_reads_equal_the_layer_and_a_corrupt_file_fails_every_reader(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    image = made.images[0]
+    invalidated: list[int] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, *a: invalidated.append(ino))
+    ops = _ops(made, tmp_path, direct=direct)
+    path = image.id.encode() + b"/rootfs/dir/file"
+
+    async def main() -> None:
+        attrs = await _lookup_path(ops, path)
+        assert await _read_all(ops, attrs.st_ino) == FILE
+        blob = await _lookup_path(ops, f"{image.id}/blobs/{image.diff_ids[0]}".encode())
+        assert await _read_all(ops, blob.st_ino, 1 << 20) == LAYER
+
+    _run(main)
+    diff = made.root / "overlay" / image.layers[0] / "diff" / "dir" / "file"
+    data = bytearray(diff.read_bytes())
+    data[1000] ^= 0xFF
+    diff.write_bytes(data)
+    ops = _ops(made, tmp_path / "again", direct=direct)
+
+    async def corrupt() -> None:
+        attrs = await _lookup_path(ops, path)
+        info = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)
+        assert await ops.read(info.fh, 2000, 100) == FILE[2000:2100]  # the middle: size-checked
+        assert await _errno_of(ops.read(info.fh, len(FILE) - 10, 10)) == errno.EIO  # the end
+        await trio.sleep(0.2)  # the invalidation runs in a system task after the reply
+        assert invalidated == [attrs.st_ino]
+        assert await _errno_of(ops.read(info.fh, 0, 100)) == errno.EIO  # failed stays failed
+        await ops.release(info.fh)
+        assert await _errno_of(ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)) == errno.EIO
+
+    _run(corrupt)
+
+
+def _tar_with_modes() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, mode, uid, data in (
+            ("secret", 0o700, 1234, None),
+            ("secret/f", 0o644, 1234, b"secret\n"),
+            ("pub", 0o755, 1234, None),
+            ("pub/g", 0o644, 1234, b"public\n"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.mode, info.uid, info.gid, info.mtime = mode, uid, uid, 1_700_000_000
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_view_access_rule_holds_on_the_whole_path(tmp_path: Path) -> None:
+    """With allow_other, a host user whose uid equals an image owner gets no owner rights:
+    not through lookup, getattr, xattrs, readlink, opendir or open, and never from a cache."""
+    maker = storemaker.StoreMaker(tmp_path / "root")
+    image = maker.add_image("localhost/modes:1", [_tar_with_modes()])
+    maker.write()
+    store = imgfs.Store.open(str(maker.root), str(tmp_path / "run"), storemaker.DRIVER)
+    ops = Operations(store, Caches.build(None), Ownership(0, 0, umask=0o022, shared=True))
+    owner_match = SimpleNamespace(uid=1234, gid=1234, pid=2, umask=0o022)
+    base = f"{image.id}/rootfs".encode()
+
+    async def main() -> None:
+        secret = await _lookup_path(ops, base + b"/secret")
+        inner = await _lookup_path(ops, base + b"/secret/f")  # root may
+        assert inner.entry_timeout == 0
+        assert inner.attr_timeout == 0
+        for call in (
+            ops.lookup(secret.st_ino, b"f", owner_match),
+            ops.getattr(inner.st_ino, owner_match),
+            ops.getxattr(inner.st_ino, b"user.x", owner_match),
+            ops.listxattr(inner.st_ino, owner_match),
+            ops.open(inner.st_ino, os.O_RDONLY, owner_match),
+            ops.opendir(secret.st_ino, owner_match),
+        ):
+            assert await _errno_of(call) == errno.EACCES
+        public = await _lookup_path(ops, base + b"/pub")
+        g = await ops.lookup(public.st_ino, b"g", owner_match)
+        assert g.st_ino != 0
+        info = await ops.open(g.st_ino, os.O_RDONLY, owner_match)
+        assert await ops.read(info.fh, 0, 100) == b"public\n"
+        await ops.release(info.fh)
+
+    _run(main)

@@ -1,0 +1,165 @@
+"""The mounted tree and the content API on a store written without buildah (tests/storemaker).
+
+Kernel-free: names, ``..`` of every node, links, hardlinks, whiteouts, the colon-free by-name
+twin, and every file's bytes through ``TreeView.open`` equal what went into the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+import imgfs
+from imgfs.views.content import Caches, Inline, Streamed, release
+from imgfs.views.keys import ROOT, ImageKey, Key
+from imgfs.views.node import Node
+from imgfs.views.tree import TreeView, build_view
+from tests import storemaker
+from tests.tarsplit_maker import make_tar
+
+BASE = make_tar(
+    [
+        ("etc", None),
+        ("etc/hostname", b"base\n"),
+        ("etc/gone", b"to be deleted\n"),
+        ("opt", None),
+        ("opt/keep", b"kept\n"),
+        ("link", "->etc/hostname"),
+        ("big", bytes(range(256)) * 4096),
+    ]
+)
+TOP = make_tar(
+    [
+        ("etc", None),
+        ("etc/.wh.gone", b""),
+        ("etc/hostname", b"top\n"),
+        ("etc/hard", "=>etc/hostname"),
+        ("opt", None),
+        ("opt/.wh..wh..opq", b""),
+        ("opt/new", b"new\n"),
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> storemaker.StoreMaker:
+    maker = storemaker.StoreMaker(tmp_path_factory.mktemp("offline") / "root")
+    maker.add_image("localhost/app:v2", [BASE, TOP])
+    maker.add_image("localhost:5000/other/thing:latest", [BASE])
+    maker.write()
+    return maker
+
+
+@pytest.fixture
+def view(made: storemaker.StoreMaker, tmp_path: Path) -> TreeView:
+    store = imgfs.Store.open(str(made.root), str(tmp_path / "run"), storemaker.DRIVER)
+    return build_view(store.images, 0, Caches.build(None))
+
+
+def _read(view: TreeView, path: str) -> bytes:
+    content = view.open(view.resolve(path.encode()).key)
+    try:
+        if isinstance(content, Inline):
+            return content.data
+        assert isinstance(content, Streamed)
+        return content.reader.read(0, content.reader.size + 1)
+    finally:
+        release(view.caches, content)
+
+
+def _names(view: TreeView, path: str) -> list[bytes]:
+    return [name for name, _ in view.children(view.resolve(path.encode()).key)]
+
+
+def _walk(view: TreeView, key: Key, seen: list[tuple[Key, Node]]) -> None:
+    for _, child in view.children(key):
+        seen.append((key, child))
+        if child.kind == "dir":
+            _walk(view, child.key, seen)
+
+
+def test_root_and_image_listing(view: TreeView, made: storemaker.StoreMaker) -> None:
+    app, other = made.images
+    assert sorted(_names(view, "")) == sorted([app.id.encode(), other.id.encode(), b"by-name"])
+    names = _names(view, app.id)
+    assert names == [
+        b"manifest.json", b"config.json", b"signatures", b"blobs", b"layers", b"rootfs", b"oci"
+    ]  # fmt: skip
+    assert _read(view, f"{app.id}/manifest.json") == app.manifest
+    assert _read(view, f"{app.id}/config.json") == app.config
+    assert _names(view, f"{app.id}/signatures") == []
+
+
+def test_dotdot_of_every_directory_is_its_parent(
+    view: TreeView, made: storemaker.StoreMaker
+) -> None:
+    seen: list[tuple[Key, Node]] = []
+    _walk(view, ROOT, seen)
+    dirs = [(parent, node) for parent, node in seen if node.kind == "dir"]
+    assert len(dirs) > 30
+    for parent, node in dirs:
+        assert view.lookup(node.key, b"..").key == parent, node.key
+        assert view.lookup(node.key, b".").key == node.key
+    assert view.lookup(ROOT, b"..").key == ROOT
+    assert view.lookup(ImageKey(made.images[0].id), b"..").key == ROOT
+
+
+def test_every_file_reads_what_went_in(view: TreeView, made: storemaker.StoreMaker) -> None:
+    app, _ = made.images
+    blobs = _names(view, f"{app.id}/blobs")
+    for digest in blobs:
+        data = _read(view, f"{app.id}/blobs/{digest.decode()}")
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest.decode()
+    assert {f"sha256:{hashlib.sha256(t).hexdigest()}".encode() for t in (BASE, TOP)} <= set(blobs)
+    assert _read(view, f"{app.id}/rootfs/etc/hostname") == b"top\n"
+    assert _read(view, f"{app.id}/rootfs/big") == bytes(range(256)) * 4096
+    assert _read(view, f"{app.id}/rootfs/opt/new") == b"new\n"
+    layer0, layer1 = _names(view, f"{app.id}/layers")
+    assert _read(view, f"{app.id}/layers/{layer0.decode()}/etc/gone") == b"to be deleted\n"
+    assert b".wh.gone" in _names(view, f"{app.id}/layers/{layer1.decode()}/etc")
+
+
+def test_whiteouts_opaque_dirs_links_and_hardlinks(
+    view: TreeView, made: storemaker.StoreMaker
+) -> None:
+    app, _ = made.images
+    assert sorted(_names(view, f"{app.id}/rootfs/etc")) == [b"hard", b"hostname"]
+    assert _names(view, f"{app.id}/rootfs/opt") == [b"new"]
+    link = view.resolve(f"{app.id}/rootfs/link".encode())
+    assert (link.kind, link.target) == ("link", b"etc/hostname")
+    hard = view.resolve(f"{app.id}/rootfs/etc/hard".encode())
+    host = view.resolve(f"{app.id}/rootfs/etc/hostname".encode())
+    assert hard.key == host.key
+    assert hard.nlink == 2
+
+
+def test_by_name_links_and_their_colon_free_twins(
+    view: TreeView, made: storemaker.StoreMaker
+) -> None:
+    app, other = made.images
+    assert _names(view, "by-name") == [b"localhost", b"localhost:5000"]
+    assert _names(view, "by-name/localhost") == [b"app:v2"]
+    for path in ("by-name/localhost/app:v2", "by-name/localhost/app=v2"):
+        node = view.resolve(path.encode())
+        assert (node.kind, node.target) == ("link", f"../../{app.id}".encode())
+    twin = view.resolve(b"by-name/localhost=5000/other/thing=latest")
+    assert twin.target == f"../../../{other.id}".encode()
+    with pytest.raises(imgfs.NotFound):
+        view.resolve(b"by-name/localhost/app=v3")
+
+
+def test_unique_prefix_is_a_link_and_unknown_names_are_not_found(
+    view: TreeView, made: storemaker.StoreMaker
+) -> None:
+    app, _ = made.images
+    node = view.lookup(ROOT, app.id[:12].encode())
+    assert (node.kind, node.target) == ("link", app.id.encode())
+    for bad in (b"nope", b"..x", app.id[:12].upper().encode()):
+        with pytest.raises(imgfs.NotFound):
+            view.lookup(ROOT, bad)
+    with pytest.raises(imgfs.NotFound):
+        view.resolve(f"{app.id}/rootfs/etc/nothing".encode())
+    with pytest.raises(imgfs.NotFound):
+        view.resolve(f"{app.id}/layers/9-abc".encode())
