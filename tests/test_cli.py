@@ -22,6 +22,7 @@ import pytest
 from test_daemon import (
     FUSEHELLO,
     HelloMount,
+    _private_state_home,
     hello,
     hello_env,
     is_listed_mount,
@@ -39,9 +40,16 @@ from imgfs.errors import (
     StoreNotFound,
     StorePermissionError,
 )
-from imgfs.fuse import daemon
+from imgfs.fuse import mounting
 
-__all__ = ["hello"]  # the fixture, re-used from test_daemon
+__all__ = ["_private_state_home", "hello"]  # fixtures re-used from test_daemon
+
+
+def empty_store(path: Path) -> Path:
+    """An overlay graph root with no images (what ``podman`` leaves on a fresh machine)."""
+    for sub in ("overlay-images", "overlay-layers", "overlay"):
+        (path / sub).mkdir(parents=True)
+    return path
 
 
 def run_imgfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -143,7 +151,10 @@ def test_mount_option_usage_error_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.fuse_required
 def test_missing_mountpoint_is_one_line(tmp_path: Path) -> None:
-    result = run_imgfs(str(tmp_path), str(tmp_path / "missing"))
+    store = empty_store(tmp_path / "store")
+    result = run_imgfs(
+        "--cache-dir", str(tmp_path / "cache"), str(store), str(tmp_path / "missing")
+    )
     assert result.returncode == 6
     assert one_error_line(result.stderr) == f"imgfs: mountpoint does not exist: {tmp_path}/missing"
 
@@ -166,7 +177,7 @@ def test_keyboard_interrupt_is_130(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     def interrupted(mountpoint: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(daemon, "unmount", interrupted)
+    monkeypatch.setattr(mounting, "unmount", interrupted)
     assert cli.main(["-u", str(tmp_path)]) == 130
 
 
@@ -380,9 +391,7 @@ def test_cli_real_store_and_operations(hello: HelloMount) -> None:
         importlib.import_module("imgfs.fuse.ops")
     except Exception as exc:
         pytest.skip(f"imgfs.fuse.ops does not import yet: {exc}")
-    store = hello.state / "storage"
-    for sub in ("overlay-images", "overlay-layers", "overlay"):
-        (store / sub).mkdir(parents=True)
+    store = empty_store(hello.state / "storage")
     result = run_imgfs(
         "--driver", "overlay",
         "--runroot", str(hello.state / "run"),
