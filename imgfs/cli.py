@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="log every FUSE request; show tracebacks for errors"
     )
-    parser.add_argument("-d", dest="debug_foreground", action="store_true", help="--debug -f")
+    parser.add_argument(
+        "-d", dest="debug_foreground", action="store_true", help="the same as --debug -f"
+    )
     parser.add_argument("-V", "--version", action=_VersionAction)
     return parser
 
@@ -297,12 +299,7 @@ def main(argv: list[str] | None = None, *, via_mount: bool = False) -> int:
     ``via_mount``: the command line came from mount(8) through ``mount_helper`` (its
     options are implicit; see imgfs.fuse.mounting).
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.debug_foreground:
-        args.debug = args.foreground = True
-    args.via_mount = via_mount
-    _check_paths(parser, args)
+    args = parse_command_line(argv, via_mount=via_mount)
     _configure_terminal_logging(args)
     try:
         return _dispatch(args)
@@ -310,6 +307,17 @@ def main(argv: list[str] | None = None, *, via_mount: bool = False) -> int:
         return _report(exc, args.debug)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def parse_command_line(argv: list[str] | None, *, via_mount: bool = False) -> argparse.Namespace:
+    """The parsed arguments, ``-d`` expanded and positionals checked (argparse exits 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.debug_foreground:
+        args.debug = args.foreground = True
+    args.via_mount = via_mount
+    _check_paths(parser, args)
+    return args
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

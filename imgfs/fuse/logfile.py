@@ -126,6 +126,8 @@ def _open_ours(path: str) -> tuple[int, int]:
 def _reason(exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
         return "it is a symbolic link (log files are opened without following symlinks)"
+    if exc.errno == errno.ENXIO:  # a FIFO nobody reads (opened without blocking)
+        return "not a regular file"
     return exc.strerror or str(exc)
 
 

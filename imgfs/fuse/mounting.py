@@ -137,7 +137,7 @@ def parse_mount_options(values: list[str], fsname: str, *, via_mount: bool = Fal
     for item in (item for value in values for item in split_options(value)):
         if via_mount and is_mount8_option(item):
             if item in _REFUSED_OPTIONS:
-                log.info("mount(8) passed -o %s; imgfs mounts read-only, nodev, nosuid", item)
+                log.debug("mount(8) passed -o %s; imgfs mounts read-only, nodev, nosuid", item)
             continue
         key, has_value, text = item.partition("=")
         _refuse(item, key, has_value)
