@@ -525,3 +525,15 @@ def test_unmount_refuses_a_tmpfs(tmp_path: Path) -> None:
     )
     assert result.stdout.split() == ["rc=7", "still-mounted"], result.stdout + result.stderr
     assert one_error_line(result.stderr) == f"imgfs: not an imgfs mount (tmpfs): {target}"
+
+
+def test_bash_completion_offers_every_option_of_help() -> None:
+    completion = Path(__file__).resolve().parent.parent / "scripts" / "imgfs.bash-completion"
+    script = (
+        f"source {completion}\nCOMP_WORDS=(imgfs -)\nCOMP_CWORD=1\n_imgfs\n"
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    offered = set(result.stdout.split())
+    assert _help_options(run_imgfs("--help").stdout) <= offered

@@ -203,3 +203,18 @@ def test_installed_helper_is_this_checkouts() -> None:
     )
     assert result.returncode == 3, result.stderr
     assert result.stderr.strip().endswith("no store at /nonexistent-store: does not exist")
+
+
+def test_readme_systemd_unit_verifies(tmp_path: Path) -> None:
+    """The README's .mount unit passes ``systemd-analyze verify`` (no systemd runs here)."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    readme = (Path(SRC_ROOT) / "README.md").read_text()
+    unit = readme.split("```ini\n", 1)[1].split("```", 1)[0]
+    assert "Type=fuse.imgfs" in unit
+    assert "Where=/mnt/images" in unit
+    path = tmp_path / "mnt-images.mount"  # the name systemd requires for Where=/mnt/images
+    path.write_text(unit)
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
