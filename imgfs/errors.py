@@ -15,7 +15,8 @@ FUSE or the CLI (those translate these classes once, at their own boundary).
     ├── UsageError              a wrong command line or mount option
     ├── MountError              the file system could not be mounted, served or unmounted
     │   ├── FuseUnavailable     /dev/fuse or fusermount3 missing or unusable
-    │   └── MountpointBusy      something is (or was, dead) mounted there, or it is in use
+    │   ├── MountpointBusy      something is (or was, dead) mounted there, or it is in use
+    │   └── NotImgfsMount       ``imgfs -u`` on a mount point of another file system
     ├── Cancelled               work nobody waits for any more (a snapshot whose readers left)
     └── CorruptStore            store content that cannot be served correctly
         ├── MalformedMetadata   JSON/record/tar-split that does not parse or is out of bounds
@@ -79,6 +80,10 @@ class FuseUnavailable(MountError):
 
 class MountpointBusy(MountError):
     """The mountpoint is already a mount point (live or dead), or still in use."""
+
+
+class NotImgfsMount(MountError):
+    """``imgfs -u`` was pointed at a mount point that is not an imgfs mount."""
 
 
 class Cancelled(ImgfsError):

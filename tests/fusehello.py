@@ -30,7 +30,7 @@ import trio
 
 from imgfs import cli
 from imgfs.errors import ImgfsError, StoreNotFound
-from imgfs.fuse import daemon
+from imgfs.fuse import daemon, logfile, mounting
 
 CONTENT = b"hello world\n"
 HELLO_INODE = pyfuse3.ROOT_INODE + 1
@@ -118,7 +118,8 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("-o", dest="options", action="append", default=[])
     args = parser.parse_args(argv)
     try:
-        options = daemon.parse_mount_options(args.options, fsname="imgfs:/test,store")
+        options = mounting.parse_mount_options(args.options, fsname="imgfs:/test,store")
+        log_file = None if args.log_file is None else logfile.open_log(args.log_file)
         ops = HelloOperations(args.state, args.crash_after)
         return daemon.serve(
             ops,
@@ -127,7 +128,7 @@ def _serve(argv: list[str]) -> int:
             foreground=args.foreground,
             background=ops.run_background,
             cleanup=ops.close,
-            log_file=args.log_file,
+            log_file=log_file,
         )
     except ImgfsError as exc:
         print(f"imgfs: {exc}", file=sys.stderr)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import types
@@ -22,6 +24,7 @@ import pytest
 from test_daemon import (
     FUSEHELLO,
     HelloMount,
+    _private_state_home,
     hello,
     hello_env,
     is_listed_mount,
@@ -39,9 +42,16 @@ from imgfs.errors import (
     StoreNotFound,
     StorePermissionError,
 )
-from imgfs.fuse import daemon
+from imgfs.fuse import mounting
 
-__all__ = ["hello"]  # the fixture, re-used from test_daemon
+__all__ = ["_private_state_home", "hello"]  # fixtures re-used from test_daemon
+
+
+def empty_store(path: Path) -> Path:
+    """An overlay graph root with no images (what ``podman`` leaves on a fresh machine)."""
+    for sub in ("overlay-images", "overlay-layers", "overlay"):
+        (path / sub).mkdir(parents=True)
+    return path
 
 
 def run_imgfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -143,7 +153,10 @@ def test_mount_option_usage_error_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.fuse_required
 def test_missing_mountpoint_is_one_line(tmp_path: Path) -> None:
-    result = run_imgfs(str(tmp_path), str(tmp_path / "missing"))
+    store = empty_store(tmp_path / "store")
+    result = run_imgfs(
+        "--cache-dir", str(tmp_path / "cache"), str(store), str(tmp_path / "missing")
+    )
     assert result.returncode == 6
     assert one_error_line(result.stderr) == f"imgfs: mountpoint does not exist: {tmp_path}/missing"
 
@@ -166,7 +179,7 @@ def test_keyboard_interrupt_is_130(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     def interrupted(mountpoint: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(daemon, "unmount", interrupted)
+    monkeypatch.setattr(mounting, "unmount", interrupted)
     assert cli.main(["-u", str(tmp_path)]) == 130
 
 
@@ -381,9 +394,7 @@ def test_cli_real_store_and_operations(hello: HelloMount) -> None:
         importlib.import_module("imgfs.fuse.ops")
     except Exception as exc:
         pytest.skip(f"imgfs.fuse.ops does not import yet: {exc}")
-    store = hello.state / "storage"
-    for sub in ("overlay-images", "overlay-layers", "overlay"):
-        (store / sub).mkdir(parents=True)
+    store = empty_store(hello.state / "storage")
     result = run_imgfs(
         "--driver", "overlay",
         "--runroot", str(hello.state / "run"),
@@ -405,3 +416,125 @@ def test_cli_real_store_and_operations(hello: HelloMount) -> None:
 def fields_type(path: Path) -> str:
     fields = mount_entry(path)
     return fields[fields.index("-") + 1]
+
+
+# --------------------------------------------------------------------------- conventions
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+MAN_PAGE = Path(__file__).resolve().parent.parent / "docs" / "imgfs.1"
+
+
+def test_version_names_every_component() -> None:
+    result = run_imgfs("-V")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        "imgfs", "pyfuse3", "libfuse", "fusermount3", "kernel"
+    ]  # fmt: skip
+    assert lines[0] == f"imgfs {cli._version()}"
+    import pyfuse3
+
+    assert lines[1] == f"pyfuse3 {pyfuse3.__version__}"
+    assert lines[2].startswith("libfuse 3.")
+    assert "FUSE kernel interface up to 7." in lines[2]
+    assert lines[4].startswith(f"kernel Linux {os.uname().release}")
+    assert run_imgfs("--version").stdout == result.stdout
+
+
+def test_d_is_debug_and_foreground() -> None:
+    args = cli.parse_command_line(["-d", "mnt"])
+    assert (args.debug, args.foreground) == (True, True)
+    args = cli.parse_command_line(["mnt"])
+    assert (args.debug, args.foreground) == (False, False)
+
+
+def _help_options(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w$/-])(--?[A-Za-z][\w-]*)", text))
+
+
+def test_man_page_has_every_option_of_help() -> None:
+    help_text = run_imgfs("--help").stdout
+    options = _help_options(help_text)
+    assert {"-u", "--list", "-o", "--direct", "-V", "--version", "-d", "--log-file"} <= options
+    man = MAN_PAGE.read_text().replace("\\-", "-")
+    missing = sorted(
+        o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", man)
+    )
+    assert missing == [], f"options in --help but not in docs/imgfs.1: {missing}"
+
+
+def test_readme_and_help_agree_on_direct() -> None:
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `--direct`"))
+    assert cli.DIRECT_HELP in row
+    assert cli.DIRECT_HELP in " ".join(run_imgfs("--help").stdout.split())
+
+
+_NO_FUSE_IMPORTS = (
+    "import sys\n"
+    "from imgfs import cli\n"
+    "status = cli.main(sys.argv[1:])\n"
+    "loaded = sorted(m for m in ('pyfuse3', 'trio') if m in sys.modules)\n"
+    "print('loaded:', ','.join(loaded))\n"
+    "raise SystemExit(status)\n"
+)
+
+
+def run_without_fuse(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _NO_FUSE_IMPORTS, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=hello_env(),
+    )
+
+
+def test_list_loads_neither_pyfuse3_nor_trio(tmp_path: Path) -> None:
+    result = run_without_fuse("--list", str(empty_store(tmp_path / "store")))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "loaded: "
+
+
+@pytest.mark.fuse_required
+def test_unmount_loads_neither_pyfuse3_nor_trio(hello: HelloMount) -> None:
+    assert hello.serve().returncode == 0
+    result = run_without_fuse("-u", str(hello.path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "loaded: "
+    assert not is_listed_mount(hello.path)
+
+
+def test_unmount_refuses_a_tmpfs(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare to mount a tmpfs in a private namespace")
+    target = tmp_path / "tmpfs"
+    target.mkdir()
+    script = (
+        f"set -u\nmount -t tmpfs imgfs-test {target}\n"
+        f"{sys.executable} -m imgfs -u {target}\necho rc=$?\n"
+        f"mountpoint -q {target} && echo still-mounted\n"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=hello_env(),
+    )
+    assert result.stdout.split() == ["rc=7", "still-mounted"], result.stdout + result.stderr
+    assert one_error_line(result.stderr) == f"imgfs: not an imgfs mount (tmpfs): {target}"
+
+
+def test_bash_completion_offers_every_option_of_help() -> None:
+    completion = Path(__file__).resolve().parent.parent / "scripts" / "imgfs.bash-completion"
+    script = (
+        f"source {completion}\nCOMP_WORDS=(imgfs -)\nCOMP_CWORD=1\n_imgfs\n"
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    offered = set(result.stdout.split())
+    assert _help_options(run_imgfs("--help").stdout) <= offered

@@ -1,8 +1,9 @@
-"""The mount lifecycle: options, preflight checks, init, daemonizing, main loop, unmount.
+"""The mount lifecycle: init, daemonizing, main loop, signals.
 
-Owns: the FUSE mount options imgfs insists on, the checks that run before mounting
-(/dev/fuse, fusermount3, the mountpoint), ``pyfuse3.init``/``main``/``close``, detaching
-into the background once the mount exists, signal handling and ``fusermount3 -u``.
+Owns: ``pyfuse3.init``/``main``/``close``, detaching into the background once the mount
+exists, signal handling. Options, preflight checks, the mount table and ``imgfs -u`` are in
+``imgfs.fuse.mounting`` (no pyfuse3 there, so ``imgfs -u``/``--list`` never load it); the log
+file is ``imgfs.fuse.logfile``'s.
 
 Must not know: the store, images, the virtual tree or the operations' internals. It gets
 an opaque ``pyfuse3.Operations`` plus two callbacks (a background task and a cleanup) and
@@ -25,251 +26,28 @@ leaving a dead mount behind.
 from __future__ import annotations
 
 import contextlib
-import errno
 import faulthandler
-import grp
 import logging
 import os
-import pwd
-import shutil
 import signal
-import stat
-import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from typing import NoReturn
 
 import pyfuse3
 import trio
 
-from imgfs.errors import FuseUnavailable, MountError, MountpointBusy, UsageError
+from imgfs.errors import MountError
+from imgfs.fuse.logfile import LogFile
+from imgfs.fuse.mounting import FUSERMOUNT, MountOptions, preflight
 
 log = logging.getLogger(__name__)
-
-FUSE_DEVICE = "/dev/fuse"
-FUSERMOUNT = "fusermount3"
-MOUNTINFO = "/proc/self/mountinfo"
-FUSE_PACKAGE_HINT = "install the 'fuse3' package (apt-get install fuse3)"
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _READY = b"ready\n"
 _ERROR_PREFIX = b"error "
-
-# Options imgfs always sets; the user cannot remove them.
-_FIXED_OPTIONS = frozenset({"default_permissions", "ro", "nosuid", "nodev", "subtype=imgfs"})
-# Options that would undo a fixed one, with the reason shown to the user.
-_REFUSED_OPTIONS = {
-    "rw": "imgfs is read-only; -o rw is not supported",
-    "suid": "imgfs never honours set-user-ID bits; -o suid is not supported",
-    "dev": "imgfs never serves device files; -o dev is not supported",
-    "nodefault_permissions": "default_permissions is always on and cannot be turned off",
-    "no_default_permissions": "default_permissions is always on and cannot be turned off",
-}
-_IMGFS_KEYS = frozenset({"uid", "gid", "umask"})
-
-
-@dataclass(frozen=True)
-class MountOptions:
-    """FUSE options to pass to ``pyfuse3.init`` plus imgfs's own ``uid``/``gid``/``umask``.
-
-    ``uid``, ``gid`` and ``umask`` are for the operations (ownership and modes of the
-    tree); they are never part of ``fuse_options``.
-    """
-
-    fuse_options: frozenset[str]
-    uid: int | None = None
-    gid: int | None = None
-    umask: int | None = None
-
-
-# --------------------------------------------------------------------------- options
-
-
-def escape_option_value(value: str) -> str:
-    """Escape ``value`` for one libfuse ``-o`` item: backslashes and commas get a backslash.
-
-    libfuse passes options as ASCII, so other characters become ``?`` (the file system
-    name is informational only; the mountpoint itself is passed separately).
-    """
-    escaped = value.replace("\\", "\\\\").replace(",", "\\,")
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in escaped)
-
-
-def split_options(value: str) -> list[str]:
-    """Split one ``-o`` argument on commas that are not escaped with a backslash."""
-    items: list[str] = []
-    current: list[str] = []
-    chars = iter(value)
-    for ch in chars:
-        if ch == "\\":
-            current.append(ch + next(chars, ""))
-        elif ch == ",":
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    items.append("".join(current))
-    return [item for item in items if item]
-
-
-def parse_mount_options(values: list[str], fsname: str) -> MountOptions:
-    """Parse repeated ``-o`` arguments into the options for a mount named ``fsname``.
-
-    ``fsname`` is the unescaped file system name shown in the mount table (the CLI passes
-    ``imgfs:<store path>``). Unknown options are passed to FUSE unchanged; a user's own
-    ``fsname=`` replaces the default one.
-    """
-    fuse = set(_FIXED_OPTIONS)
-    own: dict[str, int] = {}
-    user_fsname: str | None = None
-    for item in (item for value in values for item in split_options(value)):
-        key, has_value, text = item.partition("=")
-        _refuse(item, key, has_value)
-        if key in _IMGFS_KEYS:
-            own[key] = _parse_own_option(key, text, has_value)
-        elif key == "fsname" and has_value:
-            user_fsname = _ascii_option(item)
-        else:
-            fuse.add(_ascii_option(item))
-    fuse.add(user_fsname or f"fsname={escape_option_value(fsname)}")
-    return MountOptions(
-        fuse_options=frozenset(fuse), uid=own.get("uid"), gid=own.get("gid"), umask=own.get("umask")
-    )
-
-
-def _refuse(item: str, key: str, has_value: str) -> None:
-    reason = _REFUSED_OPTIONS.get(item)
-    if reason is None and key == "default_permissions" and has_value:
-        reason = _REFUSED_OPTIONS["nodefault_permissions"]
-    if reason is None and key == "subtype" and item != "subtype=imgfs":
-        reason = "the file system type is always fuse.imgfs; -o subtype is not supported"
-    if reason is not None:
-        raise UsageError(reason)
-
-
-def _ascii_option(item: str) -> str:
-    if not item.isascii():
-        raise UsageError(f"mount option {item!r} is not ASCII")
-    return item
-
-
-def _parse_own_option(key: str, text: str, has_value: str) -> int:
-    if not has_value or not text:
-        raise UsageError(f"mount option {key}= needs a value")
-    if key == "umask":
-        return _parse_umask(text)
-    return _parse_id(key, text)
-
-
-def _parse_umask(text: str) -> int:
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise UsageError(f"umask={text}: not an octal number") from None
-    if not 0 <= value <= 0o777:
-        raise UsageError(f"umask={text}: must be between 000 and 777")
-    return value
-
-
-def _parse_id(key: str, text: str) -> int:
-    if text.isdigit():
-        value = int(text)
-        if value >= 2**32 - 1:
-            raise UsageError(f"{key}={text}: out of range")
-        return value
-    try:
-        if key == "uid":
-            return pwd.getpwnam(text).pw_uid
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        kind = "user" if key == "uid" else "group"
-        raise UsageError(f"{key}={text}: no such {kind}") from None
-
-
-# --------------------------------------------------------------------------- preflight
-
-
-def preflight(mountpoint: str) -> str:
-    """Check that FUSE works and ``mountpoint`` can take a mount; return its real path."""
-    check_fuse()
-    return check_mountpoint(mountpoint)
-
-
-def check_fuse() -> None:
-    """Raise FuseUnavailable unless /dev/fuse opens and fusermount3 is on PATH."""
-    try:
-        fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise FuseUnavailable(
-            f"FUSE is not available: {FUSE_DEVICE} does not exist; load the fuse kernel module "
-            f"(modprobe fuse), pass the device into containers (--device {FUSE_DEVICE}) and "
-            f"{FUSE_PACKAGE_HINT}"
-        ) from None
-    except OSError as exc:
-        raise FuseUnavailable(
-            f"FUSE is not available: cannot open {FUSE_DEVICE}: {exc.strerror}; "
-            f"{FUSE_PACKAGE_HINT} and make sure this user may open the device"
-        ) from None
-    os.close(fd)
-    if shutil.which(FUSERMOUNT) is None:
-        raise FuseUnavailable(
-            f"FUSE is not available: {FUSERMOUNT} was not found on PATH; {FUSE_PACKAGE_HINT}"
-        )
-
-
-def check_mountpoint(mountpoint: str) -> str:
-    """Return the real path of ``mountpoint`` (symlinks resolved) if a mount can go there."""
-    real = os.path.realpath(mountpoint)
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise MountError(f"mountpoint does not exist: {mountpoint}") from None
-    except OSError as exc:
-        raise _stat_error(mountpoint, exc) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise MountError(f"mountpoint is not a directory: {mountpoint}")
-    if is_mount_point(real):
-        raise MountpointBusy(f"mountpoint busy: {mountpoint} is already a mount point")
-    return real
-
-
-def _stat_error(mountpoint: str, exc: OSError) -> MountError:
-    if exc.errno == errno.ENOTCONN:
-        return MountpointBusy(
-            f"mountpoint busy: {mountpoint} is a dead FUSE mount ({exc.strerror}); "
-            f"remove it with '{FUSERMOUNT} -u {mountpoint}'"
-        )
-    return MountError(f"cannot use mountpoint {mountpoint}: {exc.strerror}")
-
-
-def is_mount_point(path: str) -> bool:
-    """True if ``path`` (a real path) is a mount point in this mount namespace."""
-    try:
-        return path in _mount_points()
-    except OSError:
-        return os.path.ismount(path)
-
-
-def _mount_points() -> set[str]:
-    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as mountinfo:
-        return {_unescape_mountinfo(line.split(" ")[4]) for line in mountinfo if line.strip()}
-
-
-def _unescape_mountinfo(field: str) -> str:
-    """Undo the kernel's octal escapes (``\\040`` for a space) in a mountinfo field."""
-    parts = field.split("\\")
-    out = [parts[0]]
-    for part in parts[1:]:
-        code, rest = part[:3], part[3:]
-        if len(code) == 3 and all(c in "01234567" for c in code):
-            out.append(chr(int(code, 8)) + rest)
-        else:
-            out.append("\\" + part)
-    return "".join(out)
-
 
 # --------------------------------------------------------------------------- serve
 
@@ -282,7 +60,7 @@ def serve(
     foreground: bool,
     background: Callable[[], Awaitable[None]] | None = None,
     cleanup: Callable[[], None] | None = None,
-    log_file: str | None = None,
+    log_file: LogFile | None = None,
 ) -> int:
     """Mount ``operations`` on ``mountpoint`` and serve until unmounted or signalled.
 
@@ -290,28 +68,26 @@ def serve(
     the mount is ready: it exits 0 (``os._exit``) while the detached child serves. If the
     child fails before it is ready, the caller gets a MountError. In the serving process,
     the mount is always unmounted and ``cleanup`` always runs before this returns 0 or
-    re-raises.
+    re-raises. A daemon's stdout/stderr become ``log_file`` (None: /dev/null) once detached.
     """
-    log_fd: int | None = None
     try:
         real = preflight(mountpoint)
         if not foreground:
             _check_single_threaded()
-            log_fd = _open_log(log_file)
         _init_fuse(operations, real, options)
     except BaseException:
-        if log_fd is not None:
-            os.close(log_fd)
         _run_cleanup(cleanup)
         raise
-    return _serve_mounted(real, options, foreground, log_fd, background, cleanup)
+    return _serve_mounted(
+        real, options, foreground, None if foreground else log_file, background, cleanup
+    )
 
 
 def _serve_mounted(
     mountpoint: str,
     options: MountOptions,
     foreground: bool,
-    log_fd: int | None,
+    log_file: LogFile | None,
     background: Callable[[], Awaitable[None]] | None,
     cleanup: Callable[[], None] | None,
 ) -> int:
@@ -319,7 +95,7 @@ def _serve_mounted(
     readiness: _Readiness | None = None
     try:
         if not foreground:
-            readiness = _daemonize(log_fd, old_mask)
+            readiness = _daemonize(log_file, old_mask)
         log.info(
             "mounted %s on %s (pid %d)", _option_value(options, "fsname"), mountpoint, os.getpid()
         )
@@ -343,15 +119,6 @@ def _option_value(options: MountOptions, key: str) -> str:
         if name == key:
             return value
     return ""
-
-
-def _open_log(log_file: str | None) -> int | None:
-    if log_file is None:
-        return None
-    try:
-        return os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise MountError(f"cannot open log file {log_file}: {exc.strerror}") from None
 
 
 def _check_single_threaded() -> None:
@@ -445,7 +212,7 @@ class _Readiness:
             os.close(fd)
 
 
-def _daemonize(log_fd: int | None, parent_mask: set[int | signal.Signals]) -> _Readiness:
+def _daemonize(log_file: LogFile | None, parent_mask: set[int | signal.Signals]) -> _Readiness:
     """Fork; in the parent wait for readiness and exit; in the child detach and return."""
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
@@ -453,12 +220,10 @@ def _daemonize(log_fd: int | None, parent_mask: set[int | signal.Signals]) -> _R
     pid = os.fork()
     if pid != 0:
         os.close(write_fd)
-        if log_fd is not None:
-            os.close(log_fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, parent_mask)
         _wait_for_child(pid, read_fd)
     os.close(read_fd)
-    _detach(log_fd)
+    _detach(log_file)
     return _Readiness(write_fd)
 
 
@@ -487,18 +252,19 @@ def _describe(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def _detach(log_fd: int | None) -> None:
+def _detach(log_file: LogFile | None) -> None:
     """New session, cwd /, stdin from /dev/null, stdout/stderr to the log (or /dev/null)."""
     os.setsid()
     os.chdir("/")
     null = os.open(os.devnull, os.O_RDWR)
-    out = null if log_fd is None else log_fd
     os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    for fd in {null, out}:
-        if fd > 2:
-            os.close(fd)
+    if log_file is None:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+    else:
+        log_file.attach_stderr()
+    if null > 2:
+        os.close(null)
 
 
 # --------------------------------------------------------------------------- main loop
@@ -538,38 +304,3 @@ async def _terminate_on_signal(signals: AsyncIterator[int]) -> None:
     async for signum in signals:
         log.info("received %s; unmounting", signal.Signals(signum).name)
         pyfuse3.terminate()
-
-
-# --------------------------------------------------------------------------- unmount
-
-
-def unmount(mountpoint: str) -> None:
-    """Unmount an imgfs (any FUSE) mount with ``fusermount3 -u``; report errors clearly."""
-    exe = shutil.which(FUSERMOUNT)
-    if exe is None:
-        raise FuseUnavailable(
-            f"FUSE is not available: {FUSERMOUNT} was not found on PATH; {FUSE_PACKAGE_HINT}"
-        )
-    path = os.path.realpath(mountpoint)
-    if not is_mount_point(path):
-        raise MountError(f"not mounted: {mountpoint}")
-    result = subprocess.run([exe, "-u", path], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise _unmount_error(mountpoint, result.stderr)
-    log.info("unmounted %s", path)
-
-
-def _strip_program(line: str) -> str:
-    program, sep, rest = line.partition(": ")
-    return rest if sep and program.endswith(FUSERMOUNT) else line
-
-
-def _unmount_error(mountpoint: str, stderr: str) -> MountError:
-    lines = [_strip_program(line).strip() for line in stderr.splitlines()]
-    reason = "; ".join(line for line in lines if line) or "fusermount3 failed"
-    if "busy" in reason.lower():
-        return MountpointBusy(
-            f"mountpoint busy: cannot unmount {mountpoint}: {reason}; close the files and "
-            f"directories still open under it (or detach lazily: {FUSERMOUNT} -u -z {mountpoint})"
-        )
-    return MountError(f"cannot unmount {mountpoint}: {reason}")

@@ -29,6 +29,7 @@ from imgfs.errors import (
     NotFound,
     StorePermissionError,
 )
+from imgfs.fuse import requestlog
 from imgfs.fuse.inodes import ROOT_INODE, InodeTable
 from imgfs.store.image import Store
 from imgfs.views import content as contents
@@ -68,6 +69,11 @@ def _boundary(handler: F) -> F:
 
     @functools.wraps(handler)
     async def wrapper(self: Operations, *args: Any) -> Any:
+        if self.debug:  # --debug: one log line per request (imgfs/fuse/requestlog.py)
+            return await requestlog.traced(handler, args, guarded(self, *args), self.inodes.key)
+        return await guarded(self, *args)
+
+    async def guarded(self: Operations, *args: Any) -> Any:
         try:
             return await handler(self, *args)
         except pyfuse3.FUSEError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -97,8 +98,8 @@ class Store:
         cls, graphroot: str | None = None, runroot: str | None = None, driver: str | None = None
     ) -> Store:
         """Open the store at ``graphroot`` (None: the one podman would use)."""
-        if graphroot is not None and not os.path.isdir(graphroot):
-            raise StoreNotFound(f"no store at {graphroot}: not a directory")
+        if graphroot is not None:
+            _check_root(graphroot)
         return cls(configuration.resolve(graphroot, runroot, driver))
 
     @property
@@ -209,10 +210,7 @@ class Store:
 
     def _check_exists(self) -> None:
         primary = self.roots[0] if not self.config.imagestore else self.roots[1]
-        if not os.path.isdir(primary.root):
-            raise StoreNotFound(f"no store at {primary.root}")
-        if not os.access(primary.root, os.R_OK | os.X_OK):
-            raise StorePermissionError(f"{primary.root}: permission denied")
+        _check_root(primary.root)
         dirs = (primary.images_dir, primary.layers_dir)
         if not any(os.path.isdir(d) for d in dirs):
             raise StoreNotFound(
@@ -225,6 +223,22 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.graphroot!r}, driver={self.driver!r})"
+
+
+def _check_root(path: str) -> None:
+    """StoreNotFound unless ``path`` is a directory; StorePermissionError unless we may read it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise StoreNotFound(f"no store at {path}: does not exist") from None
+    except PermissionError:
+        raise StorePermissionError(f"store {path}: permission denied") from None
+    except OSError as exc:
+        raise StoreNotFound(f"no store at {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreNotFound(f"no store at {path}: not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise StorePermissionError(f"store {path}: permission denied")
 
 
 class Image:

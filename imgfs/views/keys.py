@@ -220,3 +220,37 @@ def child_key(parent: Key, name: bytes) -> Key | None:
     if isinstance(parent, RootfsKey):
         return RootfsKey(parent.image, child_path(parent.path, name))
     return None
+
+
+def display(key: Key) -> str:
+    """A path-like text for logs: ``/<id>/rootfs/etc/hostname``, ``/by-name/…`` (hardlink
+    identities as ``…/rootfs#<layer>:<ref>``; non-UTF-8 bytes escaped)."""
+    if isinstance(key, RootKey):
+        return "/"
+    if isinstance(key, PrefixKey | ImageKey):
+        return f"/{key.image}"
+    if isinstance(key, ByNameKey):
+        return "/by-name" + "".join("/" + _text(p) for p in key.parts)
+    base = f"/{key.image}"
+    if isinstance(key, ImageFileKey):
+        return f"{base}/{key.name}"
+    if isinstance(key, SectionKey):
+        return f"{base}/{key.section}"
+    if isinstance(key, SignatureKey):
+        return f"{base}/signatures/signature-{key.number}"
+    if isinstance(key, BlobKey | InstanceKey):
+        section = "blobs" if isinstance(key, BlobKey) else "instances"
+        return f"{base}/{section}/{key.digest}"
+    if isinstance(key, LayerKey):
+        return f"{base}/layers/{key.number}-…" + ("/" + _text(key.path) if key.path else "")
+    if isinstance(key, LayerInodeKey):
+        return f"{base}/layers/{key.number}-…#{key.ref}"
+    if isinstance(key, RootfsKey):
+        return f"{base}/rootfs" + ("/" + _text(key.path) if key.path else "")
+    if isinstance(key, RootfsInodeKey):
+        return f"{base}/rootfs#{key.layer}:{key.ref}"
+    return f"{base}/oci" + "".join("/" + _text(p) for p in key.parts)
+
+
+def _text(name: bytes) -> str:
+    return name.decode("utf-8", "backslashreplace")
