@@ -278,9 +278,7 @@ def _big_data_sizes(value: object, problems: list[str]) -> tuple[dict[str, int],
     return good, frozenset(sizes.keys() - good.keys())
 
 
-def _big_data_digests(
-    value: object, problems: list[str]
-) -> tuple[dict[str, str], frozenset[str]]:
+def _big_data_digests(value: object, problems: list[str]) -> tuple[dict[str, str], frozenset[str]]:
     """Valid digests by item, and the items whose recorded digest is invalid (they fail alone:
     their bytes cannot be checked)."""
     digests = _map(value, "big-data-digests", problems)
