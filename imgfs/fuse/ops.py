@@ -12,7 +12,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
+from imgfs.cache import files as cachefiles
 from imgfs.cache.layers import LayerBlobs
 from imgfs.cache.snapshots import Snapshot, SnapshotCache
 from imgfs.cache.trees import FileViews
@@ -32,6 +32,7 @@ from imgfs.errors import (
     StorePermissionError,
 )
 from imgfs.fuse.inodes import ROOT_INODE, InodeTable
+from imgfs.store.files import raise_fd_limit
 from imgfs.store.image import Store
 from imgfs.views.tree import ROOT, Node, NodeKey, Ownership, RootFSCache, TreeView, build_view
 
@@ -446,9 +447,8 @@ def make_operations(
     ownership = Ownership(
         uid=st.st_uid if uid is None else uid, gid=st.st_gid if gid is None else gid, umask=umask
     )
-    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    if stat.S_IMODE(os.stat(cache_dir).st_mode) & 0o077:
-        log.warning("cache dir %s is readable by others", cache_dir)
+    cachefiles.open_cache_dir(cache_dir)  # UnsafeCacheDir unless it is ours alone
+    raise_fd_limit()
     blobs = LayerBlobs(index_dir=os.path.join(cache_dir, "index"))
     files = FileViews(index_dir=os.path.join(cache_dir, "index"))
     snapshots = None if direct else SnapshotCache(cache_dir, cache_size, log=log)
