@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
+from imgfs.cache import files as cachefiles
 from imgfs.errors import (
     FuseUnavailable,
     ImgfsError,
@@ -52,9 +53,11 @@ from imgfs.errors import (
     NotImgfsMount,
     StoreNotFound,
     StorePermissionError,
+    UnsafeCacheDir,
     UsageError,
 )
 from imgfs.fuse import logfile, mounting
+from imgfs.store.files import raise_fd_limit
 
 if TYPE_CHECKING:
     from imgfs.fuse.ops import Operations
@@ -76,6 +79,7 @@ EXIT_CODES: Final[dict[type[BaseException], int]] = {
     FuseUnavailable: 5,
     MountError: 6,
     NotImgfsMount: EXIT_NOT_IMGFS,
+    UnsafeCacheDir: EXIT_USAGE,  # like an unwritable --cache-dir: choose or fix the directory
 }
 
 DIRECT_HELP: Final = "serve layers straight from the layer files, no temp files"
@@ -464,6 +468,7 @@ def check_cache_dir(path: str) -> str:
             pass
     except OSError as exc:
         raise UsageError(f"cache dir {path}: not writable ({exc.strerror or exc})") from None
+    cachefiles.open_cache_dir(path)  # UnsafeCacheDir unless it is ours alone
     return path
 
 
@@ -479,6 +484,7 @@ def _mount(args: argparse.Namespace) -> int:
     options = mounting.parse_mount_options(
         args.options, fsname=f"{PROG}:{store.graphroot}", via_mount=via_mount
     )
+    raise_fd_limit()  # many readers hold many layer files open
     operations = _make_operations(args, store, options, cache_dir)
     from imgfs.fuse import daemon  # pyfuse3 and trio: only to mount
 

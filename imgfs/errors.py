@@ -7,12 +7,15 @@ FUSE or the CLI (those translate these classes once, at their own boundary).
     ├── StoreError              the store as a whole cannot be used
     │   ├── StoreNotFound       no store at the given or configured path
     │   ├── ConfigError         storage.conf unreadable/invalid; unknown or ambiguous driver
-    │   └── StorePermissionError  the store exists but we may not read it
+    │   ├── StorePermissionError  the store exists but we may not read it
+    │   └── LockUnusable        a lock file that is no regular file or cannot be opened or locked
     ├── NotFound                a name that does not exist (image, blob)
     │   ├── ImageNotFound
     │   └── BlobNotFound
     ├── AmbiguousName           an ID prefix that matches several images
     ├── UsageError              a wrong command line or mount option
+    ├── UnsafeCacheDir          the cache dir (or something in it) is not ours alone
+    ├── OutOfResources          no file descriptors (or memory) left for an open
     ├── MountError              the file system could not be mounted, served or unmounted
     │   ├── FuseUnavailable     /dev/fuse or fusermount3 missing or unusable
     │   ├── MountpointBusy      something is (or was, dead) mounted there, or it is in use
@@ -50,6 +53,10 @@ class StorePermissionError(StoreError):
     """The store exists, but this process may not read it."""
 
 
+class LockUnusable(StoreError):
+    """A store lock file that is not a regular file, or that cannot be opened or locked."""
+
+
 class NotFound(ImgfsError):
     """A name (image, blob) that does not exist."""
 
@@ -68,6 +75,15 @@ class AmbiguousName(ImgfsError):
 
 class UsageError(ImgfsError):
     """The command line or a mount option is wrong."""
+
+
+class UnsafeCacheDir(ImgfsError):
+    """The cache directory, or an entry in it, is not owned by us alone (another user could
+    read or plant cache files); nothing in it is used."""
+
+
+class OutOfResources(ImgfsError):
+    """The process has no file descriptors (or kernel memory) left for an open it needs."""
 
 
 class MountError(ImgfsError):

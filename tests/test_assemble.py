@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imgfs.cache import files as cachefiles
 from imgfs.errors import IntegrityError, LayerUnavailable, MalformedMetadata, UnsafePath
 from imgfs.layer import index as layerindex
 from imgfs.layer import verify
@@ -207,14 +208,18 @@ def test_serialization_many_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_serialization_rejects_damage(tmp_path: Path) -> None:
     layer = make_layer(tmp_path, make_tar(rich_members()))
     data = layer.index().to_bytes()
-    rng = random.Random(3)
-    bad = [b"", data[:10], data[:-1], data + b"x", b"XMGFSIDX" + data[8:]]
-    for _ in range(30):
-        pos = rng.randrange(len(data))
-        bad.append(data[:pos] + bytes([data[pos] ^ 0x40]) + data[pos + 1 :])
-    for blob in bad:
+    for blob in [b"", data[:10], data[:-1], data + b"x", b"XMGFSIDX" + data[8:]]:
         with pytest.raises(MalformedMetadata, match=WHAT):
             LayerIndex.from_bytes(blob, WHAT)
+    path = str(tmp_path / "cache" / "index" / "x.idx.zst")  # any flipped bit: the envelope
+    rng = random.Random(3)
+    for _ in range(30):
+        cachefiles.save(path, lambda: data)
+        raw = bytearray(Path(path).read_bytes())
+        raw[rng.randrange(len(raw))] ^= 0x40
+        Path(path).write_bytes(bytes(raw))
+        assert cachefiles.load(path, lambda b: LayerIndex.from_bytes(b, WHAT)) is None
+        assert not os.path.exists(path)
 
 
 @settings(max_examples=25, deadline=None)

@@ -212,7 +212,8 @@ def test_cache_dir_on_tmpfs(real_stores: realstores.StoreSet, tmp_path: Path) ->
     work = tmp_path / "work"
     (work / "cache").mkdir(parents=True)
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(work / "cache")], check=True
+        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(work / "cache")],
+        check=True,
     )
     try:
         with mounted(store.root, store.runroot, "overlay", work) as m:

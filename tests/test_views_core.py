@@ -7,9 +7,11 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from imgfs.cache import files as cachefiles
 from imgfs.errors import IntegrityError, MalformedMetadata, NotFound
 from imgfs.layer.tarheader import HARDLINK, parse_header
 from imgfs.layer.tarsplit import FileEntry, Segment, iter_entries
@@ -69,16 +71,20 @@ def test_pax_fractional_mtime_and_long_names() -> None:
         parse_header(header[:-512], "t")
 
 
-def test_persisted_tree_round_trips_and_rejects_corruption() -> None:
+def test_persisted_tree_round_trips_and_rejects_corruption(tmp_path: Path) -> None:
     tree = _tree(awkward_tar())
     copy = LayerTree.from_bytes(tree.to_bytes(), "copy")
     assert copy.dirs == tree.dirs
     for ref in range(tree.member_count):
         assert copy.member(ref) == tree.member(ref)
-    damaged = bytearray(tree.to_bytes())
-    damaged[-5] ^= 1
     with pytest.raises(MalformedMetadata):
-        LayerTree.from_bytes(bytes(damaged), "bad")
+        LayerTree.from_bytes(tree.to_bytes()[:-5], "bad")
+    path = tmp_path / "index" / "x.tree"  # a flipped bit anywhere: the cache envelope
+    cachefiles.save(str(path), tree.to_bytes)
+    damaged = bytearray(path.read_bytes())
+    damaged[-5] ^= 1
+    path.write_bytes(bytes(damaged))
+    assert cachefiles.load(str(path), lambda data: LayerTree.from_bytes(data, "bad")) is None
 
 
 def test_hardlinks_share_a_member_in_a_layer() -> None:

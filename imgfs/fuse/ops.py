@@ -134,6 +134,7 @@ class Operations(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(8)
         self._nowait_flag = os.RWF_NOWAIT  # 0 once the cache's file system refused it
         self.view = build_view(store.images, _now_ns(), caches)
+        self._listing_failed = False
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -423,7 +424,15 @@ class Operations(pyfuse3.Operations):
 
     async def _follow_change(self) -> None:
         old = self.view
-        new: TreeView = await self._run(build_view, self.store.images, _now_ns(), self.caches)
+        try:
+            images = await self._run(self.store.images)
+        except ImgfsError as exc:  # a store mid-change or out of resources: keep what we show
+            if not self._listing_failed:
+                log.error("cannot list the store's images (keeping the last view): %s", exc)
+            self._listing_failed = True
+            return
+        self._listing_failed = False
+        new = TreeView(images, _now_ns(), self.caches)
         self.view = new
         gone = set(old.images) - set(new.images)
         log.info("store changed: %d images (%d removed)", len(new.images), len(gone))

@@ -19,7 +19,6 @@ The serialized form is native-endian (the cache is per machine) and carries a bl
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import struct
 from array import array
@@ -40,7 +39,7 @@ _LRU_SIZE = 4
 _LEVEL = 1
 _MAGIC = b"IMGFSIDX"
 _VERSION = 1
-_HEADER = struct.Struct("<8sI32sQ")  # magic, version, blake2b-256 of body, body length
+_HEADER = struct.Struct("<8sI")  # magic, version (integrity: the cache files' envelope)
 # n data files, members, blob size, segment bytes, name bytes, n frames, CHUNK
 _COUNTS = struct.Struct("<QQQQQQQ")
 _MAX_BODY = 8 << 30
@@ -225,7 +224,8 @@ class LayerIndex:
         return self._segments.read(seg_pos, n)
 
     def to_bytes(self) -> bytes:
-        """Serialize: header (magic, version, blake2b, length) + zstd-compressed body."""
+        """Serialize: header (magic, version) + zstd-compressed body (no checksum: persisted
+        files carry the cache's integrity envelope)."""
         counts = _COUNTS.pack(
             len(self._crcs),
             self._member_count,
@@ -240,8 +240,7 @@ class LayerIndex:
         parts = [counts, self._starts, self._seg_pos, self._crcs, self._name_pos, lengths]
         head = zstandard.ZstdCompressor(level=_LEVEL).compress(b"".join(bytes(p) for p in parts))
         body = struct.pack("<Q", len(head)) + head + b"".join(frames)
-        digest = hashlib.blake2b(body, digest_size=32).digest()
-        return _HEADER.pack(_MAGIC, _VERSION, digest, len(body)) + body
+        return _HEADER.pack(_MAGIC, _VERSION) + body
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str) -> LayerIndex:
@@ -277,14 +276,12 @@ class _Loader:
         data = self._data
         if len(data) < _HEADER.size:
             raise self._fail("truncated header")
-        magic, version, digest, body_len = _HEADER.unpack_from(data)
+        magic, version = _HEADER.unpack_from(data)
         if magic != _MAGIC or version != _VERSION:
             raise self._fail("bad magic or version")
         body = data[_HEADER.size :]
-        if len(body) != body_len or body_len > _MAX_BODY:
+        if len(body) > _MAX_BODY:
             raise self._fail("wrong length")
-        if hashlib.blake2b(body, digest_size=32).digest() != digest:
-            raise self._fail("checksum mismatch")
         return self._parse(body)
 
     def _parse(self, body: memoryview) -> LayerIndex:

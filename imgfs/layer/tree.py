@@ -17,7 +17,6 @@ blocks are kept zstd-compressed in chunks and parsed when a member is first aske
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import threading
 from array import array
@@ -49,7 +48,7 @@ CHUNK = 32 << 10  # small: a directory's members may be spread over the whole ta
 _CHUNK_CACHE = 64
 _MAGIC = b"IMGFSTRE"
 _VERSION = 2
-_HEADER = struct.Struct("<8sI32sQ")  # magic, version, blake2b-256 of body, body length
+_HEADER = struct.Struct("<8sI")  # magic, version (integrity: the cache files' envelope)
 _COUNTS = struct.Struct("<QQQQ")  # members, header bytes, name bytes, frames
 _MAX_BODY = 4 << 30
 _DIR_BYTE = ord(DIRECTORY)
@@ -316,7 +315,8 @@ class LayerTree:
     # -- persistence ---------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """Serialize: header (magic, version, blake2b, length) + columns + header frames."""
+        """Serialize: header (magic, version) + columns + header frames (no checksum:
+        persisted files carry the cache's integrity envelope)."""
         cols = self._cols
         frames = cols.headers.frames
         lengths = array("Q", [len(f) for f in frames])
@@ -328,8 +328,7 @@ class LayerTree:
         table += bytes(cols.name_pos) + cols.names + bytes(lengths)
         head = zstandard.ZstdCompressor(level=1).compress(table)
         body = struct.pack("<Q", len(head)) + head + b"".join(frames)
-        digest = hashlib.blake2b(body, digest_size=32).digest()
-        return _HEADER.pack(_MAGIC, _VERSION, digest, len(body)) + body
+        return _HEADER.pack(_MAGIC, _VERSION) + body
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str) -> LayerTree:
@@ -403,12 +402,10 @@ def _load_columns(data: bytes, what: str) -> _Columns:
 
     if len(data) < _HEADER.size:
         raise fail("truncated header")
-    magic, version, digest, body_len = _HEADER.unpack_from(data)
+    magic, version = _HEADER.unpack_from(data)
     body = memoryview(data)[_HEADER.size :]
-    if magic != _MAGIC or version != _VERSION or len(body) != body_len or body_len > _MAX_BODY:
+    if magic != _MAGIC or version != _VERSION or len(body) > _MAX_BODY:
         raise fail("bad magic, version or length")
-    if hashlib.blake2b(body, digest_size=32).digest() != digest:
-        raise fail("checksum mismatch")
     try:
         (head_len,) = struct.unpack_from("<Q", body)
         table = zstandard.ZstdDecompressor().decompress(

@@ -10,6 +10,7 @@ Must not know: FUSE, trio, inode numbers, the snapshot cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -523,7 +524,9 @@ class Image:
         """Refuse a big-data item of a bad record, or whose recorded size is invalid."""
         self._check_record()
         if key in self.record.bad_big_data:
-            raise MalformedMetadata(f"{self.what}: big data {key!r:.80} has an invalid size")
+            raise MalformedMetadata(
+                f"{self.what}: big data {key!r:.80} has an invalid recorded size or digest"
+            )
 
     def _read_big_data(self, key: str) -> bytes:
         self._check_big_data(key)
@@ -560,21 +563,35 @@ class Image:
             raise MalformedMetadata(f"{self.what}: cannot open {path}: {exc.strerror}") from exc
 
     def _verify_big_data(self, key: str, data: bytes) -> None:
+        """The recorded size, and every digest the item is known by: its recorded digest, its
+        name when that is a digest (a config) or ``manifest-<digest>`` (an instance manifest),
+        and the image digest for ``manifest``. Content whose name is a digest is never served
+        unchecked, whatever ``big-data-digests`` says or omits."""
         what = f"{self.what}: big data {key!r:.80}"
         size = self.record.big_data_sizes.get(key)
         if size is not None and size != len(data):
             raise IntegrityError(f"{what}: {len(data)} bytes, recorded size {size}")
-        expected = self.record.big_data_digests.get(key)
-        if key.startswith("manifest"):
-            actual = manifests.digest_of(data, what)
-        else:
-            import hashlib
+        actual = _content_digest(key, data, what)
+        for expected in self._expected_digests(key):
+            if actual != expected:
+                raise IntegrityError(f"{what}: content digest {actual} != {expected}")
 
-            actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if is_digest(key) and actual != key:
-            raise IntegrityError(f"{what}: content digest is {actual}")
-        if expected is not None and actual != expected:
-            raise IntegrityError(f"{what}: content digest {actual} != recorded {expected}")
+    def _expected_digests(self, key: str) -> set[str]:
+        rec = self.record
+        expected = {rec.big_data_digests[key]} if key in rec.big_data_digests else set()
+        named = key.removeprefix("manifest-")
+        if is_digest(named):
+            expected.add(named)
+        if key == "manifest" and rec.manifest_digest is not None:
+            expected.add(rec.manifest_digest)
+        return expected
+
+
+def _content_digest(key: str, data: bytes, what: str) -> str:
+    """The digest c/image names this item by: manifests by ``manifest.Digest``, else sha256."""
+    if key.startswith("manifest"):
+        return manifests.digest_of(data, what)
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _ns(when: datetime | None) -> int:

@@ -2,7 +2,8 @@
 
 Owns: resolving a tar-split member name inside a layer's directories (its own content dir,
 then overlay lower dirs nearest parent first) without ever following a symlink or crossing a
-mount, and checking that what is opened is a regular file of the recorded size
+mount, opened with O_NOATIME where allowed, and checking that what is opened is a regular file
+of the recorded size
 (peers-and-practice.md (e) items 3 and 6). Must not know: tar-split parsing, blob offsets,
 digests, drivers, the store layout (callers pass the directories).
 
@@ -22,6 +23,7 @@ from types import TracebackType
 
 from imgfs.errors import IntegrityError, LayerUnavailable
 from imgfs.layer.tarsplit import clean_name
+from imgfs.store.files import file_kind, noatime, open_noatime
 
 _SYS_OPENAT2 = 437
 RESOLVE_NO_XDEV = 0x01
@@ -158,7 +160,7 @@ class LayerFiles:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                kind = _kind(st.st_mode)
+                kind = file_kind(st.st_mode)
                 raise IntegrityError(f"{self.what}: {name!r:.200} is a {kind}, not a regular file")
             if st.st_size != size:
                 raise IntegrityError(
@@ -200,20 +202,6 @@ def _open_layer_dir(path: str) -> int:
         os.close(home)
 
 
-def _kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISLNK, "symlink"),
-    ):
-        if test(mode):
-            return kind
-    return "special file"
-
-
 def _open_beneath(dirfd: int, cleaned: bytes) -> int:
     """O_PATH first so a device node is never opened for reading, then the real open."""
     probe = _openat2(dirfd, cleaned, _PATH_FLAGS, _RESOLVE)
@@ -225,7 +213,7 @@ def _open_beneath(dirfd: int, cleaned: bytes) -> int:
         raise OSError(errno.ELOOP, "is a symlink", cleaned)
     if not stat.S_ISREG(first.st_mode):
         return _openat2(dirfd, cleaned, _PATH_FLAGS, _RESOLVE)  # reported by _check
-    fd = _openat2(dirfd, cleaned, _READ_FLAGS, _RESOLVE)
+    fd = noatime(lambda flags: _openat2(dirfd, cleaned, flags, _RESOLVE), _READ_FLAGS)
     return _same_or_path(fd, first)
 
 
@@ -261,7 +249,7 @@ def _open_walk(dirfd: int, dev: int, cleaned: bytes) -> int:
             raise OSError(errno.EXDEV, "crosses a mount", last)
         if not stat.S_ISREG(first.st_mode):
             return os.open(last, _PATH_FLAGS, dir_fd=cur)  # reported by _check
-        return _same_or_path(os.open(last, _READ_FLAGS, dir_fd=cur), first)
+        return _same_or_path(open_noatime(last, _READ_FLAGS, dir_fd=cur), first)
     finally:
         if cur != dirfd:
             os.close(cur)

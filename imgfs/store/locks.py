@@ -6,7 +6,10 @@ descriptors), the order they are taken in, and the 64-byte write token read unde
 Must not know: what the locked files contain.
 
 imgfs never creates or writes a lock file: a missing lock file means nobody writes there (a
-read-only store); a lock file we may not open is read without a lock (logged once).
+read-only store). Any other failure to open or lock one (no permission, a symlink, a FIFO, a
+directory or a socket where the lock file should be, no descriptors left) raises an
+``ImgfsError`` naming the path: reading without the lock could serve a half-written store.
+Lock files are opened non-blocking (a FIFO never hangs the open) and with O_NOATIME.
 """
 
 from __future__ import annotations
@@ -14,18 +17,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import logging
 import os
+import stat
 import struct
 from collections.abc import Iterator, Sequence
 
-log = logging.getLogger(__name__)
+from imgfs.errors import ImgfsError, LockUnusable, OutOfResources, StorePermissionError
+from imgfs.store.files import EXHAUSTED, file_kind, open_noatime
 
 _TOKEN_BYTES = 64
-_warned: set[str] = set()
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
-def _lock_shared(fd: int) -> None:
+def _lock_shared(fd: int, path: str) -> None:
     request = struct.pack("hhqqi", fcntl.F_RDLCK, 0, 0, 0, 0)
     while True:
         try:
@@ -33,18 +37,40 @@ def _lock_shared(fd: int) -> None:
             return
         except InterruptedError:
             continue
+        except OSError as exc:
+            raise _error(path, exc, "cannot lock") from exc
 
 
 def _open_lock(path: str) -> int | None:
+    """The lock file opened read-only, or None when it does not exist."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = open_noatime(path, _OPEN_FLAGS)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.ELOOP) and path not in _warned:
-            _warned.add(path)
-            log.warning("reading %s without its lock: %s", path, exc.strerror)
-        return None
+        raise _error(path, exc, "cannot open") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise _error(path, exc, "cannot stat") from exc
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise LockUnusable(f"lock file {path}: is a {file_kind(mode)}, not a regular file")
+    return fd
+
+
+def _error(path: str, exc: OSError, doing: str) -> ImgfsError:
+    reason = f"lock file {path}: {doing}: {exc.strerror}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StorePermissionError(reason)
+    if exc.errno in EXHAUSTED:
+        return OutOfResources(reason)
+    if exc.errno == errno.ELOOP:
+        return LockUnusable(f"lock file {path}: is a symlink, not a regular file")
+    if exc.errno == errno.ENXIO:  # open(2) of a socket
+        return LockUnusable(f"lock file {path}: is a socket, not a regular file")
+    return LockUnusable(reason)
 
 
 @contextlib.contextmanager
@@ -52,7 +78,7 @@ def read_locked(paths: Sequence[str]) -> Iterator[tuple[bytes, ...]]:
     """Hold shared locks on ``paths`` (in the given order) and yield their write tokens.
 
     The caller passes the writers' lock order (layers before images). Locks are released in
-    reverse order when the block ends. The token of an absent or unlockable file is ``b""``.
+    reverse order when the block ends. The token of an absent lock file is ``b""``.
     """
     fds: list[int] = []
     tokens: list[bytes] = []
@@ -63,9 +89,16 @@ def read_locked(paths: Sequence[str]) -> Iterator[tuple[bytes, ...]]:
                 tokens.append(b"")
                 continue
             fds.append(fd)
-            _lock_shared(fd)
-            tokens.append(os.pread(fd, _TOKEN_BYTES, 0))
+            _lock_shared(fd, path)
+            tokens.append(_token(fd, path))
         yield tuple(tokens)
     finally:
         for fd in reversed(fds):
             os.close(fd)
+
+
+def _token(fd: int, path: str) -> bytes:
+    try:
+        return os.pread(fd, _TOKEN_BYTES, 0)
+    except OSError as exc:
+        raise _error(path, exc, "cannot read the write token") from exc

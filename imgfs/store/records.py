@@ -4,16 +4,20 @@ Owns: the shape of the store's JSON records and their validation (IDs and digest
 anything uses them as a path), the ``metadata`` string of c/image (signature sizes) and RFC 3339
 times. Must not know: files, locks, where the JSON came from.
 
-A record whose ID is unusable is dropped (``parse_*`` returns it in ``skipped``); a record with a
-usable ID but other bad fields is kept with ``problem`` set, so that its image shows up and its
-files fail with a clear error.
+Every field of every record is parsed defensively, so that one bad record fails alone: a record
+whose ID is unusable, or that is not even JSON (a number beyond every bound, nesting too deep,
+bytes that are not UTF-8), is dropped (``parse_*`` return the reason in ``skipped``); a record
+with a usable ID but other bad fields is kept with ``problem`` set, so that its image shows up
+and its files fail with a clear error; a big-data item with a bad size or digest fails alone
+(``bad_big_data``). Strings are read as Go's encoding/json reads them (c/storage is Go): bytes
+that are not UTF-8 and lone UTF-16 surrogates become U+FFFD, so names are always encodable.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -37,7 +41,7 @@ class ImageRecord:
     big_data_digests: Mapping[str, str]
     created: datetime | None
     problem: str | None = None
-    bad_big_data: frozenset[str] = frozenset()  # items with an invalid recorded size
+    bad_big_data: frozenset[str] = frozenset()  # items with an invalid recorded size/digest
 
     @property
     def manifest_digest(self) -> str | None:
@@ -66,18 +70,87 @@ class SignatureSizes:
     per_digest: Mapping[str, tuple[int, ...]]
 
 
+@dataclass(frozen=True)
+class Unparsable:
+    """An element of a JSON array that does not decode on its own (it fails alone)."""
+
+    reason: str
+
+
+# One token of a JSON text for splitting an array: a string (escapes respected, possibly
+# unterminated), a bracket or a comma. Everything else (numbers, literals, space) is skipped.
+_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{},]', re.S)
+
+
 def load_array(data: bytes, what: str) -> list[object]:
-    """Decode a JSON array file (empty file = empty list), bounded."""
+    """Decode a JSON array file (empty file = empty list), bounded.
+
+    When the whole text does not decode, the array is split into its elements and each is
+    decoded alone: an element that still fails becomes ``Unparsable`` (its record is skipped)
+    and the others are kept. Only a text that is not an array at all fails as a whole.
+    """
     if len(data) > MAX_JSON_BYTES:
         raise MalformedMetadata(f"{what}: larger than {MAX_JSON_BYTES} bytes")
-    if not data.strip():
+    text = data.decode("utf-8", errors="replace")  # as Go: invalid bytes become U+FFFD
+    if not text.strip():
         return []
     try:
-        value = json.loads(data)
+        value = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise MalformedMetadata(f"{what}: invalid JSON: {exc}") from exc
+        elements = _split_array(text)
+        if elements is None:
+            raise MalformedMetadata(f"{what}: invalid JSON: {exc!s:.200}") from exc
+        return [_load_element(element) for element in elements]
     if not isinstance(value, list):
         raise MalformedMetadata(f"{what}: not a JSON array")
+    return value
+
+
+def _load_element(text: str) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return Unparsable(f"invalid JSON: {exc!s:.200}")
+
+
+def _split_array(text: str) -> list[str] | None:
+    """The top-level elements of a JSON array, as texts; None when ``text`` is no array.
+
+    Only strings and nesting are tracked, so a damaged element stays one element as long as
+    its brackets balance; an unterminated array ends at the end of the text.
+    """
+    body = text.lstrip()
+    if not body.startswith("["):
+        return None
+    elements: list[str] = []
+    depth = 0
+    start = 0
+    for match in _TOKEN.finditer(body):
+        token = match.group()
+        if token[0] == '"':
+            continue
+        if token in "[{":
+            depth += 1
+            if depth == 1:
+                start = match.end()
+        elif token in "]}":
+            depth -= 1
+            if depth == 0:
+                elements.append(body[start : match.start()])
+                return [e for e in elements if e.strip()]
+        elif depth == 1:
+            elements.append(body[start : match.start()])
+            start = match.end()
+    elements.append(body[start:])
+    return [e for e in elements if e.strip()]
+
+
+def go_text(value: str) -> str:
+    """``value`` as Go's encoding/json would hold it: lone surrogates replaced by U+FFFD."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     return value
 
 
@@ -86,9 +159,11 @@ def parse_images(items: list[object], what: str) -> tuple[list[ImageRecord], lis
     records: list[ImageRecord] = []
     skipped: list[str] = []
     for index, item in enumerate(items):
-        if not isinstance(item, dict) or not is_id(item.get("id")):
-            skipped.append(f"{what}: entry {index} has no valid image ID")
+        reason = _unusable(item, "image")
+        if reason is not None:
+            skipped.append(f"{what}: entry {index} {reason}")
             continue
+        assert isinstance(item, dict)
         records.append(_image(item))
     return records, skipped
 
@@ -100,11 +175,24 @@ def parse_layers(
     records: list[LayerRecord] = []
     skipped: list[str] = []
     for index, item in enumerate(items):
-        if not isinstance(item, dict) or not is_id(item.get("id")):
-            skipped.append(f"{what}: entry {index} has no valid layer ID")
+        reason = _unusable(item, "layer")
+        if reason is not None:
+            skipped.append(f"{what}: entry {index} {reason}")
             continue
+        assert isinstance(item, dict)
         records.append(_layer(item, source))
     return records, skipped
+
+
+def _unusable(item: object, kind: str) -> str | None:
+    """Why a record is dropped, or None when it has a usable ID."""
+    if isinstance(item, Unparsable):
+        return f"is not JSON ({item.reason})"
+    if not isinstance(item, dict):
+        return f"is not an object, so has no valid {kind} ID"
+    if not is_id(item.get("id")):
+        return f"has no valid {kind} ID ({item.get('id')!r:.80})"
+    return None
 
 
 def parse_time(value: object) -> datetime | None:
@@ -119,7 +207,7 @@ def parse_time(value: object) -> datetime | None:
     zone = "+00:00" if zone == "Z" else zone
     try:
         return datetime.fromisoformat(f"{base}.{micro}{zone}").astimezone(UTC)
-    except ValueError:
+    except (ValueError, OverflowError):  # e.g. year 1 at +01:00 is before datetime.min
         return None
 
 
@@ -158,72 +246,77 @@ def _image(item: dict[str, object]) -> ImageRecord:
     names = _str_list(item.get("names"), "names", problems)
     big_names = _str_list(item.get("big-data-names"), "big-data-names", problems)
     sizes, bad_sizes = _big_data_sizes(item.get("big-data-sizes"), problems)
-    digests = {
-        k: v
-        for k, v in _map(
-            item.get("big-data-digests"), is_digest, "big-data-digests", problems
-        ).items()
-        if isinstance(v, str)
-    }
-    layer = item.get("layer")
-    if layer in (None, ""):
-        layer = None
-    elif not is_id(layer):
-        problems.append(f"invalid top layer {layer!r:.80}")
-        layer = None
-    metadata = item.get("metadata", "")
-    if not isinstance(metadata, str):
+    digests, bad_digests = _big_data_digests(item.get("big-data-digests"), problems)
+    layer = _optional_id(item.get("layer"), "top layer", problems)
+    metadata = item.get("metadata")
+    if metadata is None:
+        metadata = ""
+    elif not isinstance(metadata, str):
         problems.append("metadata is not a string")
         metadata = ""
     digest = item.get("digest")
     return ImageRecord(
         id=image_id,
-        digest=digest if isinstance(digest, str) and is_digest(digest) else None,
+        digest=digest if is_digest(digest) and isinstance(digest, str) else None,
         names=tuple(names),
-        layer=layer if isinstance(layer, str) else None,
-        metadata=metadata,
+        layer=layer,
+        metadata=go_text(metadata),
         big_data_names=tuple(big_names),
         big_data_sizes=sizes,
         big_data_digests=digests,
         created=parse_time(item.get("created")),
         problem="; ".join(problems) or None,
-        bad_big_data=bad_sizes,
+        bad_big_data=bad_sizes | bad_digests,
     )
 
 
 def _big_data_sizes(value: object, problems: list[str]) -> tuple[dict[str, int], frozenset[str]]:
     """Valid sizes by item, and the items whose size is invalid (they fail alone, so a bad
     ``signatures`` size fails only the signatures)."""
-    sizes = _map(value, lambda _: True, "big-data-sizes", problems)
+    sizes = _map(value, "big-data-sizes", problems)
     good = {k: v for k, v in sizes.items() if _is_size(v) and isinstance(v, int)}
     return good, frozenset(sizes.keys() - good.keys())
 
 
+def _big_data_digests(value: object, problems: list[str]) -> tuple[dict[str, str], frozenset[str]]:
+    """Valid digests by item, and the items whose recorded digest is invalid (they fail alone:
+    their bytes cannot be checked)."""
+    digests = _map(value, "big-data-digests", problems)
+    good = {k: v for k, v in digests.items() if is_digest(v) and isinstance(v, str)}
+    return good, frozenset(digests.keys() - good.keys())
+
+
+def _optional_id(value: object, key: str, problems: list[str]) -> str | None:
+    if value is None or value == "":
+        return None
+    if not is_id(value) or not isinstance(value, str):
+        problems.append(f"invalid {key} {value!r:.80}")
+        return None
+    return value
+
+
 def _layer(item: dict[str, object], source: str) -> LayerRecord:
     problems: list[str] = []
-    parent = item.get("parent")
-    if parent in (None, ""):
-        parent = None
-    elif not is_id(parent):
-        problems.append(f"invalid parent {parent!r:.80}")
-        parent = None
-    flags = item.get("flags") or {}
-    if not isinstance(flags, dict):
+    parent = _optional_id(item.get("parent"), "parent", problems)
+    flags = item.get("flags")
+    if flags is None:
+        flags = {}
+    elif not isinstance(flags, dict):
         problems.append("flags is not an object")
         flags = {}
     diff_digest = item.get("diff-digest")
-    if diff_digest in (None, ""):
+    if diff_digest is None or diff_digest == "":
         diff_digest = flags.get("expected-layer-diffid") if item.get("toc-digest") else None
     if diff_digest is not None and not is_digest(diff_digest):
         problems.append(f"invalid diff-digest {diff_digest!r:.80}")
         diff_digest = None
     size = item.get("diff-size")
-    if size is not None and not (_is_size(size) or size == -1):
+    if size is not None and not (_is_size(size) or (isinstance(size, int) and size == -1)):
         problems.append(f"invalid diff-size {size!r:.40}")
         size = None
     return LayerRecord(
         id=str(item["id"]),
-        parent=parent if isinstance(parent, str) else None,
+        parent=parent,
         diff_digest=diff_digest if isinstance(diff_digest, str) else None,
         diff_size=size if isinstance(size, int) and size >= 0 else None,
         incomplete=flags.get("incomplete") is True,
@@ -234,23 +327,20 @@ def _layer(item: dict[str, object], source: str) -> LayerRecord:
 
 
 def _str_list(value: object, key: str, problems: list[str]) -> list[str]:
+    """A list of strings (as Go text), in order."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         problems.append(f"{key} is not a list of strings")
         return []
-    return list(value)
+    return [go_text(v) for v in value if isinstance(v, str)]
 
 
-def _map(
-    value: object, valid: Callable[[object], bool], key: str, problems: list[str]
-) -> dict[str, object]:
+def _map(value: object, key: str, problems: list[str]) -> dict[str, object]:
+    """An object's members by Go-text key (null: empty)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         problems.append(f"{key} is not an object")
         return {}
-    good = {str(k): v for k, v in value.items() if valid(v)}
-    if len(good) != len(value):
-        problems.append(f"{key} has invalid values")
-    return good
+    return {go_text(str(k)): v for k, v in value.items()}

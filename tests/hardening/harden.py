@@ -4,6 +4,7 @@ daemon process lookup, store inventories."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -311,6 +312,54 @@ def unmount_below(top: Path) -> None:
             points.append(point)
     for point in sorted(points, key=len, reverse=True):
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+# -- reading an image through the mount --------------------------------------------------------
+
+READ_CAP = 64 << 20
+
+
+@dataclass
+class Outcome:
+    listed: bool
+    errors: dict[str, int]  # relative path -> errno, for the files of DESIGN.md section 1
+    read: dict[str, bytes]
+
+
+def read_capped(path: Path) -> bytes:
+    """The file's bytes, read in 1 MiB chunks (a hostile st_size may be 2**62), capped."""
+    parts = []
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while total < READ_CAP and (chunk := f.read(1 << 20)):
+            parts.append(chunk)
+            total += len(chunk)
+    return b"".join(parts)
+
+
+def read_image(mnt: Path, image_id: str) -> Outcome:
+    """Read every file of DESIGN.md section 1 by its known name (the other views of the
+    image dir, rootfs/ and layers/, are not part of this contract)."""
+    if image_id not in os.listdir(mnt):
+        return Outcome(False, {}, {})
+    top = mnt / image_id
+    errors: dict[str, int] = {}
+    read: dict[str, bytes] = {}
+    paths = ["manifest.json", "config.json"]
+    for section in ("signatures", "blobs"):
+        try:
+            paths += [f"{section}/{n}" for n in os.listdir(top / section)]
+        except OSError as exc:
+            errors[section] = exc.errno or 0
+    for rel in paths:
+        try:
+            read[rel] = read_capped(top / rel)
+        except FileNotFoundError:
+            if rel != "config.json":  # lists and schema1 images have none
+                errors[rel] = errno.ENOENT
+        except OSError as exc:
+            errors[rel] = exc.errno or 0
+    return Outcome(True, errors, read)
 
 
 # -- store surgery -----------------------------------------------------------------------------

@@ -39,7 +39,6 @@ AREA = "1 hostile"
 DRIVER = harden.DRIVER
 MAX_PEAK_RSS_MIB = 300.0
 READ_TIMEOUT = 60.0
-READ_CAP = 64 << 20
 MAX_VIEW_PATHS = 200
 FILES = {
     "a.txt": b"alpha\n" * 100,
@@ -485,50 +484,9 @@ def served(
 # -- reading -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
-    listed: bool
-    errors: dict[str, int]  # relative path -> errno, for the files of DESIGN.md section 1
-    read: dict[str, bytes]
-
-
-CORE = ("manifest.json", "config.json", "signatures", "blobs")
-
-
-def _read_capped(path: Path) -> bytes:
-    """The file's bytes, read in 1 MiB chunks (a hostile st_size may be 2**62), capped."""
-    parts = []
-    total = 0
-    with open(path, "rb", buffering=0) as f:
-        while total < READ_CAP and (chunk := f.read(1 << 20)):
-            parts.append(chunk)
-            total += len(chunk)
-    return b"".join(parts)
-
-
-def _read_image(mnt: Path, image_id: str) -> Outcome:
-    """Read every file of DESIGN.md section 1 by its known name (the other views of the
-    image dir, rootfs/ and layers/, are not part of this contract)."""
-    if image_id not in os.listdir(mnt):
-        return Outcome(False, {}, {})
-    top = mnt / image_id
-    errors: dict[str, int] = {}
-    read: dict[str, bytes] = {}
-    paths = ["manifest.json", "config.json"]
-    for section in ("signatures", "blobs"):
-        try:
-            paths += [f"{section}/{n}" for n in os.listdir(top / section)]
-        except OSError as exc:
-            errors[section] = exc.errno or 0
-    for rel in paths:
-        try:
-            read[rel] = _read_capped(top / rel)
-        except FileNotFoundError:
-            if rel != "config.json":  # lists and schema1 images have none
-                errors[rel] = errno.ENOENT
-        except OSError as exc:
-            errors[rel] = exc.errno or 0
-    return Outcome(True, errors, read)
+Outcome = harden.Outcome
+_read_capped = harden.read_capped
+_read_image = harden.read_image
 
 
 def _read_views(mnt: Path, image_id: str) -> Outcome:

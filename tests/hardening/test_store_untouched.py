@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,86 @@ def test_mount_browse_copy_unmount_changes_nothing(
     assert files > 10
     assert nbytes > 1 << 20
     assert not diffs, diffs[:20]
+
+
+# -- atimes ------------------------------------------------------------------------------------
+
+
+def _atimes(top: Path) -> dict[str, int]:
+    found = {}
+    for dirpath, _dirs, names in os.walk(top):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                found[os.path.relpath(path, top)] = st.st_atime_ns
+    return found
+
+
+def _read_through_library(root: Path, runroot: Path, driver: str) -> int:
+    """Every image's metadata and every blob, through the library; returns bytes read."""
+    import imgfs
+
+    nbytes = 0
+    store = imgfs.Store.open(str(root), str(runroot), driver)
+    for image in store.images():
+        try:
+            blobs = image.blobs()
+            image.signatures()
+        except imgfs.ImgfsError:
+            continue
+        for blob in blobs:
+            with image.open_blob(blob.digest) as f:
+                while chunk := f.read(1 << 20):
+                    nbytes += len(chunk)
+    return nbytes
+
+
+@pytest.fixture
+def strictatime_store(
+    real_stores: realstores.StoreSet, tmp_path: Path
+) -> Iterator[tuple[Path, Path]]:
+    """A copy (cp -a) of the real overlay store on a tmpfs mounted ``strictatime``: every read
+    that is not O_NOATIME moves an atime."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mounts a tmpfs)")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "strictatime,mode=0700,size=512m", "tmpfs", str(fs)],
+        check=True,
+    )
+    try:
+        store = real_stores.store("overlay")
+        for part in ("root", "runroot"):
+            subprocess.run(["cp", "-a", str(getattr(store, part)), str(fs / part)], check=True)
+        yield fs / "root", fs / "runroot"
+    finally:
+        harden.unmount_below(fs)
+        subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+@pytest.mark.parametrize("how", ["library", "snapshot", "direct"])
+def test_reading_the_store_keeps_every_atime(
+    how: str, strictatime_store: tuple[Path, Path], tmp_path: Path, counts: Counts
+) -> None:
+    root, runroot = strictatime_store
+    before = _atimes(root)
+    if how == "library":
+        nbytes = _read_through_library(root, runroot, "overlay")
+    else:
+        out = tmp_path / "out"
+        out.mkdir()
+        extra = ("--direct",) if how == "direct" else ()
+        with harden.daemon_for(root, runroot, "overlay", tmp_path / "m", *extra) as d:
+            _entries, _files, nbytes = _browse(d.mnt, out)
+    after = _atimes(root)
+    moved = sorted(p for p in before if after.get(p) != before[p])
+    counts.add(AREA, f"atimes checked on a strictatime tmpfs ({how})", len(before))
+    counts.add(AREA, "atimes moved (must be 0)", len(moved))
+    assert nbytes > 1 << 20
+    assert not moved, moved[:20]
+    control = next(root.rglob("layers.json"))  # a plain read does move it here
+    old = control.stat().st_atime_ns
+    control.read_bytes()
+    assert control.stat().st_atime_ns != old, "the tmpfs is not strictatime: the test is blind"

@@ -1,0 +1,241 @@
+"""How the core opens store files: lock files (every kind of wrong file is an error naming the
+path, never a hang or a skipped lock), O_NOATIME (and its EPERM fallback), the fd limit."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from imgfs.errors import ImgfsError, LockUnusable, OutOfResources, StorePermissionError
+from imgfs.store import files, locks
+
+NOBODY = 65534
+_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+def _symlink(path: Path) -> None:
+    target = path.parent / "real.lock"
+    target.write_bytes(b"t" * 64)
+    path.symlink_to(target)
+
+
+def _dangling_symlink(path: Path) -> None:
+    path.symlink_to(path.parent / "nowhere")
+
+
+def _socket(path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.close()
+
+
+def _device(path: Path) -> None:
+    os.mknod(path, 0o600 | 0o020000, os.makedev(1, 3))  # /dev/null's numbers
+
+
+BAD_LOCKS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "fifo": (_fifo, "is a FIFO"),
+    "directory": (_directory, "is a directory"),
+    "symlink": (_symlink, "is a symlink"),
+    "dangling symlink": (_dangling_symlink, "is a symlink"),
+    "socket": (_socket, "is a socket"),
+    "device": (_device, "is a character device"),
+}
+
+
+def _locked_in_thread(paths: list[str], timeout: float = 10.0) -> BaseException | None:
+    """Run read_locked in a thread; the exception it raised (None: it worked). Fails on a hang."""
+    box: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            with locks.read_locked(paths):
+                box.append(None)
+        except BaseException as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert box, f"read_locked hung on {paths}"
+    return box[0]
+
+
+@pytest.mark.parametrize("kind", list(BAD_LOCKS))
+def test_a_lock_file_of_the_wrong_kind_is_an_error_naming_it(kind: str, tmp_path: Path) -> None:
+    make, message = BAD_LOCKS[kind]
+    good = tmp_path / "layers.lock"
+    good.write_bytes(b"g" * 64)
+    bad = tmp_path / "images.lock"
+    make(bad)
+    error = _locked_in_thread([str(good), str(bad)])
+    assert isinstance(error, LockUnusable), error
+    assert str(bad) in str(error)
+    assert message in str(error)
+
+
+def test_missing_lock_file_reads_unlocked_with_an_empty_token(tmp_path: Path) -> None:
+    present = tmp_path / "layers.lock"
+    present.write_bytes(b"x" * 70)
+    with locks.read_locked([str(present), str(tmp_path / "images.lock")]) as tokens:
+        assert tokens == (b"x" * 64, b"")
+
+
+def test_lock_file_below_a_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "overlay-images").write_text("not a directory")
+    error = _locked_in_thread([str(tmp_path / "overlay-images" / "images.lock")])
+    assert isinstance(error, LockUnusable)
+    assert "overlay-images" in str(error)
+
+
+def _run_python(code: str, *, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter; ``unprivileged``: as root without the capabilities that
+    bypass file permissions and ownership (DAC override/read-search, FOWNER)."""
+    cmd = [sys.executable, "-c", textwrap.dedent(code)]
+    if unprivileged:
+        drop = "-dac_override,-dac_read_search,-fowner"
+        cmd = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--", *cmd]
+    env = {**os.environ, "PYTHONPATH": _ROOT}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def test_lock_file_we_may_not_open_is_a_permission_error(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a file of another owner)")
+    tmp_path.chmod(0o755)
+    lock = tmp_path / "images.lock"
+    lock.write_bytes(b"t" * 64)
+    os.chown(lock, NOBODY, NOBODY)
+    lock.chmod(0o600)
+    result = _run_python(
+        f"""
+        from imgfs.store import locks
+        from imgfs.errors import StorePermissionError
+        try:
+            with locks.read_locked([{str(lock)!r}]):
+                print("read unlocked")
+        except StorePermissionError as exc:
+            print("refused:", exc)
+        """,
+        unprivileged=True,
+    )
+    assert result.stdout.startswith("refused:"), result.stdout + result.stderr
+    assert str(lock) in result.stdout
+
+
+def test_no_descriptors_left_is_out_of_resources_not_a_skipped_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "layers.lock"
+    lock.write_bytes(b"t" * 64)
+    data = tmp_path / "images.json"
+    data.write_text("[]")
+    result = _run_python(
+        f"""
+        import os, resource
+        from imgfs.store import files, locks
+        from imgfs.errors import OutOfResources
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        for call in (
+            lambda: locks.read_locked([{str(lock)!r}]).__enter__(),
+            lambda: files.read_file({str(data)!r}, 100, "images.json"),
+        ):
+            try:
+                call()
+                print("opened")
+            except OutOfResources as exc:
+                print("out:", exc)
+        """
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr
+    assert lines[0].startswith("out:"), lines
+    assert str(lock) in lines[0], lines
+    assert lines[1].startswith("out:"), lines
+    assert "images.json" in lines[1], lines
+
+
+def test_errors_are_imgfs_errors() -> None:
+    for cls in (LockUnusable, OutOfResources, StorePermissionError):
+        assert issubclass(cls, ImgfsError)
+
+
+# -- O_NOATIME ---------------------------------------------------------------------------------
+
+
+def _fd_flags(fd: int) -> int:
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError("no flags in fdinfo")
+
+
+def test_store_files_are_opened_noatime_when_we_own_them(tmp_path: Path) -> None:
+    path = tmp_path / "images.json"
+    path.write_text("[]")
+    fd = files.open_regular(str(path), "images.json")
+    try:
+        assert _fd_flags(fd) & os.O_NOATIME
+    finally:
+        os.close(fd)
+
+
+def test_noatime_falls_back_where_the_kernel_refuses_it(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a file of another owner)")
+    tmp_path.chmod(0o755)
+    path = tmp_path / "images.json"
+    path.write_text("[1]")
+    os.chown(path, NOBODY, NOBODY)
+    path.chmod(0o644)
+    result = _run_python(
+        f"""
+        import os
+        from imgfs.store import files
+        try:
+            os.close(os.open({str(path)!r}, os.O_RDONLY | os.O_NOATIME))
+            print("kernel allowed O_NOATIME")
+        except PermissionError:
+            print("kernel refused O_NOATIME")
+        print(files.read_file({str(path)!r}, 100, "images.json"))
+        """,
+        unprivileged=True,
+    )
+    assert result.stdout.splitlines() == ["kernel refused O_NOATIME", "b'[1]'"], (
+        result.stdout + result.stderr
+    )
+
+
+def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
+    result = _run_python(
+        """
+        import resource
+        from imgfs.store import files
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        got = files.raise_fd_limit()
+        now = resource.getrlimit(resource.RLIMIT_NOFILE)
+        print(got == now[0], now[0] == min(hard, 1 << 20), now[1] == hard)
+        """
+    )
+    assert result.stdout.split() == ["True", "True", "True"], result.stdout + result.stderr
