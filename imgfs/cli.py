@@ -241,6 +241,7 @@ def _mount(args: argparse.Namespace) -> int:
     daemon.parse_mount_options(args.options, fsname=PROG)  # usage errors before any store I/O
     daemon.preflight(mountpoint)
     store = _open_store(args, store_path)
+    _warn_if_rootless_unreadable(store)
     options = daemon.parse_mount_options(args.options, fsname=f"{PROG}:{store.graphroot}")
     operations = _make_operations(args, store, options)
     return daemon.serve(
@@ -252,6 +253,15 @@ def _mount(args: argparse.Namespace) -> int:
         cleanup=operations.close,
         log_file=_absolute(args.log_file),
     )
+
+
+def _warn_if_rootless_unreadable(store: Store) -> None:
+    """Rootless store whose user-namespace opener cannot work: say so once, at mount time."""
+    from imgfs.store.userns import rootless_warning
+
+    warning = rootless_warning(store.graphroot)
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 def _make_operations(

@@ -19,6 +19,7 @@ import pytest
 
 from tests import rootless
 from tests.layer_oracle import apply_layers
+from tests.mounting import sha256_file
 from tests.rootless_probe import tree
 
 PROBE = str(Path(__file__).with_name("rootless_probe.py"))
@@ -75,6 +76,23 @@ def _sha256_as_user(ns: rootless.Namespace, paths: list[Path]) -> dict[str, str]
 
 
 # -- blobs ----------------------------------------------------------------------------------
+
+
+def test_every_blob_equals_skopeo_export_as_the_user(
+    user_mount: tuple[Path, Path, rootless.RootlessStore], ns: rootless.Namespace
+) -> None:
+    mnt, log, store = user_mount
+    paths, want = [], {}
+    for img in store.images:
+        for blob in img.blob_names():
+            path = mnt / img.id / "blobs" / blob
+            paths.append(path)
+            want[str(path)] = sha256_file(img.oracle_dir / blob.split(":", 1)[1])
+    assert len(paths) >= 5  # 2 configs + 1 + 2 layers (the first layer is shared)
+    got = _sha256_as_user(ns, paths)  # read by the user outside any namespace
+    assert got == want, log.read_text()[-3000:]
+    assert "Permission denied" not in log.read_text()
+    assert "user-namespace opener started" in log.read_text()
 
 
 def test_store_files_really_need_the_opener(
@@ -299,3 +317,51 @@ def test_helper_dies_with_its_parent(ns: rootless.Namespace) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- where the opener cannot work ---------------------------------------------------------------
+
+
+def test_without_newuidmap_one_warning_and_explained_eio(
+    ns: rootless.Namespace,
+    rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
+) -> None:
+    import shutil
+
+    store = rootless_setup[2]["vfs"]
+    bin_dir = rootless.user_mkdir(ns.user, ns.workdir / "bin-without-uidmap")
+    for tool in ("fusermount3", "sh", "env"):
+        link = bin_dir / tool
+        if not link.exists():
+            link.symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    work = rootless.user_mkdir(ns.user, ns.workdir / "no-uidmap")
+    mnt = rootless.user_mkdir(ns.user, work / "mnt")
+    log = work / "imgfs.log"
+    cmd = ns.python(
+        "-m", "imgfs", "--log-file", str(log), "--cache-dir", str(work / "cache"),
+        "--driver", "vfs", "--runroot", str(store.runroot), str(store.root), str(mnt),
+    )  # fmt: skip
+    done = ns.run(cmd, PATH=str(bin_dir))
+    try:
+        warnings = [line for line in done.stderr.splitlines() if "newuidmap" in line]
+        assert len(warnings) == 1, done.stderr
+        assert "apt-get install uidmap" in warnings[0]
+        assert "rootless store" in warnings[0]
+        img = store.images[0]
+        layer = img.diff_ids[0]
+        blob = mnt / img.id / "blobs" / layer
+        cat = _as_user(ns, "cat", str(blob))
+        assert cat.returncode != 0
+        assert "Input/output error" in cat.stderr
+        # the config is still served
+        cfg = _as_user(ns, "cat", str(mnt / img.id / "config.json"))
+        assert cfg.returncode == 0
+        text = log.read_text()
+        assert text.count("newuidmap is not installed") >= 2  # at mount, and in the EIO
+        eio = [line for line in text.splitlines() if "permission denied:" in line]
+        assert eio, text[-3000:]
+        assert "owned by uid" in eio[0]
+        assert "container uid" in eio[0]
+        assert "apt-get install uidmap" in eio[0]
+    finally:
+        rootless.unmount_as_user(ns.user, mnt)
