@@ -481,6 +481,7 @@ def _mount(args: argparse.Namespace) -> int:
     cache_dir = check_cache_dir(_absolute(args.cache_dir) or default_cache_dir())
     store = _open_store(args, store_path)
     mounting.preflight(mountpoint)
+    _warn_if_rootless_unreadable(store)
     options = mounting.parse_mount_options(
         args.options, fsname=f"{PROG}:{store.graphroot}", via_mount=via_mount
     )
@@ -497,6 +498,15 @@ def _mount(args: argparse.Namespace) -> int:
         cleanup=operations.close,
         log_file=log_file,
     )
+
+
+def _warn_if_rootless_unreadable(store: Store) -> None:
+    """Rootless store whose user-namespace opener cannot work: say so once, at mount time."""
+    from imgfs.store.userns import rootless_warning
+
+    warning = rootless_warning(store.graphroot)
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 def _make_operations(

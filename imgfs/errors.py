@@ -24,6 +24,8 @@ FUSE or the CLI (those translate these classes once, at their own boundary).
     └── CorruptStore            store content that cannot be served correctly
         ├── MalformedMetadata   JSON/record/tar-split that does not parse or is out of bounds
         ├── LayerUnavailable    layer missing, incomplete, or without tar-split
+        │   └── LayerUnreadable  its files exist but we may not open them (rootless store
+        │                        without a working user-namespace opener)
         ├── UnsafePath          a name from the store that would leave its directory
         └── IntegrityError      size, CRC-64 or digest mismatch: never serve such bytes
 
@@ -116,6 +118,12 @@ class MalformedMetadata(CorruptStore):
 
 class LayerUnavailable(CorruptStore):
     """A layer that is missing, incomplete, or has no tar-split to rebuild it from."""
+
+
+class LayerUnreadable(LayerUnavailable):
+    """Layer files that exist but that this process may not open: a rootless store's files
+    owned by subordinate uids when the user-namespace opener cannot run (the message says
+    which file, its owner and the fix)."""
 
 
 class UnsafePath(CorruptStore):

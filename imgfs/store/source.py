@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from imgfs.errors import IntegrityError, LayerUnavailable
-from imgfs.layer.assemble import BlobFile, LayerReader
+from imgfs.layer.assemble import BlobFile, FileOpener, LayerReader
 from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import iter_entries
 from imgfs.store.files import open_regular
-from imgfs.store.layerfiles import LayerFiles
 from imgfs.store.locks import read_locked
+from imgfs.store.userns import open_layer_files
 
 
 @dataclass(frozen=True)
@@ -48,21 +48,21 @@ class LayerSource:
     def open_file(self, name: bytes, size: int) -> int:
         """One content file of the layer (a regular file of ``size`` bytes), under the lock."""
         with read_locked([self.lock_path]):
-            files = LayerFiles(list(self.content_dirs), self.what)
+            files = open_layer_files(self.content_dirs, self.what, self.lock_path)
         try:
             return files.open(name, size)
         finally:
             files.close()
 
     @contextlib.contextmanager
-    def opened(self, keep_files: bool = False) -> Iterator[tuple[BinaryIO, LayerFiles, int]]:
+    def opened(self, keep_files: bool = False) -> Iterator[tuple[BinaryIO, FileOpener, int]]:
         """The tar-split (as a file object), the content dirs and the tar-split's fd, all
         opened under the layers lock; yields after unlocking. ``keep_files``: the caller
-        closes the LayerFiles (a reader that outlives the block)."""
+        closes the files (a reader that outlives the block)."""
         with read_locked([self.lock_path]):
             fd = self._open_tarsplit_locked()
             try:
-                files = LayerFiles(list(self.content_dirs), self.what)
+                files = open_layer_files(self.content_dirs, self.what, self.lock_path)
             except BaseException:
                 os.close(fd)
                 raise

@@ -1,0 +1,182 @@
+"""TEST-ONLY: what the rootless tests run AS the test user; prints one JSON document.
+
+``python3 tests/rootless_probe.py tree DIR``: every path below DIR with its lstat, link target,
+user xattrs and sha256 (or the errno that stopped us), never raising: a FUSE mount is only
+readable by its owner, so the comparison's data must be gathered as that user (stdlib only).
+
+``... opener LAYERS_LOCK DIR...``: exercises ``UserNamespaceOpener`` on a layer's directories
+(needs imgfs importable): its uid map, opens through it, malformed requests, a restart after the
+helper is killed, and the cost of an open (direct vs helper), in microseconds.
+
+``... orphan``: starts an opener, prints the helper's pid, then is killed by the test (the
+helper must die with it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import stat
+import struct
+import sys
+import time
+from typing import Any
+
+
+def _sha256(path: bytes) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree(root: bytes) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    pending = [b""]
+    while pending:
+        rel = pending.pop()
+        here = os.path.join(root, rel) if rel else root
+        try:
+            names = os.listdir(here)
+        except OSError as exc:
+            found.setdefault(os.fsdecode(rel) or ".", {})["list_error"] = exc.errno
+            continue
+        for name in names:
+            child = os.path.join(rel, name) if rel else name
+            path = os.path.join(root, child)
+            st = os.lstat(path)
+            entry: dict[str, Any] = {
+                "mode": st.st_mode,
+                "uid": st.st_uid,
+                "gid": st.st_gid,
+                "size": st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
+                "nlink": st.st_nlink if stat.S_ISREG(st.st_mode) else 0,
+                "mtime_ns": st.st_mtime_ns,
+                "ino": st.st_ino,
+            }
+            if stat.S_ISLNK(st.st_mode):
+                entry["link"] = os.fsdecode(os.readlink(path))
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    entry["sha256"] = _sha256(path)
+                except OSError as exc:
+                    entry["read_error"] = exc.errno
+            if not stat.S_ISLNK(st.st_mode):
+                try:
+                    names_x = os.listxattr(path, follow_symlinks=False)
+                    entry["xattrs"] = {
+                        n: os.getxattr(path, n, follow_symlinks=False).hex()
+                        for n in sorted(names_x)
+                        if n.startswith("user.")
+                    }
+                except OSError as exc:
+                    entry["xattr_error"] = exc.errno
+            found[os.fsdecode(child)] = entry
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(child)
+    return found
+
+
+def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
+    from imgfs.store import userns
+    from imgfs.store.layerfiles import LayerFiles
+
+    out: dict[str, Any] = {}
+    op = userns.UserNamespaceOpener()
+    out["problem"] = op.problem()
+    op.start()
+    out["ping"] = op.ping()
+    out["pid"] = op.pid
+    files = userns.UsernsLayerFiles(dirs, "probe", lock_path, op)
+    reads = {}
+    for name, size in json.loads(os.environ["PROBE_FILES"]):
+        try:
+            fd = files.open(name.encode(), size)
+        except Exception as exc:
+            reads[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        try:
+            reads[name] = os.pread(fd, 64, 0).decode()
+        finally:
+            os.close(fd)
+    out["reads"] = reads
+    # Malformed requests: the helper answers each with an error and keeps serving.
+    helper = op._helper
+    assert helper is not None
+    answers = []
+    for raw in (b"x", struct.pack("<BxxxIQ", 99, 0, 0), struct.pack("<BxxxIQ", 2, 12345, 1) + b"a"):
+        helper.sock.sendmsg([raw])
+        data = helper.sock.recv(4096)
+        answers.append(data[12:].decode())
+    r, w = os.pipe()  # a request carrying a descriptor: the descriptor is dropped
+    socket.send_fds(helper.sock, [struct.pack("<BxxxIQ", 4, 0, 0)], [r])
+    answers.append(helper.sock.recv(4096)[12:].decode())
+    os.close(r)
+    os.close(w)
+    out["malformed"] = answers
+    out["ping_after_malformed"] = op.ping()
+    # Cost of an open: a readable file directly, the same through the helper.
+    name, size = json.loads(os.environ["PROBE_COST_FILE"])
+    direct = LayerFiles(dirs, "probe")
+    remote = op.open_dirs(dirs, "probe")
+    n = 2000
+
+    def direct_open() -> int:
+        return direct.open(name.encode(), size)
+
+    def helper_open() -> int:
+        return op.open(remote, name.encode(), size)
+
+    for label, fn in (("direct_us", direct_open), ("helper_us", helper_open)):
+        for _ in range(200):
+            os.close(fn())
+        best = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(n):
+                os.close(fn())
+            best.append((time.perf_counter() - t) / n * 1e6)
+        out[label] = min(best)
+    direct.close()
+    op.release(remote)
+    # Restart: kill the helper, the next open starts a new one.
+    old = op.pid
+    assert old is not None
+    os.kill(old, 9)
+    time.sleep(0.2)
+    fd = files.open(b"far", 4)
+    out["after_kill"] = os.pread(fd, 64, 0).decode()
+    os.close(fd)
+    out["restarted"] = op.pid is not None and op.pid != old
+    files.close()
+    op.close()
+    out["closed_pid_gone"] = not os.path.exists(f"/proc/{old}")
+    return out
+
+
+def orphan() -> None:
+    from imgfs.store import userns
+
+    op = userns.UserNamespaceOpener()
+    op.start()  # from the spawner thread, as the daemon does
+    print(json.dumps({"pid": os.getpid(), "helper": op.pid}), flush=True)
+    time.sleep(600)
+
+
+def main() -> None:
+    cmd = sys.argv[1]
+    if cmd == "tree":
+        print(json.dumps(tree(os.fsencode(sys.argv[2]))))
+    elif cmd == "opener":
+        print(json.dumps(opener(sys.argv[2], sys.argv[3:])))
+    elif cmd == "orphan":
+        orphan()
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main()
