@@ -101,7 +101,10 @@ def open_layer_blob(caches: Caches, verifiers: Verifiers, source: LayerSource) -
     if caches.snapshots is None:
         return Streamed(caches.blobs.open_reader(source, verifiers, identity), page_cache=False)
     produce = functools.partial(_produce, caches.blobs, verifiers, identity, source)
-    key = f"{source.digest}:{source.layer_id}"
+    # The snapshot key names the blob (and its layer when the layer ID is not the digest's
+    # hex, as for the base layers c/storage names by their diff ID): it is also what logs show.
+    same = source.layer_id == source.digest.removeprefix("sha256:")
+    key = source.digest if same else f"{source.digest} (layer {source.layer_id})"
     return Snapshotted(caches.snapshots.acquire(key, source.size, produce))
 
 
