@@ -109,11 +109,16 @@ def test_log_file_symlink_is_not_followed(world: Path) -> None:
     assert target.read_text() == ""
 
 
+def _nobodys_cache(world: Path) -> None:
+    """A cache dir nobody may use: its own and nobody else's (imgfs refuses any other)."""
+    (world / "cache").mkdir(mode=0o700)
+    os.chown(world / "cache", NOBODY, NOBODY)
+
+
 def test_root_only_store_as_nobody(world: Path) -> None:
     store = empty_store(world / "store")
     store.chmod(0o700)
-    (world / "cache").mkdir(mode=0o777)
-    (world / "cache").chmod(0o777)
+    _nobodys_cache(world)
     result = run_as_nobody("-f", "--cache-dir", str(world / "cache"), str(store), str(world / "m"))
     expect(result, 4, f"store {store}: permission denied")
 
@@ -121,8 +126,7 @@ def test_root_only_store_as_nobody(world: Path) -> None:
 def test_store_under_a_root_only_directory_as_nobody(world: Path) -> None:
     (world / "private").mkdir(mode=0o700)
     store = empty_store(world / "private" / "store")
-    (world / "cache").mkdir()
-    (world / "cache").chmod(0o777)
+    _nobodys_cache(world)
     result = run_as_nobody("-f", "--cache-dir", str(world / "cache"), str(store), str(world / "m"))
     expect(result, 4, f"store {store}: permission denied")
 
