@@ -7,6 +7,8 @@ twin, and every file's bytes through ``TreeView.open`` equal what went into the 
 from __future__ import annotations
 
 import hashlib
+import stat
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,25 @@ def test_unique_prefix_is_a_link_and_unknown_names_are_not_found(
         view.resolve(f"{app.id}/rootfs/etc/nothing".encode())
     with pytest.raises(imgfs.NotFound):
         view.resolve(f"{app.id}/layers/9-abc".encode())
+
+
+def test_directory_links_and_the_roots_the_tars_do_not_name(
+    view: TreeView, made: storemaker.StoreMaker
+) -> None:
+    """Directories count 2 + their subdirectories; a layer root no tar names shows 0555 and
+    the layer's creation time, as ``podman image mount`` does."""
+    app, _ = made.images
+    created = datetime.fromisoformat(storemaker.CREATED.replace("Z", "+00:00").replace(
+        ".123456789", ".123456"
+    ))  # fmt: skip
+    for path in (
+        f"{app.id}/rootfs",
+        f"{app.id}/layers/{_names(view, f'{app.id}/layers')[0].decode()}",
+    ):
+        root = view.resolve(path.encode())
+        assert root.mode == stat.S_IFDIR | 0o555, path
+        assert abs(root.mtime_ns - created.timestamp() * 1e9) < 1e6, path
+        assert root.nlink == 2 + 2, path  # etc/ and opt/
+    assert view.resolve(f"{app.id}/rootfs/etc".encode()).nlink == 2
+    assert view.resolve(f"{app.id}/rootfs/etc/hostname".encode()).nlink == 2  # + etc/hard
+    assert view.resolve(f"{app.id}/rootfs/big".encode()).nlink == 1
