@@ -533,3 +533,68 @@ def test_generation_stops_once_the_blob_exceeds_diff_size(tmp_path: Path) -> Non
     with LayerFiles([str(tmp_path)], WHAT) as files, pytest.raises(IntegrityError):
         generate(entries, files, RecordingSink(), "sha256:" + "0" * 64, 10 << 20, WHAT)
     assert seen[0] <= 12
+
+
+class MemoryFiles:
+    """An in-memory FileOpener: each name is a memfd holding its bytes (the store's
+    LayerFiles is one implementation of the protocol; assembly needs nothing more)."""
+
+    def __init__(self, contents: dict[bytes, bytes]) -> None:
+        self.contents = contents
+        self.opened: list[bytes] = []
+
+    def open(self, name: bytes, size: int) -> int:
+        data = self.contents.get(name)
+        if data is None:
+            raise LayerUnavailable(f"no file {name!r}")
+        if len(data) != size:
+            raise IntegrityError(f"{name!r} has {len(data)} bytes, tar-split records {size}")
+        self.opened.append(name)
+        fd = os.memfd_create("layer-file")
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)  # assembly reads from the file position, as from open()
+        return fd
+
+    def close(self) -> None:
+        pass
+
+
+def _memory_layer(
+    members: list[tuple[str | bytes, bytes | str | None]],
+) -> tuple[bytes, list[Segment | FileEntry], dict[bytes, bytes]]:
+    tar = make_tar(members)
+    split = disassemble(tar)
+    entries = list(iter_entries(io.BytesIO(split.gz()), WHAT))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        contents = {
+            m.name.encode(): (tf.extractfile(m) or io.BytesIO()).read() for m in tf if m.isfile()
+        }
+    return tar, entries, contents
+
+
+def test_generation_and_reads_through_an_in_memory_opener() -> None:
+    members: list[tuple[str | bytes, bytes | str | None]] = [
+        ("d", None),
+        ("d/a", b"A" * 3000),
+        ("d/b", bytes(range(256)) * 300),
+        ("d/empty", b""),
+    ]
+    tar, entries, contents = _memory_layer(members)
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    files = MemoryFiles(contents)
+    sink = RecordingSink(truth=tar)
+    generate(entries, files, sink, digest, len(tar), WHAT)
+    assert bytes(sink.data) == tar
+    assert b"d/empty" not in files.opened  # size-0 members are never opened
+    reader = LayerReader(LayerIndex.build(entries, WHAT), files, digest, WHAT)
+    assert reader.read(0, len(tar)) == tar
+    assert reader.verifier.passed
+    reader.close()
+    files.contents[b"d/b"] = bytes(range(256)) * 299 + bytes(256)  # same size, other bytes
+    fresh = LayerReader(LayerIndex.build(entries, WHAT), files, digest, WHAT)
+    assert fresh.read(100, 1000) == tar[100:1100]  # the middle, before the bad file
+    with pytest.raises(IntegrityError, match="CRC-64"):
+        fresh.read(len(tar) - 1, 1)  # the end: the prefix is checked first
+    fresh.close()
+    with pytest.raises(IntegrityError, match="CRC-64"):
+        generate(entries, files, RecordingSink(truth=tar), digest, len(tar), WHAT)
