@@ -115,6 +115,10 @@ def test_negative_lookup_errnos_and_write_refusal(
         assert await _errno_of(ops.getxattr(manifest.st_ino, b"user.nope", ROOT_CTX)) == (
             errno.ENODATA
         )
+        for name in (b"security.selinux", b"system.posix_acl_access"):  # ls -l asks these
+            assert await _errno_of(ops.getxattr(manifest.st_ino, name, ROOT_CTX)) == (
+                errno.ENOTSUP
+            )
         assert await _errno_of(ops.readlink(manifest.st_ino, ROOT_CTX)) == errno.EINVAL
         assert not await ops.access(manifest.st_ino, os.W_OK, ROOT_CTX)
         assert await ops.access(manifest.st_ino, os.R_OK, ROOT_CTX)
