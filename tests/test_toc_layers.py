@@ -170,7 +170,10 @@ def test_flat_layout_is_read_through_the_toc(
         ) as m:
             d = m.path / made.id
             for digest, tar in zip(made.diff_ids, [BASE, TOP], strict=True):
-                assert (d / "blobs" / digest).read_bytes() == tar
+                try:
+                    assert (d / "blobs" / digest).read_bytes() == tar
+                except OSError as exc:
+                    raise AssertionError(f"{exc}: {m.log()[-3000:]}") from exc
             assert compare_trees(os.fsencode(d / "rootfs"), os.fsencode(oracle), "flat") >= 9
 
 
