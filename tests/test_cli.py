@@ -262,9 +262,13 @@ def fake_store(monkeypatch: pytest.MonkeyPatch) -> type[FakeListStore]:
 
 
 def test_list_prints_images_and_blobs(
-    fake_store: type[FakeListStore], capsys: pytest.CaptureFixture[str], tmp_path: Path
+    fake_store: type[FakeListStore],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    os.chdir(tmp_path)
+    # (restored afterwards: later tests start `python -m imgfs`, which must find this checkout)
+    monkeypatch.chdir(tmp_path)
     status = cli.main(["--list", "store", "--driver", "overlay", "--runroot", "run"])
     out, err = capsys.readouterr()
     assert status == 1, "a broken image makes the listing fail at the end"

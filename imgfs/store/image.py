@@ -54,6 +54,7 @@ from imgfs.store.records import (
 )
 from imgfs.store.signatures import split_signatures
 from imgfs.store.source import LayerSource, open_layer_blob
+from imgfs.store.toc import TOC_KEY
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +399,7 @@ class Image:
         return result
 
     def layer_chain(self) -> list[LayerRecord]:
-        """The image's layers, base first; every one present, complete and sized."""
+        """The image's layers, base first; every one present, complete and named."""
         self._check_record()
         chain: list[LayerRecord] = []
         layer_id = self.record.layer
@@ -406,13 +407,13 @@ class Image:
         while layer_id is not None:
             rec = self._snap.layers.get(layer_id)
             if rec is None or rec.incomplete:
-                state = "missing" if rec is None else "incomplete"
+                state = "missing" if rec is None else "incomplete (c/storage deletes it)"
                 raise LayerUnavailable(f"{self.what}: layer {layer_id[:12]} is {state}")
             if rec.problem:
                 raise MalformedMetadata(f"{self.what}: layer {layer_id[:12]}: {rec.problem}")
-            if rec.diff_digest is None or rec.diff_size is None:
+            if rec.diff_digest is None:  # (an unknown size fails the layer alone: sources)
                 raise LayerUnavailable(
-                    f"{self.what}: layer {layer_id[:12]} has no uncompressed digest or size"
+                    f"{self.what}: layer {layer_id[:12]} has no uncompressed digest"
                 )
             if layer_id in seen or len(chain) >= MAX_LAYER_DEPTH:
                 raise MalformedMetadata(f"{self.what}: layer chain loops or is too deep")
@@ -436,16 +437,17 @@ class Image:
         sources = []
         for depth, rec in enumerate(chain):
             assert rec.diff_digest is not None
-            assert rec.diff_size is not None
             sources.append(
                 LayerSource(
                     layer_id=rec.id,
                     digest=rec.diff_digest,
-                    size=rec.diff_size,
+                    size=rec.diff_size or 0,
                     tarsplit_path=os.path.join(rec.source, f"{rec.id}.tar-split.gz"),
                     content_dirs=self._content_dirs(list(reversed(chain[: depth + 1]))),
                     what=f"layer {rec.id[:12]} of image {self.id[:12]}",
                     created_ns=_ns(rec.created),
+                    toc_names=TOC_KEY in rec.big_data_names,
+                    refused=_refusal(rec),
                 )
             )
         return sources
@@ -592,6 +594,18 @@ def _content_digest(key: str, data: bytes, what: str) -> str:
     if key.startswith("manifest"):
         return manifests.digest_of(data, what)
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _refusal(rec: LayerRecord) -> str | None:
+    """Why a layer of a valid chain cannot be served, or None."""
+    if rec.diff_size is not None:
+        return None
+    if rec.toc_digest is not None:
+        return (
+            "a zstd:chunked layer known only by its TOC (no uncompressed size, no tar-split): "
+            "its tar stream cannot be reproduced bit-exactly (c/storage itself would re-tar it)"
+        )
+    return "its uncompressed size is unknown (diff-size), so it cannot be checked"
 
 
 def _ns(when: datetime | None) -> int:

@@ -60,6 +60,12 @@ class LayerRecord:
     created: datetime | None
     problem: str | None = None
     source: str = field(default="", compare=False)  # the <driver>-layers dir it came from
+    toc_digest: str | None = None  # zstd:chunked: the TOC's digest (partial pulls)
+    expected_diff_digest: bool = False  # diff_digest is c/image's expected-layer-diffid flag
+    big_data_names: tuple[str, ...] = ()  # layer big data (the TOC, the layer-data format)
+    compression: int | None = None  # of the pulled blob: 0 none, 1 bzip2, 2 gzip, 3 xz, 4 zstd
+    uids: tuple[int, ...] = ()  # uidset/gidset: the owners the layer's files use
+    gids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,12 +310,19 @@ def _layer(item: dict[str, object], source: str) -> LayerRecord:
     elif not isinstance(flags, dict):
         problems.append("flags is not an object")
         flags = {}
+    toc_digest = item.get("toc-digest")
+    if toc_digest is not None and not is_digest(toc_digest):
+        problems.append(f"invalid toc-digest {toc_digest!r:.80}")
+        toc_digest = None
     diff_digest = item.get("diff-digest")
+    expected = False
     if diff_digest is None or diff_digest == "":
-        diff_digest = flags.get("expected-layer-diffid") if item.get("toc-digest") else None
+        diff_digest = flags.get("expected-layer-diffid") if toc_digest else None
+        expected = diff_digest is not None
     if diff_digest is not None and not is_digest(diff_digest):
         problems.append(f"invalid diff-digest {diff_digest!r:.80}")
         diff_digest = None
+    big_data_names = tuple(_str_list(item.get("big-data-names"), "big-data-names", problems))
     size = item.get("diff-size")
     if size is not None and not (_is_size(size) or (isinstance(size, int) and size == -1)):
         problems.append(f"invalid diff-size {size!r:.40}")
@@ -323,7 +336,29 @@ def _layer(item: dict[str, object], source: str) -> LayerRecord:
         created=parse_time(item.get("created")),
         problem="; ".join(problems) or None,
         source=source,
+        toc_digest=toc_digest if isinstance(toc_digest, str) else None,
+        expected_diff_digest=expected,
+        big_data_names=big_data_names,
+        compression=_small_int(item.get("compression")),
+        uids=_ids(item.get("uidset")),
+        gids=_ids(item.get("gidset")),
     )
+
+
+def _small_int(value: object) -> int | None:
+    return (
+        value
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 256
+        else None
+    )
+
+
+def _ids(value: object) -> tuple[int, ...]:
+    """A uidset/gidset (informative: file owners come from the tar headers); bad -> empty."""
+    if not isinstance(value, list) or len(value) > 1 << 16:
+        return ()
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32 for v in value)
+    return tuple(value) if ok else ()
 
 
 def _str_list(value: object, key: str, problems: list[str]) -> list[str]:

@@ -3,7 +3,9 @@
 Owns: ``LayerSource`` (everything needed to rebuild one layer blob, resolved from the records)
 and every open of a layer's tar-split and content files, each taken under the store's
 ``layers.lock`` (held only for the opens, never for the reads that follow). Other modules never
-open layer files themselves: they ask a LayerSource.
+open layer files themselves: they ask a LayerSource. A flat-layout (composefs) layer's names go
+through its TOC's name map (``toc.FlatNames``) in front of the same opener; a layer the records
+already show to be unreproducible (``refused``) fails before anything is opened.
 Must not know: caches, the mounted tree, FUSE.
 """
 
@@ -21,6 +23,7 @@ from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import iter_entries
 from imgfs.store.files import open_regular
 from imgfs.store.locks import read_locked
+from imgfs.store.toc import FlatNames, flat_map
 from imgfs.store.userns import open_layer_files
 
 
@@ -35,6 +38,8 @@ class LayerSource:
     content_dirs: tuple[str, ...]
     what: str
     created_ns: int = 0  # the layer record's creation time (0: unknown)
+    toc_names: bool = False  # zstd:chunked big data: find files through a flat layout's TOC
+    refused: str | None = None  # why the layer cannot be reproduced (checked before any open)
 
     @property
     def lock_path(self) -> str:
@@ -48,7 +53,7 @@ class LayerSource:
     def open_file(self, name: bytes, size: int) -> int:
         """One content file of the layer (a regular file of ``size`` bytes), under the lock."""
         with read_locked([self.lock_path]):
-            files = open_layer_files(self.content_dirs, self.what, self.lock_path)
+            files = self._named(open_layer_files(self.content_dirs, self.what, self.lock_path))
         try:
             return files.open(name, size)
         finally:
@@ -62,7 +67,7 @@ class LayerSource:
         with read_locked([self.lock_path]):
             fd = self._open_tarsplit_locked()
             try:
-                files = open_layer_files(self.content_dirs, self.what, self.lock_path)
+                files = self._named(open_layer_files(self.content_dirs, self.what, self.lock_path))
             except BaseException:
                 os.close(fd)
                 raise
@@ -78,7 +83,20 @@ class LayerSource:
             if not keep_files:
                 files.close()
 
+    def _named(self, files: FileOpener) -> FileOpener:
+        """``files``, behind the TOC's name map when the layer is in the flat layout."""
+        if not self.toc_names:
+            return files
+        try:
+            mapping = flat_map(os.path.dirname(self.tarsplit_path), self.layer_id, self.what)
+        except BaseException:
+            files.close()
+            raise
+        return files if mapping is None else FlatNames(files, mapping)
+
     def _open_tarsplit_locked(self) -> int:
+        if self.refused is not None:
+            raise LayerUnavailable(f"{self.what}: {self.refused}")
         try:
             return open_regular(self.tarsplit_path, f"{self.what}: tar-split")
         except FileNotFoundError as exc:

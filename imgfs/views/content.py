@@ -95,6 +95,8 @@ class Caches:
 def open_layer_blob(caches: Caches, verifiers: Verifiers, source: LayerSource) -> Content:
     """A layer blob: its snapshot, or (``--direct``) a reader checked by the blob's verifier."""
     identity = ("blob", source.digest, source.layer_id)
+    if source.refused is not None:  # known before any open (e.g. a TOC-only layer)
+        raise LayerUnavailable(f"{source.what}: {source.refused}")
     failure = verifiers.failure(identity)
     if failure is not None:
         raise IntegrityError(failure)
