@@ -9,6 +9,8 @@ imgfs never creates or writes a lock file: a missing lock file means nobody writ
 read-only store). Any other failure to open or lock one (no permission, a symlink, a FIFO, a
 directory or a socket where the lock file should be, no descriptors left) raises an
 ``ImgfsError`` naming the path: reading without the lock could serve a half-written store.
+Inside ``no_waiting()`` a lock held by a writer raises ``LockBusy`` at once instead of waiting
+(the FUSE adapter retries such a request where waiting starves no other request).
 Lock files are opened non-blocking (a FIFO never hangs the open) and with O_NOATIME; a lock
 file named as a ``StoreFile`` is opened below its store root without following any symlink
 (``files.StoreRoot``), one named by a path only without following its last component.
@@ -22,10 +24,12 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 
 from imgfs.errors import (
     ImgfsError,
+    LockBusy,
     LockUnusable,
     OutOfResources,
     StorePermissionError,
@@ -37,15 +41,32 @@ _TOKEN_BYTES = 64
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def no_waiting() -> Iterator[None]:
+    """In this thread, a lock a writer holds raises LockBusy instead of being waited for."""
+    before = getattr(_mode, "no_wait", False)
+    _mode.no_wait = True
+    try:
+        yield
+    finally:
+        _mode.no_wait = before
+
+
 def _lock_shared(fd: int, path: str) -> None:
     request = struct.pack("hhqqi", fcntl.F_RDLCK, 0, 0, 0, 0)
+    wait = not getattr(_mode, "no_wait", False)
     while True:
         try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, request)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
             return
         except InterruptedError:
             continue
         except OSError as exc:
+            if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise LockBusy(f"lock file {path}: held by a writer") from exc
             raise _error(path, exc, "cannot lock") from exc
 
 
