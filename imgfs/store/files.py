@@ -164,7 +164,7 @@ class StoreRoot:
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EXDEV):  # a symlink (or magic link) on the way
                 raise UnsafePath(
-                    f"{what}: {self.show(rel)} is or goes through a symlink; "
+                    f"{what}: {self.show(rel)} is a symlink (or goes through one); "
                     "nothing below the store root is followed"
                 ) from exc
             if exc.errno == errno.ENOTDIR:
