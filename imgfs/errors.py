@@ -8,7 +8,8 @@ FUSE or the CLI (those translate these classes once, at their own boundary).
     │   ├── StoreNotFound       no store at the given or configured path
     │   ├── ConfigError         storage.conf unreadable/invalid; unknown or ambiguous driver
     │   ├── StorePermissionError  the store exists but we may not read it
-    │   └── LockUnusable        a lock file that is no regular file or cannot be opened or locked
+    │   ├── LockUnusable        a lock file that is no regular file or cannot be opened or locked
+    │   └── LockBusy            a writer holds a lock and the caller asked not to wait
     ├── NotFound                a name that does not exist (image, blob)
     │   ├── ImageNotFound
     │   └── BlobNotFound
@@ -57,6 +58,11 @@ class StorePermissionError(StoreError):
 
 class LockUnusable(StoreError):
     """A store lock file that is not a regular file, or that cannot be opened or locked."""
+
+
+class LockBusy(StoreError):
+    """A writer holds a store lock and this thread asked not to wait (``locks.no_waiting``):
+    the caller retries where waiting harms no one."""
 
 
 class NotFound(ImgfsError):

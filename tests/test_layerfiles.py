@@ -143,8 +143,12 @@ def test_missing_or_symlinked_layer_dir(tmp_path: Path) -> None:
         LayerFiles([str(tmp_path / "nope")], "layer L")
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    with pytest.raises(LayerUnavailable, match="layer L"):
-        LayerFiles([str(tmp_path / "real"), str(tmp_path / "link")], "layer L")
+    # lower directories are opened when a lookup reaches them: a symlinked one fails it
+    with (
+        LayerFiles([str(tmp_path / "real"), str(tmp_path / "link")], "layer L") as lf,
+        pytest.raises(LayerUnavailable, match="layer L: layer directory"),
+    ):
+        lf.open(b"x", 1)
     with pytest.raises(LayerUnavailable):
         LayerFiles([], "layer L")
 

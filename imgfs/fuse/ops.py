@@ -26,11 +26,13 @@ from imgfs.errors import (
     CorruptStore,
     ImgfsError,
     IntegrityError,
+    LockBusy,
     NotFound,
     StorePermissionError,
 )
 from imgfs.fuse import requestlog
 from imgfs.fuse.inodes import ROOT_INODE, InodeTable
+from imgfs.store import locks
 from imgfs.store.image import Store
 from imgfs.views import content as contents
 from imgfs.views.content import Caches, Content, Inline, Snapshotted, Streamed
@@ -133,6 +135,9 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self.limiter = trio.CapacityLimiter(8)
+        # Requests that found a store lock held by a writer wait here, on their own threads:
+        # a writer holding layers.lock never takes the slots of requests that need no lock.
+        self.lock_waits = trio.CapacityLimiter(8)
         self._nowait_flag = os.RWF_NOWAIT  # 0 once the cache's file system refused it
         self.view = build_view(store.images, _now_ns(), caches)
         self._listing_failed = False
@@ -140,7 +145,12 @@ class Operations(pyfuse3.Operations):
     # -- helpers -----------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        """``fn(*args)`` in a worker thread; first without waiting for store locks, and again
+        (behind ``lock_waits``) if a writer held one."""
+        try:
+            return await trio.to_thread.run_sync(_no_waiting, fn, *args, limiter=self.limiter)
+        except LockBusy:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.lock_waits)
 
     def _key(self, ino: int) -> Key:
         key = self.inodes.key(ino)
@@ -304,10 +314,14 @@ class Operations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         key = self._key(inode)
-        await self._visible(key, _uid(ctx))
+        node = await self._visible(key, _uid(ctx))
         content: Content = await self._run(self._open_content, key, _uid(ctx))
         fh = self._new_fh(_Handle(inode, key, content))
-        if isinstance(content, Inline) or (isinstance(content, Streamed) and content.page_cache):
+        if isinstance(content, Inline):
+            # Only content-addressed files keep the kernel's pages across opens: a manifest
+            # rewritten with the same length and mtime is read again at the next open.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=node.stable)
+        if isinstance(content, Streamed) and content.page_cache:
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         # Layer blobs use direct I/O: a reader's 1 MiB reads (st_blksize) reach us as 1 MiB
         # requests instead of 128 KiB page-cache ones, a fraction of the Python round trips.
@@ -453,6 +467,11 @@ class Operations(pyfuse3.Operations):
                 contents.release(self.caches, handle.content)
         self.handles.clear()
         self.caches.close()
+
+
+def _no_waiting(fn: Callable[..., Any], *args: Any) -> Any:
+    with locks.no_waiting():
+        return fn(*args)
 
 
 def _now_ns() -> int:

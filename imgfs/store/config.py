@@ -2,12 +2,14 @@
 
 Owns: the containers/storage configuration rules a reader needs (file search order for root
 and rootless users, ``$UID``/env expansion, driver choice and aliases, additional image stores).
-Must not know: the store's content (it only checks which ``<driver>-images`` directories exist).
+Must not know: the store's content (it only checks which ``<driver>-images`` directories exist,
+never through a symlink).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,10 +77,16 @@ def normalize_driver(name: str) -> str:
 
 
 def drivers_in(graphroot: str) -> list[str]:
-    """The drivers whose ``<driver>-images`` directory exists in ``graphroot``."""
+    """The drivers whose ``<driver>-images`` directory exists in ``graphroot`` as a real
+    directory: a symlink named like one never picks the driver (nothing below the graph root
+    is followed)."""
     found = []
     for name in KNOWN_DRIVERS:
-        if os.path.isdir(os.path.join(graphroot, f"{name}-images")):
+        try:
+            st = os.lstat(os.path.join(graphroot, f"{name}-images"))
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
             found.append(name)
     return found
 

@@ -1,16 +1,22 @@
-"""Paths inside one store root, and bounded, symlink-free reads of its metadata files.
+"""Paths inside one store root, THE opener of every store path below it, and bounded reads.
 
 Owns: the on-disk layout of a graph-root-like tree for one driver (``<drv>-images``,
-``<drv>-layers``, big-data file names, layer content directories), reading small files
-without following symlinks, ``O_NOATIME`` for every open that reads store bytes (``noatime``:
-reading the store never changes its atimes where the kernel allows it, i.e. for the files'
-owner), and the process's descriptor budget (``raise_fd_limit``). Must not know: what the files
-mean.
+``<drv>-layers``, big-data file names, layer content directories, as paths relative to the
+root); ``StoreRoot``: the root the user (or storage.conf) named, resolved once, and every open
+below it — relative to the root's directory fd with ``openat2(RESOLVE_BENEATH|
+RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS)`` (or one ``O_NOFOLLOW`` component at a time where
+openat2 is missing), each open checked to be the directory or regular file expected (nothing
+below the graph root is followed through a symlink); ``StoreFile`` (one file below a root, as
+lock files and tar-splits are named); reading small files; ``O_NOATIME`` for every open that
+reads store bytes (``noatime``: reading the store never changes its atimes where the kernel
+allows it, i.e. for the files' owner), and the process's descriptor budget
+(``raise_fd_limit``). Must not know: what the files mean.
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
 import errno
 import logging
 import os
@@ -20,41 +26,263 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imgfs.errors import MalformedMetadata, OutOfResources, StorePermissionError, UnsafePath
+from imgfs.errors import (
+    ImgfsError,
+    MalformedMetadata,
+    OutOfResources,
+    StorePermissionError,
+    UnsafePath,
+)
 
 log = logging.getLogger(__name__)
 
 _VERBATIM_KEY = re.compile(r"[.0-9a-z]+")
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SYS_OPENAT2 = 437
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_RESOLVE_STORE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+_RETRIES = 8
 _FD_LIMIT_CAP = 1 << 20  # enough for any reader load; far below nr_open ceilings
 EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
-@dataclass(frozen=True)
-class RootLayout:
-    """One graph-root-like tree (primary, image store or additional image store)."""
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
-    root: str
-    driver: str
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_openat2_works: bool | None = None
+
+
+def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+    """openat2(2); raises OSError. Retries EINTR and EAGAIN (concurrent rename)."""
+    how = _OpenHow(flags, 0, resolve)
+    err = errno.EAGAIN
+    for _ in range(_RETRIES):
+        fd = _syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(dirfd),
+            ctypes.c_char_p(path),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err not in (errno.EINTR, errno.EAGAIN):
+            break
+    raise OSError(err, os.strerror(err), path)
+
+
+def openat2_available(dirfd: int) -> bool:
+    """Whether openat2 works here (probed once per process on a directory fd)."""
+    global _openat2_works
+    if _openat2_works is None:
+        try:
+            os.close(openat2(dirfd, b".", os.O_PATH | os.O_CLOEXEC, RESOLVE_BENEATH))
+            _openat2_works = True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+            _openat2_works = False
+    return _openat2_works
+
+
+def walk_parents(dirfd: int, parents: list[bytes], dev: int | None = None) -> int:
+    """Without openat2: the directory ``parents`` names below ``dirfd``, one ``O_NOFOLLOW``
+    component at a time (``dev``: refuse to cross a mount). Returns a new fd (a dup when
+    ``parents`` is empty); the caller closes it."""
+    cur = os.dup(dirfd)
+    try:
+        for part in parents:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=cur)
+            os.close(cur)
+            cur = nxt
+            if dev is not None and os.fstat(cur).st_dev != dev:
+                raise OSError(errno.EXDEV, "crosses a mount", part)
+    except BaseException:
+        os.close(cur)
+        raise
+    return cur
+
+
+def _walk(dirfd: int, rel: bytes, flags: int) -> int:
+    """Without openat2: one component at a time, never following a symlink."""
+    *parents, last = rel.split(b"/")
+    cur = walk_parents(dirfd, parents)
+    try:
+        if flags & os.O_PATH:
+            return os.open(last, flags | os.O_NOFOLLOW, dir_fd=cur)
+        return noatime(lambda f: os.open(last, f | os.O_NOFOLLOW, dir_fd=cur), flags)
+    finally:
+        os.close(cur)
+
+
+@dataclass(frozen=True)
+class StoreRoot:
+    """A graph-root-like directory (graph root, image store, additional image store, run root)
+    and every open below it. ``path`` is what the user or storage.conf named, resolved once
+    (symlinks in it are the user's choice); nothing below it is followed through a symlink."""
+
+    path: str
+
+    @classmethod
+    def resolved(cls, path: str) -> StoreRoot:
+        return cls(os.path.realpath(path))
+
+    def show(self, rel: str) -> str:
+        return os.path.join(self.path, rel)
+
+    def _rel(self, rel: str) -> bytes:
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise UnsafePath(f"{self.show(rel)}: not a plain path below the store root")
+        return os.fsencode(rel)
+
+    def open_at(self, rel: str, flags: int, what: str) -> int:
+        """``rel`` opened beneath the root; OSError (ENOENT, ...) passes through, except that
+        a symlink, or a non-directory where a directory is needed, is UnsafePath."""
+        name = self._rel(rel)
+        try:
+            root = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except PermissionError as exc:
+            raise StorePermissionError(f"store {self.path}: permission denied") from exc
+        try:
+            if openat2_available(root):
+                if flags & os.O_PATH:  # openat2 refuses O_NOATIME with O_PATH
+                    return openat2(root, name, flags, _RESOLVE_STORE)
+                return noatime(lambda f: openat2(root, name, f, _RESOLVE_STORE), flags)
+            return _walk(root, name, flags)
+        except PermissionError as exc:
+            raise StorePermissionError(f"{what}: permission denied") from exc
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EXDEV):  # a symlink (or magic link) on the way
+                raise UnsafePath(
+                    f"{what}: {self.show(rel)} is a symlink (or goes through one); "
+                    "nothing below the store root is followed"
+                ) from exc
+            if exc.errno == errno.ENOTDIR:
+                raise UnsafePath(f"{what}: {self.show(rel)}: not a directory on the way") from exc
+            if exc.errno in EXHAUSTED:
+                raise OutOfResources(f"{what}: cannot open: {exc.strerror}") from exc
+            raise
+        finally:
+            os.close(root)
+
+    def open_dir(self, rel: str, what: str) -> int:
+        """An ``O_PATH`` fd of the directory ``rel`` (FileNotFoundError when absent)."""
+        return self.open_at(rel, _DIR_FLAGS, what)
+
+    def open_file(self, rel: str, what: str, flags: int = _OPEN_FLAGS) -> int:
+        """A regular file below the root, read-only, non-blocking (a FIFO never hangs)."""
+        fd = self.open_at(rel, flags, what)
+        _check_regular(fd, what)
+        return fd
+
+    def read(self, rel: str, limit: int, what: str) -> bytes | None:
+        """The bytes of a regular file below the root (at most ``limit``), None if absent."""
+        return _read_whole(lambda: self.open_file(rel, what), limit, what)
+
+    def is_dir(self, rel: str) -> bool:
+        """Whether ``rel`` is a real directory (not a symlink to one) below the root."""
+        try:
+            os.close(self.open_dir(rel, rel))
+        except (OSError, ImgfsError):
+            return False
+        return True
+
+    def state(self, rel: str) -> tuple[int, int, int] | None:
+        """(inode, size, mtime_ns) of a file below the root, to notice replacement; None if
+        absent or not reachable without a symlink."""
+        parent, _, leaf = rel.rpartition("/")
+        try:
+            fd = self.open_dir(parent, rel) if parent else os.open(self.path, _DIR_FLAGS)
+        except (OSError, ImgfsError):
+            return None
+        try:
+            st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class StoreFile:
+    """One file below a store root (a lock file, a tar-split, a JSON record file)."""
+
+    root: StoreRoot
+    rel: str
 
     @property
-    def images_dir(self) -> str:
-        return os.path.join(self.root, f"{self.driver}-images")
+    def path(self) -> str:
+        """For messages and for helpers that take paths."""
+        return self.root.show(self.rel)
+
+    def open(self, what: str, flags: int = _OPEN_FLAGS) -> int:
+        return self.root.open_file(self.rel, what, flags)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+@dataclass(frozen=True)
+class RootLayout:
+    """One graph-root-like tree (primary, image store or additional image store); every path
+    it names is relative to its ``StoreRoot``."""
+
+    store_root: StoreRoot
+    driver: str
+
+    @classmethod
+    def at(cls, path: str, driver: str) -> RootLayout:
+        return cls(StoreRoot.resolved(path), driver)
+
+    @property
+    def root(self) -> str:
+        return self.store_root.path
+
+    @property
+    def images_rel(self) -> str:
+        return f"{self.driver}-images"
+
+    @property
+    def layers_rel(self) -> str:
+        return f"{self.driver}-layers"
 
     @property
     def layers_dir(self) -> str:
-        return os.path.join(self.root, f"{self.driver}-layers")
+        """The ``<driver>-layers`` path, as layer records name where they came from."""
+        return self.store_root.show(self.layers_rel)
+
+    def file(self, rel: str) -> StoreFile:
+        return StoreFile(self.store_root, rel)
+
+    def images_file(self, name: str) -> StoreFile:
+        return self.file(f"{self.images_rel}/{name}")
+
+    def layers_file(self, name: str) -> StoreFile:
+        return self.file(f"{self.layers_rel}/{name}")
+
+    def image_dir(self, image_id: str) -> str:
+        """The big-data directory of an (already validated) image ID, relative."""
+        return f"{self.images_rel}/{image_id}"
 
     def content_dir(self, layer_id: str) -> str:
-        """Where the driver keeps the files of ``layer_id`` (an already validated ID)."""
+        """Where the driver keeps the files of ``layer_id`` (an already validated ID), relative
+        to the root."""
         if self.driver == "overlay":
-            return os.path.join(self.root, "overlay", layer_id, "diff")
+            return f"overlay/{layer_id}/diff"
         if self.driver == "vfs":
-            return os.path.join(self.root, "vfs", "dir", layer_id)
-        return os.path.join(self.root, "btrfs", "subvolumes", layer_id)
-
-    def tarsplit_path(self, layer_id: str) -> str:
-        return os.path.join(self.layers_dir, f"{layer_id}.tar-split.gz")
+            return f"vfs/dir/{layer_id}"
+        return f"btrfs/subvolumes/{layer_id}"
 
 
 def big_data_file_name(key: str) -> str:
@@ -113,7 +341,9 @@ def file_kind(mode: int) -> str:
 
 
 def open_regular(path: str, what: str, dir_fd: int | None = None) -> int:
-    """Open a regular file read-only without following a final symlink or blocking on a FIFO."""
+    """Open a regular file read-only without following a final symlink or blocking on a FIFO
+    (``path`` one component when ``dir_fd`` is a StoreRoot directory; else a path the caller
+    trusts up to its last component)."""
     try:
         fd = open_noatime(path, _OPEN_FLAGS, dir_fd=dir_fd)
     except PermissionError as exc:
@@ -124,6 +354,11 @@ def open_regular(path: str, what: str, dir_fd: int | None = None) -> int:
         if exc.errno in EXHAUSTED:
             raise OutOfResources(f"{what}: cannot open: {exc.strerror}") from exc
         raise
+    _check_regular(fd, what)
+    return fd
+
+
+def _check_regular(fd: int, what: str) -> None:
     try:
         st = os.fstat(fd)
     except OSError:
@@ -132,7 +367,6 @@ def open_regular(path: str, what: str, dir_fd: int | None = None) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise UnsafePath(f"{what}: is a {file_kind(st.st_mode)}, not a regular file")
-    return fd
 
 
 def read_bounded(fd: int, limit: int, what: str) -> bytes:
@@ -155,20 +389,15 @@ def read_bounded(fd: int, limit: int, what: str) -> bytes:
 
 def read_file(path: str, limit: int, what: str) -> bytes | None:
     """The bytes of a regular file, or None when it does not exist."""
+    return _read_whole(lambda: open_regular(path, what), limit, what)
+
+
+def _read_whole(open_: Callable[[], int], limit: int, what: str) -> bytes | None:
     try:
-        fd = open_regular(path, what)
+        fd = open_()
     except FileNotFoundError:
         return None
     try:
         return read_bounded(fd, limit, what)
     finally:
         os.close(fd)
-
-
-def file_state(path: str) -> tuple[int, int, int] | None:
-    """(inode, size, mtime_ns) of a file, to notice replacement; None if absent."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -3,8 +3,8 @@
 Owns: the consistent metadata snapshot of a store (images.json, layers.json and
 volatile-layers.json of every root, read under shared locks and re-read when a write token or a
 JSON file changes), the resolution of image references, and per image the manifest, config,
-signatures and blob list of DESIGN.md §1. It is the only module that opens store files, always
-through ``files``, ``locks`` and ``source``.
+signatures and blob list of DESIGN.md §1. It opens store metadata only through a root's
+``files.StoreRoot`` (and ``locks``); layers only through ``source``.
 Must not know: FUSE, trio, inode numbers, the snapshot cache.
 """
 
@@ -37,11 +37,11 @@ from imgfs.store import config as configuration
 from imgfs.store import manifest as manifests
 from imgfs.store.files import (
     RootLayout,
+    StoreFile,
+    StoreRoot,
     big_data_file_name,
-    file_state,
     open_regular,
     read_bounded,
-    read_file,
 )
 from imgfs.store.locks import read_locked
 from imgfs.store.records import (
@@ -53,7 +53,7 @@ from imgfs.store.records import (
     parse_signature_sizes,
 )
 from imgfs.store.signatures import split_signatures
-from imgfs.store.source import LayerSource, open_layer_blob
+from imgfs.store.source import LayerChain, LayerSource, open_layer_blob
 from imgfs.store.toc import TOC_KEY
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,12 @@ class Store:
 
     def __init__(self, cfg: configuration.StoreConfig) -> None:
         self.config = cfg
-        roots = [RootLayout(cfg.graphroot, cfg.driver)]
+        roots = [RootLayout.at(cfg.graphroot, cfg.driver)]
         if cfg.imagestore and cfg.imagestore != cfg.graphroot:
-            roots.insert(0, RootLayout(cfg.imagestore, cfg.driver))
-        roots += [RootLayout(p, cfg.driver) for p in cfg.additional_image_stores]
+            roots.insert(0, RootLayout.at(cfg.imagestore, cfg.driver))
+        roots += [RootLayout.at(p, cfg.driver) for p in cfg.additional_image_stores]
         self.roots: tuple[RootLayout, ...] = tuple(roots)
+        self._by_layers_dir = {r.layers_dir: r for r in reversed(self.roots)}
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
         self._check_exists()
@@ -137,27 +138,30 @@ class Store:
             self._snapshot = self._load(self._snapshot)
             return self._snapshot
 
-    def _lock_paths(self) -> list[str]:
-        paths = [os.path.join(r.layers_dir, "layers.lock") for r in self.roots]
-        return paths + [os.path.join(r.images_dir, "images.lock") for r in self.roots]
+    def _lock_paths(self) -> list[StoreFile]:
+        paths = [r.layers_file("layers.lock") for r in self.roots]
+        return paths + [r.images_file("images.lock") for r in self.roots]
 
-    def _json_paths(self, root: RootLayout) -> list[str]:
+    def _json_paths(self, root: RootLayout) -> list[StoreFile]:
         paths = [
-            os.path.join(root.layers_dir, "layers.json"),
-            os.path.join(root.layers_dir, "volatile-layers.json"),
-            os.path.join(root.images_dir, "images.json"),
+            root.layers_file("layers.json"),
+            root.layers_file("volatile-layers.json"),
+            root.images_file("images.json"),
         ]
-        if root.root == self.config.graphroot and self.config.transient_store:
-            volatile = os.path.join(self.config.runroot, f"{root.driver}-layers")
-            paths.insert(2, os.path.join(volatile, "volatile-layers.json"))
+        if root is self.roots[self._primary_index()] and self.config.transient_store:
+            run = StoreRoot.resolved(self.config.runroot)
+            paths.insert(2, StoreFile(run, f"{root.layers_rel}/volatile-layers.json"))
         return paths
+
+    def _primary_index(self) -> int:
+        return 1 if self.config.imagestore and self.config.imagestore != self.graphroot else 0
 
     def _state(self) -> tuple[object, ...]:
         with read_locked(self._lock_paths()) as tokens:
             return self._state_locked(tokens)
 
     def _state_locked(self, tokens: tuple[bytes, ...]) -> tuple[object, ...]:
-        states = [file_state(p) for r in self.roots for p in self._json_paths(r)]
+        states = [f.root.state(f.rel) for r in self.roots for f in self._json_paths(r)]
         return (tokens, tuple(states))
 
     def _load(self, old: _Snapshot | None) -> _Snapshot:
@@ -173,7 +177,7 @@ class Store:
         layers: dict[str, LayerRecord] = {}
         for root in self.roots:
             for path in self._json_paths(root):
-                if os.path.basename(path) == "images.json":
+                if path.rel.endswith("/images.json"):
                     continue
                 for rec in self._read_records(path, root, parse_layers_at=root.layers_dir):
                     assert isinstance(rec, LayerRecord)
@@ -183,17 +187,18 @@ class Store:
     def _read_images(self) -> dict[str, tuple[ImageRecord, RootLayout]]:
         images: dict[str, tuple[ImageRecord, RootLayout]] = {}
         for root in self.roots:
-            path = os.path.join(root.images_dir, "images.json")
+            path = root.images_file("images.json")
             for rec in self._read_records(path, root, parse_layers_at=None):
                 assert isinstance(rec, ImageRecord)
                 images.setdefault(rec.id, (rec, root))
         return images
 
     def _read_records(
-        self, path: str, root: RootLayout, parse_layers_at: str | None
+        self, where: StoreFile, root: RootLayout, parse_layers_at: str | None
     ) -> Sequence[ImageRecord | LayerRecord]:
+        path = where.path
         try:
-            data = read_file(path, 256 << 20, path)
+            data = where.root.read(where.rel, 256 << 20, path)
         except MalformedMetadata:
             raise
         except OSError as exc:
@@ -211,17 +216,18 @@ class Store:
         return records
 
     def _check_exists(self) -> None:
-        primary = self.roots[0] if not self.config.imagestore else self.roots[1]
+        primary = self.roots[self._primary_index()]
         _check_root(primary.root)
-        dirs = (primary.images_dir, primary.layers_dir)
-        if not any(os.path.isdir(d) for d in dirs):
+        top = primary.store_root
+        dirs = [d for d in (primary.images_rel, primary.layers_rel) if top.is_dir(d)]
+        if not dirs:
             raise StoreNotFound(
-                f"no {primary.driver} store at {primary.root} "
-                f"(neither {primary.driver}-images nor {primary.driver}-layers exists)"
+                f"no {primary.driver} store at {primary.root} (neither {primary.driver}-images "
+                f"nor {primary.driver}-layers exists as a directory)"
             )
         for d in dirs:
-            if os.path.isdir(d) and not os.access(d, os.R_OK | os.X_OK):
-                raise StorePermissionError(f"{d}: permission denied")
+            if not os.access(top.show(d), os.R_OK | os.X_OK):
+                raise StorePermissionError(f"{top.show(d)}: permission denied")
 
     def __repr__(self) -> str:
         return f"Store({self.graphroot!r}, driver={self.driver!r})"
@@ -432,18 +438,22 @@ class Image:
         raise BlobNotFound(f"{self.what} has no layer {digest}")
 
     def layer_sources(self) -> list[LayerSource]:
-        """Where to rebuild each layer of the chain, base first (one per physical layer)."""
-        chain = self.layer_chain()
+        """Where to rebuild each layer of the chain, base first (one per physical layer; the
+        chain's IDs are shared, so this is linear in the depth)."""
+        records = self.layer_chain()
+        store = self._store
+        chain = LayerChain(store.roots, tuple(rec.id for rec in records), store.driver == "overlay")
         sources = []
-        for depth, rec in enumerate(chain):
+        for depth, rec in enumerate(records):
             assert rec.diff_digest is not None
             sources.append(
                 LayerSource(
                     layer_id=rec.id,
                     digest=rec.diff_digest,
                     size=rec.diff_size or 0,
-                    tarsplit_path=os.path.join(rec.source, f"{rec.id}.tar-split.gz"),
-                    content_dirs=self._content_dirs(list(reversed(chain[: depth + 1]))),
+                    home=store._by_layers_dir.get(rec.source, store.roots[0]),
+                    chain=chain,
+                    depth=depth,
                     what=f"layer {rec.id[:12]} of image {self.id[:12]}",
                     created_ns=_ns(rec.created),
                     toc_names=TOC_KEY in rec.big_data_names,
@@ -462,14 +472,6 @@ class Image:
             if key.startswith("manifest")
         }
         return [(desc.digest, holders.get(desc.digest)) for desc in man.instances]
-
-    def _content_dirs(self, chain_top_first: list[LayerRecord]) -> tuple[str, ...]:
-        layers = chain_top_first if self._store.driver == "overlay" else chain_top_first[:1]
-        dirs = []
-        for rec in layers:
-            candidates = [r.content_dir(rec.id) for r in self._store.roots]
-            dirs.append(next((c for c in candidates if os.path.isdir(c)), candidates[0]))
-        return tuple(dirs)
 
     def _manifest_blobs(self, man: manifests.Manifest) -> Iterator[BlobInfo]:
         rec = self.record
@@ -538,8 +540,7 @@ class Image:
         what = f"{self.what}: big data {key!r:.80}"
         if "/" in name:
             raise MalformedMetadata(f"{what}: its file name would contain '/'")
-        lock = os.path.join(self._root.images_dir, "images.lock")
-        with read_locked([lock]):
+        with read_locked([self._root.images_file("images.lock")]):
             dir_fd = self._open_image_dir()
             try:
                 fd = open_regular(name, what, dir_fd=dir_fd)
@@ -555,13 +556,13 @@ class Image:
                 os.close(fd)
 
     def _open_image_dir(self) -> int:
-        path = os.path.join(self._root.images_dir, self.id)
-        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        rel = self._root.image_dir(self.id)
         try:
-            return os.open(path, flags)
+            return self._root.store_root.open_dir(rel, f"{self.what}: big-data directory")
         except FileNotFoundError as exc:
             raise ImageNotFound(f"{self.what}: removed from the store") from exc
         except OSError as exc:
+            path = self._root.store_root.show(rel)
             raise MalformedMetadata(f"{self.what}: cannot open {path}: {exc.strerror}") from exc
 
     def _verify_big_data(self, key: str, data: bytes) -> None:

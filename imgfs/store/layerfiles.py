@@ -14,108 +14,132 @@ seccomp filter) it walks the name one component at a time with ``O_PATH|O_NOFOLL
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
 import stat
+import threading
+from collections.abc import Sequence
 from types import TracebackType
+from typing import Protocol, cast
 
 from imgfs.errors import IntegrityError, LayerUnavailable
 from imgfs.layer.tarsplit import clean_name
-from imgfs.store.files import file_kind, noatime, open_noatime
+from imgfs.store.files import (
+    RESOLVE_BENEATH,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    RESOLVE_NO_XDEV,
+    file_kind,
+    noatime,
+    open_noatime,
+    openat2,
+    openat2_available,
+    walk_parents,
+)
 
-_SYS_OPENAT2 = 437
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # "Not in this directory": try the next one.
 _MISSING = frozenset({errno.ENOENT, errno.ELOOP, errno.EXDEV, errno.ENOTDIR})
-_RETRIES = 8
 _LAYER_ID = re.compile(r"[0-9a-f]{64}")
+_openat2 = openat2
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+class LayerDirs(Protocol):
+    """A layer's directories, nearest first, opened only when a lookup reaches them (a deep
+    overlay chain costs one directory open per file, not one per layer below it)."""
+
+    def __len__(self) -> int: ...
+
+    def name(self, i: int) -> str:
+        """The ``i``-th directory, for messages."""
+        ...
+
+    def open(self, i: int) -> int:
+        """An ``O_PATH`` directory fd of the ``i``-th directory (OSError or ImgfsError)."""
+        ...
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_openat2_works: bool | None = None
+class _Paths:
+    """Directories given as absolute paths (opened by ``_open_layer_dir``)."""
 
+    def __init__(self, paths: Sequence[str]) -> None:
+        self._paths = list(paths)
 
-def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
-    """openat2(2); raises OSError. Retries EINTR and EAGAIN (concurrent rename)."""
-    how = _OpenHow(flags, 0, resolve)
-    for _ in range(_RETRIES):
-        fd = _syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_int(dirfd),
-            ctypes.c_char_p(path),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err not in (errno.EINTR, errno.EAGAIN):
-            break
-    raise OSError(err, os.strerror(err), path)
+    def __len__(self) -> int:
+        return len(self._paths)
 
+    def name(self, i: int) -> str:
+        return self._paths[i]
 
-def openat2_available(dirfd: int) -> bool:
-    """Whether openat2 works here (probed once per process on a directory fd)."""
-    global _openat2_works
-    if _openat2_works is None:
-        try:
-            os.close(_openat2(dirfd, b".", _PATH_FLAGS, RESOLVE_BENEATH))
-            _openat2_works = True
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSYS, errno.EPERM):
-                raise
-            _openat2_works = False
-    return _openat2_works
+    def open(self, i: int) -> int:
+        return _open_layer_dir(self._paths[i])
 
 
 class LayerFiles:
     """Directory fds of one layer, searched in order, for opening its files safely.
 
-    Thread-safe: it holds only directory fds; ``open`` keeps no state.
+    The first directory (the layer's own) is opened at once; the others when a name is not
+    found in the ones before. Thread-safe: it holds only directory fds.
     """
 
-    def __init__(self, dirs: list[str], what: str, *, use_openat2: bool | None = None) -> None:
+    def __init__(
+        self, dirs: Sequence[str] | LayerDirs, what: str, *, use_openat2: bool | None = None
+    ) -> None:
         self.what = what
+        self._dirs: LayerDirs = (
+            _Paths(dirs) if isinstance(dirs, list | tuple) else cast(LayerDirs, dirs)
+        )
         self._fds: list[int] = []
+        self._devs: list[int] = []
+        self._lock = threading.Lock()
+        self._closed = False
         try:
-            for path in dirs:
-                self._fds.append(self._open_dir(path))
-            if not self._fds:
+            if not len(self._dirs):
                 raise LayerUnavailable(f"{what}: no layer directory given")
+            self._open_next()
             self._openat2 = use_openat2
             if use_openat2 is None:
                 self._openat2 = openat2_available(self._fds[0])
-            self._devs = [os.fstat(fd).st_dev for fd in self._fds]
         except BaseException:
             self.close()
             raise
 
-    def _open_dir(self, path: str) -> int:
+    def _open_next(self) -> None:
+        i = len(self._fds)
         try:
-            return _open_layer_dir(path)
+            fd = self._dirs.open(i)
         except OSError as exc:
             raise LayerUnavailable(
-                f"{self.what}: layer directory {path!r}: {exc.strerror}"
+                f"{self.what}: layer directory {self._dirs.name(i)!r}: {exc.strerror}"
             ) from exc
+        self._fds.append(fd)
+        try:
+            self._devs.append(os.fstat(fd).st_dev)
+        except BaseException:
+            self._fds.pop()
+            os.close(fd)
+            raise
+
+    def _dir(self, i: int) -> tuple[int, int] | None:
+        """The ``i``-th directory's (fd, device), opened now if needed; None past the last."""
+        with self._lock:
+            if self._closed:
+                raise LayerUnavailable(f"{self.what}: layer files already closed")
+            if i >= len(self._dirs):
+                return None
+            while len(self._fds) <= i:
+                self._open_next()
+            return self._fds[i], self._devs[i]
 
     def close(self) -> None:
         """Close the directory fds (idempotent)."""
-        fds, self._fds = self._fds, []
+        with self._lock:
+            self._closed = True
+            fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
 
@@ -138,9 +162,10 @@ class LayerFiles:
         only through a symlink or a mount) raises ``LayerUnavailable``.
         """
         cleaned = clean_name(name)
-        if not self._fds:
-            raise LayerUnavailable(f"{self.what}: layer files already closed")
-        for dirfd, dev in zip(self._fds, self._devs, strict=True):
+        i = 0
+        while (found := self._dir(i)) is not None:
+            i += 1
+            dirfd, dev = found
             try:
                 fd = self._open_in(dirfd, dev, cleaned)
             except OSError as exc:
@@ -188,16 +213,7 @@ def _open_layer_dir(path: str) -> int:
         rel = "/".join(parts[at:]).encode()
         if openat2_available(home):
             return _openat2(home, rel, _DIR_FLAGS, _RESOLVE & ~RESOLVE_NO_XDEV)
-        cur = os.dup(home)
-        try:
-            for part in rel.split(b"/"):
-                nxt = os.open(part, _DIR_FLAGS, dir_fd=cur)
-                os.close(cur)
-                cur = nxt
-        except BaseException:
-            os.close(cur)
-            raise
-        return cur
+        return walk_parents(home, rel.split(b"/"))
     finally:
         os.close(home)
 
@@ -229,15 +245,8 @@ def _same_or_path(fd: int, first: os.stat_result) -> int:
 def _open_walk(dirfd: int, dev: int, cleaned: bytes) -> int:
     """Fallback without openat2: one component at a time, never following symlinks."""
     *parents, last = cleaned.split(b"/")
-    cur = dirfd
+    cur = walk_parents(dirfd, parents, dev)
     try:
-        for part in parents:
-            nxt = os.open(part, _DIR_FLAGS, dir_fd=cur)
-            if cur != dirfd:
-                os.close(cur)
-            cur = nxt
-            if os.fstat(cur).st_dev != dev:
-                raise OSError(errno.EXDEV, "crosses a mount", part)
         probe = os.open(last, _PATH_FLAGS, dir_fd=cur)
         try:
             first = os.fstat(probe)
@@ -251,5 +260,4 @@ def _open_walk(dirfd: int, dev: int, cleaned: bytes) -> int:
             return os.open(last, _PATH_FLAGS, dir_fd=cur)  # reported by _check
         return _same_or_path(open_noatime(last, _READ_FLAGS, dir_fd=cur), first)
     finally:
-        if cur != dirfd:
-            os.close(cur)
+        os.close(cur)

@@ -2,7 +2,11 @@
 
 Owns: ``LayerSource`` (everything needed to rebuild one layer blob, resolved from the records)
 and every open of a layer's tar-split and content files, each taken under the store's
-``layers.lock`` (held only for the opens, never for the reads that follow). Other modules never
+``layers.lock`` (held only for the opens, never for the reads that follow), every path opened
+below its store root without following symlinks (``files.StoreRoot``; the files inside a
+layer directory by ``layerfiles``). ``LayerChain``: an image's chain of layer IDs, shared by the
+chain's sources, so that describing a chain of depth N costs O(N), and a layer's overlay lower
+directories are found (and opened) only when a file is not in its own. Other modules never
 open layer files themselves: they ask a LayerSource. A flat-layout (composefs) layer's names go
 through its TOC's name map (``toc.FlatNames``) in front of the same opener; a layer the records
 already show to be unreproducible (``refused``) fails before anything is opened.
@@ -12,19 +16,81 @@ Must not know: caches, the mounted tree, FUSE.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
 from imgfs.errors import IntegrityError, LayerUnavailable
 from imgfs.layer.assemble import BlobFile, FileOpener, LayerReader
 from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import iter_entries
-from imgfs.store.files import open_regular
+from imgfs.store.files import RootLayout, StoreFile
+from imgfs.store.layerfiles import LayerFiles
 from imgfs.store.locks import read_locked
 from imgfs.store.toc import FlatNames, flat_map
-from imgfs.store.userns import open_layer_files
+from imgfs.store.userns import is_rootless_store, open_layer_files
+
+
+@dataclass(frozen=True)
+class LayerChain:
+    """One image's layer IDs, base first, and the roots that may hold their directories (in
+    the store's order). ``lowers``: a layer's files may be in its parents' directories (the
+    overlay driver)."""
+
+    roots: tuple[RootLayout, ...]
+    ids: tuple[str, ...]
+    lowers: bool
+
+    def content_dir(self, layer_id: str, what: str) -> tuple[RootLayout, int]:
+        """The layer's content directory in the first root that has it (an O_PATH fd)."""
+        for root in self.roots:
+            rel = root.content_dir(layer_id)
+            try:
+                return root, root.store_root.open_dir(rel, f"{what}: layer directory")
+            except FileNotFoundError:
+                continue
+        path = self.roots[0].store_root.show(self.roots[0].content_dir(layer_id))
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+
+class _ChainDirs:
+    """``layerfiles.LayerDirs`` of the layer at ``depth``: its own directory, then (overlay)
+    its parents', nearest first, each opened below its store root only when reached."""
+
+    def __init__(self, chain: LayerChain, depth: int, what: str) -> None:
+        self._chain = chain
+        self._depth = depth
+        self._what = what
+
+    def __len__(self) -> int:
+        return self._depth + 1 if self._chain.lowers else 1
+
+    def _id(self, i: int) -> str:
+        return self._chain.ids[self._depth - i]
+
+    def name(self, i: int) -> str:
+        root = self._chain.roots[0]
+        return root.store_root.show(root.content_dir(self._id(i)))
+
+    def open(self, i: int) -> int:
+        return self._chain.content_dir(self._id(i), self._what)[1]
+
+    def paths(self) -> list[str]:
+        """Absolute paths (for the user-namespace opener, which opens by path); the layer's
+        own directory is checked to be reachable without a symlink first."""
+        os.close(self.open(0))
+        out = []
+        for i in range(len(self)):
+            try:
+                root, fd = self._chain.content_dir(self._id(i), self._what)
+            except FileNotFoundError:
+                out.append(self.name(i))
+                continue
+            os.close(fd)
+            out.append(root.store_root.show(root.content_dir(self._id(i))))
+        return out
 
 
 @dataclass(frozen=True)
@@ -34,40 +100,55 @@ class LayerSource:
     layer_id: str
     digest: str
     size: int
-    tarsplit_path: str
-    content_dirs: tuple[str, ...]
+    home: RootLayout  # the root whose <driver>-layers holds the layer's record and tar-split
+    chain: LayerChain = field(repr=False, compare=False)
+    depth: int  # the layer's place in ``chain.ids``
     what: str
     created_ns: int = 0  # the layer record's creation time (0: unknown)
     toc_names: bool = False  # zstd:chunked big data: find files through a flat layout's TOC
     refused: str | None = None  # why the layer cannot be reproduced (checked before any open)
 
     @property
-    def lock_path(self) -> str:
-        return os.path.join(os.path.dirname(self.tarsplit_path), "layers.lock")
+    def tarsplit(self) -> StoreFile:
+        return self.home.layers_file(f"{self.layer_id}.tar-split.gz")
+
+    @property
+    def tarsplit_path(self) -> str:
+        return self.tarsplit.path
+
+    @property
+    def lock(self) -> StoreFile:
+        return self.home.layers_file("layers.lock")
 
     def open_tarsplit(self) -> int:
         """The layer's tar-split file, opened under the layers lock (never a symlink or FIFO)."""
-        with read_locked([self.lock_path]):
+        with read_locked([self.lock]):
             return self._open_tarsplit_locked()
 
     def open_file(self, name: bytes, size: int) -> int:
         """One content file of the layer (a regular file of ``size`` bytes), under the lock."""
-        with read_locked([self.lock_path]):
-            files = self._named(open_layer_files(self.content_dirs, self.what, self.lock_path))
+        with read_locked([self.lock]):
+            files = self._layer_files()
         try:
             return files.open(name, size)
         finally:
             files.close()
+
+    def _layer_files(self) -> FileOpener:
+        dirs = _ChainDirs(self.chain, self.depth, self.what)
+        if is_rootless_store(self.home.layers_dir):
+            return self._named(open_layer_files(dirs.paths(), self.what, self.lock.path))
+        return self._named(LayerFiles(dirs, self.what))
 
     @contextlib.contextmanager
     def opened(self, keep_files: bool = False) -> Iterator[tuple[BinaryIO, FileOpener, int]]:
         """The tar-split (as a file object), the content dirs and the tar-split's fd, all
         opened under the layers lock; yields after unlocking. ``keep_files``: the caller
         closes the files (a reader that outlives the block)."""
-        with read_locked([self.lock_path]):
+        with read_locked([self.lock]):
             fd = self._open_tarsplit_locked()
             try:
-                files = self._named(open_layer_files(self.content_dirs, self.what, self.lock_path))
+                files = self._layer_files()
             except BaseException:
                 os.close(fd)
                 raise
@@ -88,7 +169,7 @@ class LayerSource:
         if not self.toc_names:
             return files
         try:
-            mapping = flat_map(os.path.dirname(self.tarsplit_path), self.layer_id, self.what)
+            mapping = flat_map(self.home, self.layer_id, self.what)
         except BaseException:
             files.close()
             raise
@@ -98,7 +179,7 @@ class LayerSource:
         if self.refused is not None:
             raise LayerUnavailable(f"{self.what}: {self.refused}")
         try:
-            return open_regular(self.tarsplit_path, f"{self.what}: tar-split")
+            return self.tarsplit.open(f"{self.what}: tar-split")
         except FileNotFoundError as exc:
             raise LayerUnavailable(
                 f"{self.what}: no tar-split metadata, so the layer cannot be reproduced exactly"

@@ -22,7 +22,7 @@ from imgfs.errors import LayerUnavailable, MalformedMetadata
 from imgfs.layer.assemble import FileOpener
 from imgfs.layer.tarsplit import clean_name
 from imgfs.lru import LRU
-from imgfs.store.files import big_data_file_name, file_state, read_file
+from imgfs.store.files import RootLayout, big_data_file_name
 
 TOC_KEY = "zstd-chunked-manifest"
 LAYER_DATA_KEY = "zstd-chunked-layer-data"
@@ -37,29 +37,30 @@ _maps: LRU[tuple[object, ...], dict[bytes, bytes]] = LRU(
 )
 
 
-def big_data_path(layers_dir: str, layer_id: str, key: str) -> str:
-    """Where c/storage keeps layer big data ``key``: ``<driver>-layers/<id>/<encoded key>``."""
-    return os.path.join(layers_dir, layer_id, big_data_file_name(key))
+def big_data_rel(home: RootLayout, layer_id: str, key: str) -> str:
+    """Where c/storage keeps layer big data ``key``: ``<driver>-layers/<id>/<encoded key>``,
+    relative to the store root."""
+    return f"{home.layers_rel}/{layer_id}/{big_data_file_name(key)}"
 
 
-def flat_map(layers_dir: str, layer_id: str, what: str) -> Mapping[bytes, bytes] | None:
+def flat_map(home: RootLayout, layer_id: str, what: str) -> Mapping[bytes, bytes] | None:
     """The name -> flat-object map of a flat layer; None when the layer is not flat.
 
-    Call under the layers lock. A flat layer whose TOC is missing or unusable raises
-    ``MalformedMetadata`` (its files cannot be found without it).
+    Call under the layers lock. Read below the store root without following symlinks. A flat
+    layer whose TOC is missing or unusable raises ``MalformedMetadata`` (its files cannot be
+    found without it).
     """
-    data = read_file(
-        big_data_path(layers_dir, layer_id, LAYER_DATA_KEY), MAX_LAYER_DATA_BYTES, what
-    )
+    root = home.store_root
+    data = root.read(big_data_rel(home, layer_id, LAYER_DATA_KEY), MAX_LAYER_DATA_BYTES, what)
     if data is None or _format(data, what) != FORMAT_FLAT:
         return None
-    path = big_data_path(layers_dir, layer_id, TOC_KEY)
-    key = (path, file_state(path))
+    rel = big_data_rel(home, layer_id, TOC_KEY)
+    key = (root.show(rel), root.state(rel))
     with _lock:
         cached = _maps.get(key)
     if cached is not None:
         return cached
-    toc = read_file(path, MAX_TOC_BYTES, f"{what}: TOC")
+    toc = root.read(rel, MAX_TOC_BYTES, f"{what}: TOC")
     if toc is None:
         raise MalformedMetadata(f"{what}: flat (composefs) layout but no TOC ({TOC_KEY})")
     mapping = parse_flat_map(toc, what)

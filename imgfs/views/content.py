@@ -93,21 +93,32 @@ class Caches:
 
 
 def open_layer_blob(caches: Caches, verifiers: Verifiers, source: LayerSource) -> Content:
-    """A layer blob: its snapshot, or (``--direct``) a reader checked by the blob's verifier."""
+    """A layer blob: its snapshot, or (``--direct``, or a blob that does not fit the snapshot
+    cache's budget beside the snapshots in use) a reader checked by the blob's verifier. The
+    cache never exceeds ``--cache-size``."""
     identity = ("blob", source.digest, source.layer_id)
     if source.refused is not None:  # known before any open (e.g. a TOC-only layer)
         raise LayerUnavailable(f"{source.what}: {source.refused}")
     failure = verifiers.failure(identity)
     if failure is not None:
         raise IntegrityError(failure)
-    if caches.snapshots is None:
-        return Streamed(caches.blobs.open_reader(source, verifiers, identity), page_cache=False)
-    produce = functools.partial(_produce, caches.blobs, verifiers, identity, source)
-    # The snapshot key names the blob (and its layer when the layer ID is not the digest's
-    # hex, as for the base layers c/storage names by their diff ID): it is also what logs show.
-    same = source.layer_id == source.digest.removeprefix("sha256:")
-    key = source.digest if same else f"{source.digest} (layer {source.layer_id})"
-    return Snapshotted(caches.snapshots.acquire(key, source.size, produce))
+    if caches.snapshots is not None:
+        produce = functools.partial(_produce, caches.blobs, verifiers, identity, source)
+        # The snapshot key names the blob (and its layer when the layer ID is not the digest's
+        # hex, as for the base layers c/storage names by their diff ID): logs show it.
+        same = source.layer_id == source.digest.removeprefix("sha256:")
+        key = source.digest if same else f"{source.digest} (layer {source.layer_id})"
+        snap = caches.snapshots.acquire_if_fits(key, source.size, produce)
+        if snap is not None:
+            return Snapshotted(snap)
+        log.info(
+            "%s: %d bytes do not fit the snapshot cache (%d bytes): served without a snapshot "
+            "(as --direct)",
+            source.what,
+            source.size,
+            caches.snapshots.max_bytes,
+        )
+    return Streamed(caches.blobs.open_reader(source, verifiers, identity), page_cache=False)
 
 
 def _produce(
