@@ -4,6 +4,9 @@
 user xattrs and sha256 (or the errno that stopped us), never raising: a FUSE mount is only
 readable by its owner, so the comparison's data must be gathered as that user (stdlib only).
 
+``... access PATH...``: access(2) with R_OK, X_OK and W_OK, chdir, and a read of each path
+(or the errno).
+
 ``... opener LAYERS_LOCK DIR...``: exercises ``UserNamespaceOpener`` on a layer's directories
 (needs imgfs importable): its uid map, opens through it, malformed requests, a restart after the
 helper is killed, and the cost of an open (direct vs helper), in microseconds.
@@ -78,6 +81,33 @@ def tree(root: bytes) -> dict[str, dict[str, Any]]:
             if stat.S_ISDIR(st.st_mode):
                 pending.append(child)
     return found
+
+
+def access(paths: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        entry: dict[str, Any] = {
+            "R": os.access(path, os.R_OK),
+            "X": os.access(path, os.X_OK),
+            "W": os.access(path, os.W_OK),
+        }
+        try:
+            os.chdir(path)
+            entry["chdir"] = 0
+        except OSError as exc:
+            entry["chdir"] = exc.errno
+        finally:
+            os.chdir("/")
+        try:
+            if os.path.isdir(path):
+                entry["read"] = sorted(os.listdir(path))
+            else:
+                with open(path, "rb") as f:
+                    entry["read"] = f.read(64).decode("utf-8", "replace")
+        except OSError as exc:
+            entry["read"] = exc.errno
+        out[path] = entry
+    return out
 
 
 def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
@@ -170,6 +200,8 @@ def main() -> None:
     cmd = sys.argv[1]
     if cmd == "tree":
         print(json.dumps(tree(os.fsencode(sys.argv[2]))))
+    elif cmd == "access":
+        print(json.dumps(access(sys.argv[2:])))
     elif cmd == "opener":
         print(json.dumps(opener(sys.argv[2], sys.argv[3:])))
     elif cmd == "orphan":
