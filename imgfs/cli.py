@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
@@ -499,7 +499,7 @@ def _mount(args: argparse.Namespace) -> int:
         mountpoint,
         options,
         foreground=args.foreground,
-        background=operations.run_background,
+        background=_background(operations, store) if rootless else operations.run_background,
         cleanup=operations.close,
         log_file=log_file,
     )
@@ -512,6 +512,20 @@ def _warn_if_rootless_unreadable(store: Store) -> None:
     warning = rootless_warning(store.graphroot)
     if warning is not None:
         log.warning("%s", warning)
+
+
+def _background(operations: Operations, store: Store) -> Callable[[], Awaitable[None]]:
+    """The daemon's background task, for a rootless store: start the user-namespace opener
+    once the mount is serving (a thread: never before the daemon forks), so the first read
+    does not pay its start, then follow the store."""
+
+    async def background() -> None:
+        from imgfs.store.userns import prestart
+
+        prestart(store.graphroot)
+        await operations.run_background()
+
+    return background
 
 
 def _rootless(store: Store) -> bool:

@@ -7,19 +7,16 @@
   root) and ``overlay`` (at the user's default ``~/.local/share/containers/storage``, so
   ``imgfs MNT`` without STORE is exercised), each with ``localhost/rootless:v1`` (one layer:
   files owned by container uids 0, 1000, 2000 and 70000 -- the last in the second subordinate
-  range -- and by the other host user's uid (``theirs``, 0600: a host uid that matches an image
-  owner), modes 0600/0700/0000, a 0000 directory, a hardlink, a symlink, 1200 small 0600 files
+  range --, modes 0600/0700/0000, a 0000 directory, a hardlink, a symlink, 1200 small 0600 files
   and a 24 MiB one) and ``localhost/rootless:v2`` (+ a layer: a whiteout, a replaced
   directory, a file of uid 3000), and ``localhost/rootless:typical`` (one layer as most images
   are: the same 24 MiB and 1200 small files owned by container root, mode 0644, and only a
   0700 directory of five 0600 files of uid 1000 that need the opener). The oracle:
   ``skopeo copy containers-storage:... dir:`` run as the user. Built once and reused while
-  what they are built from is unchanged (a stamp holds its hash).
+  this file is unchanged (a stamp holds its hash).
 - ``Namespace``: runs commands as the user inside a private mount namespace in which
   ``/dev/fuse`` is a 0666 copy of the device (made with mknod in a root-only directory; the
-  host's node is never touched), ``/etc/fuse.conf`` (when there is one) says
-  ``user_allow_other`` (a bind of a private copy: the host's file is untouched), and the Python
-  install is reachable (a root-only ancestor such
+  host's node is never touched) and the Python install is reachable (a root-only ancestor such
   as ``/root`` is covered by a tmpfs that holds only a bind of the install). Every mount there is
   made private except the shared bind mount of the user's work dir, so a FUSE mount made inside
   propagates to the host: any process of the user sees it, with no namespace.
@@ -32,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import pwd
@@ -190,11 +186,11 @@ def user_mkdir(user: TestUser, path: Path) -> Path:
 
 _BUILD = r"""
 set -eu
-D=$1 ROOT=$2 RUN=$3 BIG=$4 SMALL=$5 OTHER=$6
+D=$1 ROOT=$2 RUN=$3 BIG=$4 SMALL=$5
 B="buildah --root $ROOT --runroot $RUN --storage-driver $D"
 ctr=$($B from scratch)
 $B unshare sh -eu -c '
-B=$1 ctr=$2 BIG=$3 SMALL=$4 OTHER=$5
+B=$1 ctr=$2 BIG=$3 SMALL=$4
 m=$($B mount $ctr)
 mkdir $m/etc $m/d700 $m/d000 $m/many
 echo hello > $m/etc/hosts
@@ -206,13 +202,12 @@ chown -R 2000:2000 $m/d700; chmod 0700 $m/d700; chmod 0600 $m/d700/f
 echo in > $m/d000/in; chmod 0000 $m/d000
 echo z > $m/zero; chmod 0000 $m/zero
 echo far > $m/far; chown 70000:70001 $m/far; chmod 0600 $m/far
-echo theirs > $m/theirs; chown $OTHER:$OTHER $m/theirs; chmod 0600 $m/theirs
 echo g > $m/gone
 head -c $(($BIG * 1048576)) /dev/urandom > $m/big; chown 1000:1000 $m/big; chmod 0600 $m/big
 i=0; while [ $i -lt $SMALL ]; do echo "small $i" > $m/many/f$i; i=$((i + 1)); done
 chown -R 1000:1000 $m/many; chmod 0600 $m/many/*; chmod 0700 $m/many
 $B umount $ctr
-' sh "$B" "$ctr" "$BIG" "$SMALL" "$OTHER"
+' sh "$B" "$ctr" "$BIG" "$SMALL"
 $B commit --quiet $ctr localhost/rootless:v1 >/dev/null
 $B rm $ctr >/dev/null
 ctr=$($B from localhost/rootless:v1)
@@ -275,16 +270,7 @@ class RootlessStore:
 
 
 def _source_hash() -> str:
-    """What the stores are built from (not this whole file: editing the rest rebuilds nothing)."""
-    inputs = repr(
-        (_BUILD, IMAGES, DRIVERS, BIG_MIB, SMALL_FILES, _other_uid(), inspect.getsource(_build))
-    )
-    return hashlib.sha256(inputs.encode()).hexdigest()[:16]
-
-
-def _other_uid() -> int:
-    """The other host user's uid: v1's ``theirs`` (0600) has it as its container owner."""
-    return pwd.getpwnam(OTHER).pw_uid
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def _store_paths(user: TestUser, driver: str) -> tuple[Path, Path, bool]:
@@ -332,7 +318,7 @@ def _build(user: TestUser, driver: str, root: Path, runroot: Path, oracles: Path
     user_mkdir(user, oracles)
     script = [
         "bash", "-c", _BUILD, "build", driver, str(root), str(runroot), str(BIG_MIB),
-        str(SMALL_FILES), str(_other_uid()),
+        str(SMALL_FILES),
     ]  # fmt: skip
     _run(as_user(user, script), timeout=900)
     images = []
@@ -360,14 +346,12 @@ def _build(user: TestUser, driver: str, root: Path, runroot: Path, oracles: Path
 
 _NS_SCRIPT = r"""
 set -eu
-node=$1 shared=$2 hide=$3 keep=$4 user=$5 conf=$6; shift 6
+node=$1 shared=$2 hide=$3 keep=$4 user=$5; shift 5
 # Only the shared work dir may propagate to the host: everything else becomes private here.
 awk '$0 ~ / shared:/ {print $5}' /proc/self/mountinfo | while read -r mp; do
   case "$mp" in "$shared"|"$shared"/*) ;; *) mount --make-private "$mp" ;; esac
 done
 mount --bind "$node" /dev/fuse
-# fusermount3 honours -o allow_other for users only with user_allow_other: here, not on the host.
-if [ -f /etc/fuse.conf ]; then mount --bind "$conf" /etc/fuse.conf; fi
 if [ -n "$hide" ]; then
   tmp=$(mktemp -d /tmp/imgfs-ns-keep.XXXXXX)
   mount --bind "$keep" "$tmp"
@@ -401,7 +385,6 @@ class Namespace:
         self.workdir = user_mkdir(user, workdir)
         self._nodedir = Path(tempfile.mkdtemp(prefix="imgfs-fusenode."))  # 0700 root
         self.node = self._nodedir / "fuse"
-        self.fuse_conf = self._nodedir / "fuse.conf"
         self._mounted = False
         self.hide, self.keep = _python_hiding()
 
@@ -409,8 +392,6 @@ class Namespace:
         dev = os.stat("/dev/fuse").st_rdev
         os.mknod(self.node, 0o666 | stat.S_IFCHR, dev)
         os.chmod(self.node, 0o666)
-        self.fuse_conf.write_text("user_allow_other\n")
-        os.chmod(self.fuse_conf, 0o644)
         _run(["mount", "--bind", str(self.workdir), str(self.workdir)])
         self._mounted = True
         _run(["mount", "--make-shared", str(self.workdir)])
@@ -432,7 +413,7 @@ class Namespace:
         return [
             "unshare", "--mount", "--propagation", "unchanged", "--", "sh", "-c", _NS_SCRIPT,
             "imgfs-ns", str(self.node), str(self.workdir), self.hide, self.keep, self.user.name,
-            str(self.fuse_conf), "env", "-i", *pairs, *cmd,
+            "env", "-i", *pairs, *cmd,
         ]  # fmt: skip
 
     def run(

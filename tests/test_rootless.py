@@ -12,7 +12,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -275,29 +275,53 @@ def test_another_host_user_sees_nothing(
         assert "Permission denied" in done.stderr
 
 
+_DEV_FUSE_LINE = 'mount --bind "$node" /dev/fuse\n'
+_FUSE_CONF_LINE = 'mount --bind "$IMGFS_TEST_FUSE_CONF" /etc/fuse.conf\n'
+
+
+class AllowOtherNamespace(rootless.Namespace):
+    """A Namespace whose /etc/fuse.conf says ``user_allow_other`` (a bind of a private copy:
+    the host's file is untouched), so the test user may mount with ``-o allow_other``."""
+
+    def __enter__(self) -> AllowOtherNamespace:
+        super().__enter__()
+        self.fuse_conf = self.node.with_name("fuse.conf")  # in the namespace's 0700 root dir
+        self.fuse_conf.write_text("user_allow_other\n")
+        return self
+
+    def command(self, cmd: Sequence[str], **env: str) -> list[str]:
+        base = super().command(cmd, **env)
+        script = base.index(rootless._NS_SCRIPT)
+        assert _DEV_FUSE_LINE in base[script]
+        base[script] = base[script].replace(_DEV_FUSE_LINE, _DEV_FUSE_LINE + _FUSE_CONF_LINE)
+        return ["env", f"IMGFS_TEST_FUSE_CONF={self.fuse_conf}", *base]
+
+
 def test_another_user_with_allow_other_gets_other_bits_only(
     ns: rootless.Namespace,
     rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
 ) -> None:
     """``-o allow_other,umask=022``: the second host user reads what the image gives "other",
-    never the 0600 files -- not ``theirs``, whose image owner is their very uid -- nor what is
-    below a 0700 directory, not even right after the owner read them (nothing cached answers
-    for imgfs)."""
-    _user, other, stores = rootless_setup
+    never the 0600 files nor what is below a 0700 directory, not even right after the owner
+    read them (nothing cached answers for imgfs). (A host uid that equals an image owner:
+    tests/test_rootless_rule.py.)"""
+    user, other, stores = rootless_setup
     store = stores["vfs"]
     if not os.path.isfile("/etc/fuse.conf"):
         pytest.skip("no /etc/fuse.conf to give user_allow_other in the test's namespace")
     img = next(i for i in store.images if i.name.endswith(":v1"))
-    with rootless.mounted_as_user(ns, store, "allow-other", "-o", "allow_other,umask=022") as (
-        mnt,
-        log,
+    with (
+        AllowOtherNamespace(user, ns.workdir / "allow-other-ns") as ao,
+        rootless.mounted_as_user(ao, store, "allow-other", "-o", "allow_other,umask=022") as (
+            mnt,
+            log,
+        ),
     ):
         root = mnt / img.id / "rootfs"
-        denied = ["far", "secret", "theirs", "zero", "d700/f", "d000/in", "many/f1", "big"]
+        denied = ["far", "secret", "zero", "d700/f", "d000/in", "many/f1", "big"]
         paths = [str(root / n) for n in denied]
         owner = _as_user(ns, "sh", "-c", 'cat "$@" >/dev/null', "sh", *paths)
         assert owner.returncode == 0, owner.stderr + log.read_text()[-2000:]
-        assert (root / "theirs").lstat().st_uid == other.uid  # the uid match is real
 
         def as_other(*cmd: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
@@ -323,9 +347,9 @@ def test_another_user_with_allow_other_gets_other_bits_only(
         done = as_other("head", "-c", "1", str(blob))  # umask=022: imgfs's own files are 0444
         assert done.returncode == 0, done.stderr
         assert "default_permissions" not in _mount_options(mnt)
-    with rootless.mounted_as_user(ns, store, "allow-other-0500", "-o", "allow_other") as (
-        mnt,
-        _log,
+    with (
+        AllowOtherNamespace(user, ns.workdir / "allow-other-ns2") as ao,
+        rootless.mounted_as_user(ao, store, "allow-other-0500", "-o", "allow_other") as (mnt, _),
     ):
         done = subprocess.run(rootless.as_user(other, ["ls", str(mnt)]),
                               capture_output=True, text=True, check=False)  # fmt: skip
@@ -408,6 +432,35 @@ def test_opener_maps_like_podman_and_survives_bad_requests(
     print(f"\nopen of a small file: direct {out['direct_us']:.1f} us, "
           f"through the helper {out['helper_us']:.1f} us")  # fmt: skip
     assert out["helper_us"] < 2000
+
+
+def test_opener_opens_a_batch_in_one_round_trip(
+    ns: rootless.Namespace,
+    rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
+) -> None:
+    """``open_many`` (what blob generation uses): the files the user may open are opened
+    directly, the others by the helper in ONE request; a file the helper cannot open is asked
+    for alone and gets its own exact error."""
+    store = rootless_setup[2]["vfs"]
+    layer = _vfs_layer_dir(store)
+    batch = [["etc/hosts", 6], ["far", 4], ["d700/f", 2], ["zero", 2], ["d000/in", 3]]
+    batch += [["missing", 1], ["far", 5], ["hosts-link", 9]] + [[f"many/f{i}", 8] for i in range(9)]
+    done = ns.run(
+        ns.python(PROBE, "opener", str(store.layers_dir() / "layers.lock"), str(layer)),
+        PROBE_FILES=json.dumps([["far", 4]]),  # the helper and the layer's handle exist
+        PROBE_COST_FILE=json.dumps(["etc/hosts", 6]),
+        PROBE_BATCH=json.dumps(batch),
+    )
+    out = json.loads(done.stdout)
+    got = dict(enumerate(out["batch"]))
+    assert [got[i] for i in range(5)] == ["hello\n", "far\n", "f\n", "z\n", "in\n"]
+    assert got[5].startswith("LayerUnavailable")  # missing (not a denial: no helper)
+    assert got[6].startswith("IntegrityError")  # far has 4 bytes
+    assert "tar-split records 5" in got[6]
+    assert got[7].startswith("LayerUnavailable")  # never follows a symlink
+    assert [got[8 + i] for i in range(9)] == [f"small {i}\n" for i in range(9)]
+    # one batch request; then the one file the helper failed is asked for alone
+    assert out["batch_trips"] == ["_request_many", "_request"]
 
 
 def test_opener_checks_sizes_like_layerfiles(

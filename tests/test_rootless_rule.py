@@ -226,9 +226,7 @@ def test_imgfs_own_nodes_are_checked_without_the_kernel(
         assert await _walk(ops, blob, ROOT_CTX)  # root: DAC override
 
         # -o gid= and a umask that opens the group: the group's members, not others
-        ops = _ops(
-            made, tmp_path / "group", Ownership(OWNER, 3000, umask=0o027, image_root=OWNER)
-        )
+        ops = _ops(made, tmp_path / "group", Ownership(OWNER, 3000, umask=0o027, image_root=OWNER))
         member = SimpleNamespace(uid=OTHER, gid=3000, pid=os.getpid())
         assert await _read(ops, (await _walk(ops, blob, member)).st_ino, member)
         assert await _errno_of(ops.lookup(ROOT_INODE, image.id.encode(), OTHER_CTX)) == (
@@ -264,9 +262,7 @@ def test_root_store_mounts_keep_the_kernels_check() -> None:
     assert not Ownership(0, 0).self_checked
 
 
-def test_root_store_adapter_answers_as_before(
-    made: storemaker.StoreMaker, tmp_path: Path
-) -> None:
+def test_root_store_adapter_answers_as_before(made: storemaker.StoreMaker, tmp_path: Path) -> None:
     ops = _ops(made, tmp_path, Ownership(OWNER, OWNER, umask=0o022, shared=True))
     base = made.images[0].id.encode() + b"/rootfs/"
 
