@@ -143,18 +143,25 @@ def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
                 return _real(*args)
 
             setattr(op, attr, counted)
-        items = [(n.encode(), size) for n, size in json.loads(os.environ["PROBE_BATCH"])]
-        batch: list[str] = []  # in the order asked
-        for got in files.open_many(items):
-            if isinstance(got, Exception):
-                batch.append(f"{type(got).__name__}: {got}")
-                continue
-            try:
-                batch.append(os.pread(got, 64, 0).decode())
-            finally:
-                os.close(got)
-        out["batch"] = batch
-        out["batch_trips"] = trips
+        out["batches"] = []
+        for asked in json.loads(os.environ["PROBE_BATCH"]):  # a list of batches
+            items = [(n.encode(), size) for n, size in asked]
+            trips.clear()
+            batch: list[str] = []  # in the order asked
+            for (name, size), got in zip(items, files.open_many(items), strict=True):
+                if got is None:  # left to open at its turn, as generation does
+                    try:
+                        got = files.open(name, size)
+                    except Exception as exc:
+                        got = exc
+                if isinstance(got, Exception):
+                    batch.append(f"{type(got).__name__}: {got}")
+                    continue
+                try:
+                    batch.append(os.pread(got, 64, 0).decode())
+                finally:
+                    os.close(got)
+            out["batches"].append({"got": batch, "trips": list(trips)})
         for attr in ("_request", "_request_many"):
             delattr(op, attr)
     # Malformed requests: the helper answers each with an error and keeps serving.

@@ -438,29 +438,36 @@ def test_opener_opens_a_batch_in_one_round_trip(
     ns: rootless.Namespace,
     rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
 ) -> None:
-    """``open_many`` (what blob generation uses): the files the user may open are opened
-    directly, the others by the helper in ONE request; a file the helper cannot open is asked
-    for alone and gets its own exact error."""
+    """``open_many`` (what blob generation uses): once a direct open was denied in a
+    directory, its files are opened by the helper in ONE request per batch; the others are left
+    to ``open`` at their turn; a file the helper cannot open is asked for alone and gets its
+    own exact error."""
     store = rootless_setup[2]["vfs"]
     layer = _vfs_layer_dir(store)
-    batch = [["etc/hosts", 6], ["far", 4], ["d700/f", 2], ["zero", 2], ["d000/in", 3]]
-    batch += [["missing", 1], ["far", 5], ["hosts-link", 9]] + [[f"many/f{i}", 8] for i in range(9)]
+    first = [["etc/hosts", 6], ["far", 4], ["d700/f", 2], ["zero", 2], ["d000/in", 3]]
+    first += [["missing", 1], ["far", 5], ["hosts-link", 9]] + [[f"many/f{i}", 8] for i in range(9)]
+    second = [[f"many/f{i}", 8 + (i >= 10)] for i in range(9, 73)]  # 64 files
     done = ns.run(
         ns.python(PROBE, "opener", str(store.layers_dir() / "layers.lock"), str(layer)),
-        PROBE_FILES=json.dumps([["far", 4]]),  # the helper and the layer's handle exist
+        PROBE_FILES=json.dumps([["far", 4]]),  # denied at the top level: the helper's
         PROBE_COST_FILE=json.dumps(["etc/hosts", 6]),
-        PROBE_BATCH=json.dumps(batch),
+        PROBE_BATCH=json.dumps([first, second]),
     )
-    out = json.loads(done.stdout)
-    got = dict(enumerate(out["batch"]))
-    assert [got[i] for i in range(5)] == ["hello\n", "far\n", "f\n", "z\n", "in\n"]
-    assert got[5].startswith("LayerUnavailable")  # missing (not a denial: no helper)
+    one, two = json.loads(done.stdout)["batches"]
+    got = one["got"]
+    assert got[:5] == ["hello\n", "far\n", "f\n", "z\n", "in\n"]
+    assert got[5].startswith("LayerUnavailable")  # missing
     assert got[6].startswith("IntegrityError")  # far has 4 bytes
     assert "tar-split records 5" in got[6]
     assert got[7].startswith("LayerUnavailable")  # never follows a symlink
-    assert [got[8 + i] for i in range(9)] == [f"small {i}\n" for i in range(9)]
-    # one batch request; then the one file the helper failed is asked for alone
-    assert out["batch_trips"] == ["_request_many", "_request"]
+    assert got[8:] == [f"small {i}\n" for i in range(9)]
+    # the top-level names in one batch request, the three it failed alone; d700/f, d000/in
+    # and many/f0.. denied directly, then by the helper alone (their directories unknown yet)
+    assert one["trips"][0] == "_request_many"
+    assert one["trips"].count("_request_many") == 1
+    # many/ is known now: 64 files, one round trip, nothing alone
+    assert two["got"] == [f"small {i}\n" for i in range(9, 73)]
+    assert two["trips"] == ["_request_many"]
 
 
 def test_opener_checks_sizes_like_layerfiles(

@@ -54,9 +54,9 @@ class BatchOpener(Protocol):
 
     def close(self) -> None: ...
 
-    def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception]:
-        """For each ``(name, size)``: its fd (as ``open`` returns it) or the error ``open``
-        would raise for it; the caller closes the fds."""
+    def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception | None]:
+        """For each ``(name, size)``: its fd (as ``open`` returns it), the error ``open`` would
+        raise for it, or None (``open`` it at its turn); the caller closes the fds."""
         ...
 
 

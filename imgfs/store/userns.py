@@ -752,6 +752,9 @@ class UsernsLayerFiles:
         self._remote: RemoteHandle | None = None
         self._direct: LayerFiles | None = None
         self._denied: LayerUnavailable | None = None
+        # Directories (as the tar names them) where a direct open was denied: their other files
+        # go to the helper at once (a 0700 directory of a container uid: all of them would fail).
+        self._denied_dirs: set[bytes] = set()
         try:
             self._direct = LayerFiles(self._dirs, what)
         except LayerUnavailable as exc:
@@ -759,15 +762,28 @@ class UsernsLayerFiles:
                 raise
             self._denied = exc
 
+    def _try_direct(self, name: bytes, size: int) -> int | LayerUnavailable | None:
+        """The fd when this user may open ``name``; the error when it fails for another reason
+        than a denial; None when the helper must open it."""
+        parent = name.rpartition(b"/")[0]
+        if self._direct is None or parent in self._denied_dirs:
+            return None
+        try:
+            return self._direct.open(name, size)
+        except LayerUnavailable as exc:
+            if not denied(exc):
+                return exc
+            self._denied = exc
+            self._denied_dirs.add(parent)
+            return None
+
     def open(self, name: bytes, size: int) -> int:
+        direct = self._try_direct(name, size)
+        if isinstance(direct, LayerUnavailable):
+            raise direct
+        if direct is not None:
+            return direct
         cause = self._denied
-        if self._direct is not None:
-            try:
-                return self._direct.open(name, size)
-            except LayerUnavailable as exc:
-                if not denied(exc):
-                    raise
-                cause = exc
         for _attempt in range(2):
             try:
                 return self._opener.open(self._remote_handle(cause, name), name, size)
@@ -776,43 +792,31 @@ class UsernsLayerFiles:
                     self._remote = None
         raise LayerUnreadable(f"{self.what}: file {name!r:.200}: the opener keeps stopping")
 
-    def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception]:
-        """``open`` of each item (``assemble.BatchOpener``): the files this user may open are
-        opened here, the rest by the helper in one round trip per MAX_BATCH; a file the helper
-        could not open is asked for again alone, for its exact error."""
+    def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception | None]:
+        """``assemble.BatchOpener``: the files below a directory where a direct open was
+        denied are opened by the helper, one round trip per MAX_BATCH; the others are left to
+        ``open`` at their turn (None: opening them ahead would gain nothing). A file the
+        helper could not open is asked for again alone, for its exact error."""
         results: list[int | Exception | None] = [None] * len(items)
-        remote: list[int] = []
-        cause = self._denied
-        for i, (name, size) in enumerate(items):
-            if self._direct is None:
-                remote.append(i)
-                continue
-            try:
-                results[i] = self._direct.open(name, size)
-            except LayerUnavailable as exc:
-                if denied(exc):
-                    cause = exc
-                    remote.append(i)
-                else:
-                    results[i] = exc
+        remote = [
+            i for i, (name, _) in enumerate(items) if name.rpartition(b"/")[0] in self._denied_dirs
+        ]
         for start in range(0, len(remote), MAX_BATCH):
             chunk = remote[start : start + MAX_BATCH]
             try:
-                handle = self._remote_handle(cause, items[chunk[0]][0])
+                handle = self._remote_handle(self._denied, items[chunk[0]][0])
                 fds: list[int | None] = self._opener.open_many(handle, [items[i] for i in chunk])
             except ImgfsError:  # unavailable or restarted: each file alone, with its error
                 fds = [None] * len(chunk)
             for i, fd in zip(chunk, fds, strict=True):
-                results[i] = fd
-        out: list[int | Exception] = []
-        for i, result in enumerate(results):
-            if result is None:
+                if fd is not None:
+                    results[i] = fd
+                    continue
                 try:
-                    result = self.open(*items[i])
+                    results[i] = self.open(*items[i])
                 except ImgfsError as exc:
-                    result = exc
-            out.append(result)
-        return out
+                    results[i] = exc
+        return results
 
     def _remote_handle(self, cause: LayerUnavailable | None, name: bytes) -> RemoteHandle:
         with self._lock:
