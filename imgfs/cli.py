@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
@@ -269,7 +269,8 @@ def _add_mount_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="OPTS",
         help="comma-separated mount options (repeatable): allow_other, allow_root, uid=, gid=, "
         "umask=, fsname=, max_read=, noexec, noatime, auto_unmount, debug; "
-        "default_permissions, ro, nosuid, nodev are always on; rw, dev, suid are refused",
+        "default_permissions (not for a rootless store: imgfs checks), ro, nosuid, nodev are "
+        "always on; rw, dev, suid are refused",
     )
     parser.add_argument(
         "--log-file",
@@ -482,11 +483,15 @@ def _mount(args: argparse.Namespace) -> int:
     store = _open_store(args, store_path)
     mounting.preflight(mountpoint)
     _warn_if_rootless_unreadable(store)
+    rootless = _rootless(store)
     options = mounting.parse_mount_options(
-        args.options, fsname=f"{PROG}:{store.graphroot}", via_mount=via_mount
+        args.options,
+        fsname=f"{PROG}:{store.graphroot}",
+        via_mount=via_mount,
+        kernel_checks=not rootless,
     )
     raise_fd_limit()  # many readers hold many layer files open
-    operations = _make_operations(args, store, options, cache_dir)
+    operations = _make_operations(args, store, options, cache_dir, rootless)
     from imgfs.fuse import daemon  # pyfuse3 and trio: only to mount
 
     return daemon.serve(
@@ -494,7 +499,7 @@ def _mount(args: argparse.Namespace) -> int:
         mountpoint,
         options,
         foreground=args.foreground,
-        background=operations.run_background,
+        background=_background(operations, store) if rootless else operations.run_background,
         cleanup=operations.close,
         log_file=log_file,
     )
@@ -509,11 +514,37 @@ def _warn_if_rootless_unreadable(store: Store) -> None:
         log.warning("%s", warning)
 
 
+def _background(operations: Operations, store: Store) -> Callable[[], Awaitable[None]]:
+    """The daemon's background task, for a rootless store: start the user-namespace opener
+    once the mount is serving (a thread: never before the daemon forks), so the first read
+    does not pay its start, then follow the store."""
+
+    async def background() -> None:
+        from imgfs.store.userns import prestart
+
+        prestart(store.graphroot)
+        await operations.run_background()
+
+    return background
+
+
+def _rootless(store: Store) -> bool:
+    """A rootless store mounted by its (non-root) owner: the rootless permission rule."""
+    from imgfs.store.userns import is_rootless_store
+
+    return is_rootless_store(store.graphroot)
+
+
 def _make_operations(
-    args: argparse.Namespace, store: Store, options: mounting.MountOptions, cache_dir: str
+    args: argparse.Namespace,
+    store: Store,
+    options: mounting.MountOptions,
+    cache_dir: str,
+    rootless: bool = False,
 ) -> Operations:
     """Wire the adapter: the caches, and ownership from the store's graph root unless
-    ``-o uid=,gid=`` say otherwise."""
+    ``-o uid=,gid=`` say otherwise. Rootless: the mount's owner is the image's root, and
+    ``allow_root`` lets a second user in too."""
     from imgfs.fuse.ops import Operations
     from imgfs.views.content import Caches
     from imgfs.views.node import Ownership
@@ -523,7 +554,10 @@ def _make_operations(
         uid=st.st_uid if options.uid is None else options.uid,
         gid=st.st_gid if options.gid is None else options.gid,
         umask=options.umask,
-        shared="allow_other" in options.fuse_options,
+        shared=bool({"allow_other", "allow_root"} & options.fuse_options)
+        if rootless
+        else "allow_other" in options.fuse_options,
+        image_root=os.geteuid() if rootless else None,
     )
     caches = Caches.build(cache_dir, args.cache_size, direct=args.direct)
     return Operations(store, caches, ownership, debug=args.debug)

@@ -20,7 +20,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev buildah skopeo podman gnupg
-  mount util-linux debootstrap)
+  mount util-linux debootstrap uidmap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,9 @@
 user xattrs and sha256 (or the errno that stopped us), never raising: a FUSE mount is only
 readable by its owner, so the comparison's data must be gathered as that user (stdlib only).
 
+``... access PATH...``: access(2) with R_OK, X_OK and W_OK, chdir, and a read of each path
+(or the errno).
+
 ``... opener LAYERS_LOCK DIR...``: exercises ``UserNamespaceOpener`` on a layer's directories
 (needs imgfs importable): its uid map, opens through it, malformed requests, a restart after the
 helper is killed, and the cost of an open (direct vs helper), in microseconds.
@@ -80,6 +83,33 @@ def tree(root: bytes) -> dict[str, dict[str, Any]]:
     return found
 
 
+def access(paths: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        entry: dict[str, Any] = {
+            "R": os.access(path, os.R_OK),
+            "X": os.access(path, os.X_OK),
+            "W": os.access(path, os.W_OK),
+        }
+        try:
+            os.chdir(path)
+            entry["chdir"] = 0
+        except OSError as exc:
+            entry["chdir"] = exc.errno
+        finally:
+            os.chdir("/")
+        try:
+            if os.path.isdir(path):
+                entry["read"] = sorted(os.listdir(path))
+            else:
+                with open(path, "rb") as f:
+                    entry["read"] = f.read(64).decode("utf-8", "replace")
+        except OSError as exc:
+            entry["read"] = exc.errno
+        out[path] = entry
+    return out
+
+
 def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
     from imgfs.store import userns
     from imgfs.store.layerfiles import LayerFiles
@@ -103,6 +133,37 @@ def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
         finally:
             os.close(fd)
     out["reads"] = reads
+    if "PROBE_BATCH" in os.environ:  # open_many: one round trip for what needs the helper
+        trips: list[str] = []
+        for attr in ("_request", "_request_many"):
+            real = getattr(op, attr)
+
+            def counted(*args: Any, _real: Any = real, _attr: str = attr) -> Any:
+                trips.append(_attr)
+                return _real(*args)
+
+            setattr(op, attr, counted)
+        out["batches"] = []
+        for asked in json.loads(os.environ["PROBE_BATCH"]):  # a list of batches
+            items = [(n.encode(), size) for n, size in asked]
+            trips.clear()
+            batch: list[str] = []  # in the order asked
+            for (name, size), got in zip(items, files.open_many(items), strict=True):
+                if got is None:  # left to open at its turn, as generation does
+                    try:
+                        got = files.open(name, size)
+                    except Exception as exc:
+                        got = exc
+                if isinstance(got, Exception):
+                    batch.append(f"{type(got).__name__}: {got}")
+                    continue
+                try:
+                    batch.append(os.pread(got, 64, 0).decode())
+                finally:
+                    os.close(got)
+            out["batches"].append({"got": batch, "trips": list(trips)})
+        for attr in ("_request", "_request_many"):
+            delattr(op, attr)
     # Malformed requests: the helper answers each with an error and keeps serving.
     helper = op._helper
     assert helper is not None
@@ -170,6 +231,8 @@ def main() -> None:
     cmd = sys.argv[1]
     if cmd == "tree":
         print(json.dumps(tree(os.fsencode(sys.argv[2]))))
+    elif cmd == "access":
+        print(json.dumps(access(sys.argv[2:])))
     elif cmd == "opener":
         print(json.dumps(opener(sys.argv[2], sys.argv[3:])))
     elif cmd == "orphan":

@@ -5,28 +5,25 @@ as them (tests/rootless.py has the machinery; tests/rootless_probe.py runs as th
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import rootless
-from tests.layer_oracle import apply_layers
+from tests.layer_oracle import apply_layers, tar_listing
 from tests.mounting import sha256_file
 from tests.rootless_probe import tree
 
 PROBE = str(Path(__file__).with_name("rootless_probe.py"))
-ACCESS_RULE = (
-    "needs the rootless access rule in views/adapter (the mount's owner acts as the image's "
-    "root in rootfs/ and layers/), not implemented yet"
-)
 
 
 @pytest.fixture(scope="session")
@@ -129,14 +126,9 @@ def _oracle_tree(img: rootless.RootlessImage, tmp_path: Path) -> dict[str, dict[
 _COMPARED = ("mode", "uid", "gid", "size", "nlink", "mtime_ns", "link", "sha256", "xattrs")
 
 
-def _differences(
-    got: dict[str, dict[str, Any]], want: dict[str, dict[str, Any]], readable_only: bool
-) -> list[str]:
-    problems = []
-    hidden = {p for p, e in got.items() if "list_error" in e}
+def _differences(got: dict[str, dict[str, Any]], want: dict[str, dict[str, Any]]) -> list[str]:
+    problems = [f"{p}: {e}" for p, e in got.items() if {"list_error", "read_error"} & set(e)]
     for path, ref in want.items():
-        if readable_only and any(path.startswith(h + "/") for h in hidden):
-            continue
         mine = got.get(path)
         if mine is None:
             problems.append(f"{path}: missing")
@@ -144,47 +136,126 @@ def _differences(
         for key in _COMPARED:
             if key in ("mtime_ns",) and stat.S_ISLNK(ref["mode"]):
                 continue
-            if readable_only and key in ("sha256", "xattrs") and key not in mine:
-                continue  # the access rule denies it for now (see ACCESS_RULE)
             if mine.get(key) != ref.get(key):
                 problems.append(f"{path}: {key} {mine.get(key)!r} != {ref.get(key)!r}")
     extra = set(got) - set(want) - {"."}
-    problems += [f"{p}: not in the oracle" for p in sorted(extra) if "list_error" not in got[p]]
+    problems += [f"{p}: not in the oracle" for p in sorted(extra)]
     return problems
 
 
-def test_rootfs_what_the_user_may_read_equals_the_oracle(
-    user_mount: tuple[Path, Path, rootless.RootlessStore],
-    ns: rootless.Namespace,
-    tmp_path: Path,
-) -> None:
-    mnt, _log, store = user_mount
-    compared = 0
-    for img in store.images:
-        got = _tree_as_user(ns, mnt / img.id / "rootfs")
-        want = _oracle_tree(img, tmp_path)
-        assert not _differences(got, want, readable_only=True)
-        compared += len(got)
-        if img.name.endswith(":typical"):
-            assert sum(1 for e in got.values() if "sha256" in e) >= 1201  # read, and equal
-            continue
-        assert got["etc/hosts"]["sha256"] == want["etc/hosts"]["sha256"]
-        # numeric owners as `podman unshare ls -ln` shows them
-        assert (got["far"]["uid"], got["far"]["gid"]) == (70000, 70001)
-        assert got["secret"]["uid"] == 1000
-    assert compared >= 1220  # many/ and d700/ are 0700 dirs of container uids: see ACCESS_RULE
-
-
-@pytest.mark.xfail(reason=ACCESS_RULE, strict=True)
 def test_rootfs_everything_equals_the_oracle(
     user_mount: tuple[Path, Path, rootless.RootlessStore],
     ns: rootless.Namespace,
     tmp_path: Path,
 ) -> None:
-    mnt, _log, store = user_mount
+    """The mount's owner, as the image's root, lists and reads every file of rootfs/: 0600,
+    0700 and 0000 files and directories of other container uids included."""
+    mnt, log, store = user_mount
+    compared = 0
     for img in store.images:
         got = _tree_as_user(ns, mnt / img.id / "rootfs")
-        assert _differences(got, _oracle_tree(img, tmp_path), readable_only=False) == []
+        want = _oracle_tree(img, tmp_path)
+        assert _differences(got, want) == [], log.read_text()[-3000:]
+        compared += sum(1 for e in got.values() if "sha256" in e)
+        if img.name.endswith(":typical"):
+            continue
+        # numeric owners and modes as `podman unshare ls -ln` shows them
+        assert (got["far"]["uid"], got["far"]["gid"]) == (70000, 70001)
+        assert stat.S_IMODE(got["far"]["mode"]) == 0o600
+        assert got["secret"]["uid"] == 1000
+        assert stat.S_IMODE(got["zero"]["mode"]) == 0
+        assert stat.S_IMODE(got["d000"]["mode"]) == 0
+        assert stat.S_IMODE(got["many"]["mode"]) == 0o700
+        assert got["many/f7"]["uid"] == 1000
+        assert "sha256" in got["many/f7"]
+        assert "sha256" in got["d000/in"]
+    assert compared >= 3 * 1200
+
+
+def test_layers_equal_the_tar_listing_and_its_contents(
+    user_mount: tuple[Path, Path, rootless.RootlessStore],
+    ns: rootless.Namespace,
+) -> None:
+    mnt, log, store = user_mount
+    read = 0
+    for img in store.images:
+        layers = mnt / img.id / "layers"
+        for n, (diff_id, tar) in enumerate(zip(img.diff_ids, img.layer_paths(), strict=True)):
+            name = f"{n}-{diff_id.split(':', 1)[1]}"
+            got = _tree_as_user(ns, layers / name)
+            failed = {p: e for p, e in got.items() if {"list_error", "read_error"} & set(e)}
+            assert failed == {}, log.read_text()[-3000:]
+            read += _compare_with_tar(got, tar, f"{img.name}/{name}")
+    assert read >= 3 * 1200
+
+
+def _compare_with_tar(got: dict[str, dict[str, Any]], tar: Path, what: str) -> int:
+    import hashlib
+    import tarfile
+
+    listed = {os.fsdecode(os.path.normpath(e.name)).lstrip("/"): e for e in tar_listing(tar)}
+    listed.pop(".", None)
+    assert sorted(got) == sorted(listed), what
+    contents = {}
+    with tarfile.open(tar) as tf:
+        for member in tf:
+            if member.isreg():
+                data = tf.extractfile(member)
+                assert data is not None
+                contents[os.path.normpath(member.name)] = hashlib.sha256(data.read()).hexdigest()
+    read = 0
+    for rel, entry in listed.items():
+        mine, where = got[rel], f"{what}: {rel}"
+        assert (mine["uid"], mine["gid"]) == (entry.uid, entry.gid), where
+        if entry.type == "h":
+            assert entry.link is not None
+            target = got[os.fsdecode(os.path.normpath(entry.link)).lstrip("/")]
+            assert (mine["ino"], mine["nlink"]) == (target["ino"], target["nlink"]), where
+            continue
+        assert stat.filemode(mine["mode"]) == entry.type + entry.perms, where
+        if entry.type == "l":
+            assert mine["link"] == os.fsdecode(entry.link or b""), where
+        elif entry.type == "-":
+            assert str(mine["size"]) == entry.size, where
+            assert mine["sha256"] == contents[rel], where
+            read += 1
+    return read
+
+
+def test_the_owner_may_search_read_and_chdir_everything(
+    user_mount: tuple[Path, Path, rootless.RootlessStore],
+    ns: rootless.Namespace,
+) -> None:
+    """access(2) and chdir agree with reads (the kernel asks imgfs for both: no
+    default_permissions): the image's root may read and search all, execute only x files."""
+    mnt, _log, store = user_mount
+    img = next(i for i in store.images if i.name.endswith(":v1"))
+    base = [mnt / img.id / "rootfs", mnt / img.id / "layers" / f"0-{img.diff_ids[0][7:]}"]
+    names = ["far", "zero", "secret", "d700", "d700/f", "d000", "d000/in", "many/f3"]
+    paths = [str(b / n) for b in base for n in names] + [str(mnt / img.id / "config.json")]
+    done = ns.run(ns.python(PROBE, "access", *paths))
+    got = json.loads(done.stdout)
+    for path in paths:
+        entry, is_dir = got[path], path.endswith(("d700", "d000"))
+        assert entry["R"], (path, entry)
+        assert not entry["W"], (path, entry)
+        assert entry["X"] == is_dir, (path, entry)  # no image file here has an x bit
+        assert entry["chdir"] == (0 if is_dir else errno.ENOTDIR), (path, entry)
+        assert isinstance(entry["read"], list if is_dir else str), (path, entry)
+    assert got[str(base[0] / "zero")]["read"] == "z\n"
+    assert got[str(base[1] / "d000")]["read"] == ["in"]
+    fields = _mount_options(mnt)
+    assert "default_permissions" not in fields
+    assert "ro" in fields
+
+
+def _mount_options(mnt: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4] == str(mnt):
+                return parts[parts.index("-") + 3].split(",") + parts[5].split(",")
+    raise AssertionError(f"{mnt} is not mounted")
 
 
 # -- who sees it, and unmounting ----------------------------------------------------------------
@@ -200,6 +271,88 @@ def test_another_host_user_sees_nothing(
         done = subprocess.run(
             rootless.as_user(other, cmd), capture_output=True, text=True, check=False
         )
+        assert done.returncode != 0
+        assert "Permission denied" in done.stderr
+
+
+_DEV_FUSE_LINE = 'mount --bind "$node" /dev/fuse\n'
+_FUSE_CONF_LINE = 'mount --bind "$IMGFS_TEST_FUSE_CONF" /etc/fuse.conf\n'
+
+
+class AllowOtherNamespace(rootless.Namespace):
+    """A Namespace whose /etc/fuse.conf says ``user_allow_other`` (a bind of a private copy:
+    the host's file is untouched), so the test user may mount with ``-o allow_other``."""
+
+    def __enter__(self) -> AllowOtherNamespace:
+        super().__enter__()
+        self.fuse_conf = self.node.with_name("fuse.conf")  # in the namespace's 0700 root dir
+        self.fuse_conf.write_text("user_allow_other\n")
+        return self
+
+    def command(self, cmd: Sequence[str], **env: str) -> list[str]:
+        base = super().command(cmd, **env)
+        script = base.index(rootless._NS_SCRIPT)
+        assert _DEV_FUSE_LINE in base[script]
+        base[script] = base[script].replace(_DEV_FUSE_LINE, _DEV_FUSE_LINE + _FUSE_CONF_LINE)
+        return ["env", f"IMGFS_TEST_FUSE_CONF={self.fuse_conf}", *base]
+
+
+def test_another_user_with_allow_other_gets_other_bits_only(
+    ns: rootless.Namespace,
+    rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
+) -> None:
+    """``-o allow_other,umask=022``: the second host user reads what the image gives "other",
+    never the 0600 files nor what is below a 0700 directory, not even right after the owner
+    read them (nothing cached answers for imgfs). (A host uid that equals an image owner:
+    tests/test_rootless_rule.py.)"""
+    user, other, stores = rootless_setup
+    store = stores["vfs"]
+    if not os.path.isfile("/etc/fuse.conf"):
+        pytest.skip("no /etc/fuse.conf to give user_allow_other in the test's namespace")
+    img = next(i for i in store.images if i.name.endswith(":v1"))
+    with (
+        AllowOtherNamespace(user, ns.workdir / "allow-other-ns") as ao,
+        rootless.mounted_as_user(ao, store, "allow-other", "-o", "allow_other,umask=022") as (
+            mnt,
+            log,
+        ),
+    ):
+        root = mnt / img.id / "rootfs"
+        denied = ["far", "secret", "zero", "d700/f", "d000/in", "many/f1", "big"]
+        paths = [str(root / n) for n in denied]
+        owner = _as_user(ns, "sh", "-c", 'cat "$@" >/dev/null', "sh", *paths)
+        assert owner.returncode == 0, owner.stderr + log.read_text()[-2000:]
+
+        def as_other(*cmd: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                rootless.as_user(other, cmd), capture_output=True, text=True, check=False
+            )
+
+        assert as_other("cat", str(root / "etc/hosts")).stdout == "hello\n"
+        for name in denied:
+            done = as_other("cat", str(root / name))
+            assert "Permission denied" in done.stderr, name
+            assert done.returncode != 0, name
+        for name in ("d700", "d000", "many"):
+            done = as_other("ls", str(root / name))
+            assert "Permission denied" in done.stderr, name
+            assert done.returncode != 0, name
+        done = as_other("stat", str(root / "d700/f"))
+        assert done.returncode != 0
+        assert "Permission denied" in done.stderr
+        done = as_other("sh", "-c", 'test -r "$0" || echo no; cd "$1" || echo nocd',
+                        str(root / "far"), str(root / "d700"))  # fmt: skip
+        assert done.stdout.split() == ["no", "nocd"], done.stderr
+        blob = mnt / img.id / "blobs" / img.diff_ids[0]
+        done = as_other("head", "-c", "1", str(blob))  # umask=022: imgfs's own files are 0444
+        assert done.returncode == 0, done.stderr
+        assert "default_permissions" not in _mount_options(mnt)
+    with (
+        AllowOtherNamespace(user, ns.workdir / "allow-other-ns2") as ao,
+        rootless.mounted_as_user(ao, store, "allow-other-0500", "-o", "allow_other") as (mnt, _),
+    ):
+        done = subprocess.run(rootless.as_user(other, ["ls", str(mnt)]),
+                              capture_output=True, text=True, check=False)  # fmt: skip
         assert done.returncode != 0
         assert "Permission denied" in done.stderr
 
@@ -279,6 +432,42 @@ def test_opener_maps_like_podman_and_survives_bad_requests(
     print(f"\nopen of a small file: direct {out['direct_us']:.1f} us, "
           f"through the helper {out['helper_us']:.1f} us")  # fmt: skip
     assert out["helper_us"] < 2000
+
+
+def test_opener_opens_a_batch_in_one_round_trip(
+    ns: rootless.Namespace,
+    rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
+) -> None:
+    """``open_many`` (what blob generation uses): once a direct open was denied in a
+    directory, its files are opened by the helper in ONE request per batch; the others are left
+    to ``open`` at their turn; a file the helper cannot open is asked for alone and gets its
+    own exact error."""
+    store = rootless_setup[2]["vfs"]
+    layer = _vfs_layer_dir(store)
+    first = [["etc/hosts", 6], ["far", 4], ["d700/f", 2], ["zero", 2], ["d000/in", 3]]
+    first += [["missing", 1], ["far", 5], ["hosts-link", 9]] + [[f"many/f{i}", 8] for i in range(9)]
+    second = [[f"many/f{i}", 8 + (i >= 10)] for i in range(9, 73)]  # 64 files
+    done = ns.run(
+        ns.python(PROBE, "opener", str(store.layers_dir() / "layers.lock"), str(layer)),
+        PROBE_FILES=json.dumps([["far", 4]]),  # denied at the top level: the helper's
+        PROBE_COST_FILE=json.dumps(["etc/hosts", 6]),
+        PROBE_BATCH=json.dumps([first, second]),
+    )
+    one, two = json.loads(done.stdout)["batches"]
+    got = one["got"]
+    assert got[:5] == ["hello\n", "far\n", "f\n", "z\n", "in\n"]
+    assert got[5].startswith("LayerUnavailable")  # missing
+    assert got[6].startswith("IntegrityError")  # far has 4 bytes
+    assert "tar-split records 5" in got[6]
+    assert got[7].startswith("LayerUnavailable")  # never follows a symlink
+    assert got[8:] == [f"small {i}\n" for i in range(9)]
+    # the top-level names in one batch request, the three it failed alone; d700/f, d000/in
+    # and many/f0.. denied directly, then by the helper alone (their directories unknown yet)
+    assert one["trips"][0] == "_request_many"
+    assert one["trips"].count("_request_many") == 1
+    # many/ is known now: 64 files, one round trip, nothing alone
+    assert two["got"] == [f"small {i}\n" for i in range(9, 73)]
+    assert two["trips"] == ["_request_many"]
 
 
 def test_opener_checks_sizes_like_layerfiles(

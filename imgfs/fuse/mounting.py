@@ -12,6 +12,10 @@ Explicit and implicit options: ``-o`` on imgfs's own command line is explicit, s
 ``mount -t fuse.imgfs``, systemd ``.mount`` units: the ``mount.fuse.imgfs`` helper) are
 implicit: mount(8) adds ``rw`` and fstab's ``defaults``, ``auto``, ``user`` … whatever the user
 wrote, so they are accepted and the mount is read-only, ``nodev`` and ``nosuid`` anyway.
+
+``default_permissions`` is always on, except for a rootless store mounted by its owner
+(``kernel_checks=False``): the kernel would check the image's numeric owners against host users
+and deny the owner the files of their subordinate uids, so imgfs checks every request itself.
 """
 
 from __future__ import annotations
@@ -122,14 +126,18 @@ def is_mount8_option(item: str) -> bool:
     return item in _MOUNT8_ONLY or item.startswith(_MOUNT8_PREFIXES)
 
 
-def parse_mount_options(values: list[str], fsname: str, *, via_mount: bool = False) -> MountOptions:
+def parse_mount_options(
+    values: list[str], fsname: str, *, via_mount: bool = False, kernel_checks: bool = True
+) -> MountOptions:
     """Parse repeated ``-o`` arguments into the options for a mount named ``fsname``.
 
     ``fsname`` is the unescaped file system name shown in the mount table (the CLI passes
     ``imgfs:<store path>``); a user's own ``fsname=`` replaces it. Options outside the list
     libfuse accepts are a UsageError. With ``via_mount`` (the options came from mount(8)),
     mount(8)'s own options (``rw``, ``dev``, ``suid``, ``defaults``, ``_netdev``, ``x-*`` …)
-    are dropped instead of refused: the mount stays read-only, nodev and nosuid.
+    are dropped instead of refused: the mount stays read-only, nodev and nosuid. Without
+    ``kernel_checks`` (a rootless store mounted by its owner; the adapter checks every request)
+    ``default_permissions`` is left out, also when given.
     """
     fuse = set(_FIXED_OPTIONS)
     own: dict[str, int] = {}
@@ -148,6 +156,8 @@ def parse_mount_options(values: list[str], fsname: str, *, via_mount: bool = Fal
         else:
             fuse.add(_known_option(_ascii_option(item), key, has_value))
     fuse.add(user_fsname or f"fsname={escape_option_value(fsname)}")
+    if not kernel_checks:
+        fuse.discard("default_permissions")
     return MountOptions(
         fuse_options=frozenset(fuse), uid=own.get("uid"), gid=own.get("gid"), umask=own.get("umask")
     )

@@ -163,9 +163,10 @@ class Operations(pyfuse3.Operations):
         attrs.st_ino = ino
         attrs.generation = 0
         timeout = STABLE_TIMEOUT if node.stable else NAME_TIMEOUT
-        if self.ownership.shared and node.mode is not None:
+        if self.ownership.shared and (node.mode is not None or self.ownership.self_checked):
             # Other users reach the mount: the kernel must ask again on every path walk, so
             # that the view access rule (``_visible``) sees each caller, not a cached answer.
+            # Without default_permissions (self_checked) that holds for every node.
             timeout = 0.0
         attrs.entry_timeout = timeout
         attrs.attr_timeout = timeout
@@ -187,21 +188,38 @@ class Operations(pyfuse3.Operations):
             node = await self._run(self.view.node, key)
         return cast(Node, node)
 
-    async def _visible(self, key: Key, uid: int) -> Node:
-        """The node of ``key`` if ``uid`` may see it: the ONE place of the view access rule
-        for lookup, getattr, readlink, xattrs, open and opendir (``Ownership.may_search`` of
-        the directory holding a ``layers/``/``rootfs/`` node)."""
+    async def _visible(self, key: Key, caller: _Caller) -> Node:
+        """The node of ``key`` if ``caller`` may see it: the ONE place of the access rule for
+        lookup, getattr, readlink, xattrs, open, opendir and access. With default_permissions
+        the kernel checks the shown modes and this adds ``Ownership.may_search`` of the
+        directory holding a ``layers/``/``rootfs/`` node; without (a rootless store mounted by
+        its owner: ``Ownership.self_checked``) nothing else checks, so every node needs search
+        permission on its directory (``Ownership.allows``) and every lookup asks again."""
         node = await self._node(key)
+        if self.ownership.self_checked:
+            if key != ROOT:
+                self._check_access(await self._node(key.parent()), caller, os.X_OK)
+            return node
         if node.mode is not None and self.ownership.shared:
             parent = await self._node(key.parent())
-            if parent.mode is not None and not self.ownership.may_search(uid, parent.mode):
+            if parent.mode is not None and not self.ownership.may_search(caller.uid, parent.mode):
                 raise pyfuse3.FUSEError(errno.EACCES)
         return node
 
-    def _check_view_access(self, node: Node, uid: int) -> None:
-        """EACCES unless ``uid`` may open this ``layers/``/``rootfs/`` node (nodes with the
-        image's own mode); see ``Ownership.may_open_view``."""
-        if node.mode is not None and not self.ownership.may_open_view(uid, node.mode):
+    def _check_access(self, node: Node, caller: _Caller, want: int) -> None:
+        """EACCES unless ``caller`` may ``want`` (R_OK/X_OK) on ``node``: the whole check when
+        self_checked (``Ownership.allows``), else the view rule on top of the kernel's
+        (``Ownership.may_open_view`` and ``may_search``, ``layers/``/``rootfs/`` nodes only)."""
+        own = self.ownership
+        if own.self_checked:
+            allowed = own.allows(node, want, caller.uid, caller.gid, caller.groups)
+        elif node.mode is None:
+            allowed = True  # the kernel checked imgfs's own mode
+        elif want & os.X_OK:
+            allowed = own.may_search(caller.uid, node.mode)
+        else:
+            allowed = own.may_open_view(caller.uid, node.mode)
+        if not allowed:
             raise pyfuse3.FUSEError(errno.EACCES)
 
     def _new_fh(self, handle: _Handle) -> int:
@@ -217,9 +235,8 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         parent = self._key(parent_inode)
-        folder = await self._visible(parent, _uid(ctx))
-        if folder.mode is not None and not self.ownership.may_search(_uid(ctx), folder.mode):
-            raise pyfuse3.FUSEError(errno.EACCES)
+        caller = _caller(ctx)
+        self._check_access(await self._visible(parent, caller), caller, os.X_OK)
         node = self.view.peek_child(parent, name)
         if node is None:
             try:
@@ -228,6 +245,8 @@ class Operations(pyfuse3.Operations):
                 negative = pyfuse3.EntryAttributes()
                 negative.st_ino = 0
                 negative.entry_timeout = NAME_TIMEOUT
+                if self.ownership.shared and self.ownership.self_checked:
+                    negative.entry_timeout = 0.0  # no kernel check guards a cached answer
                 return negative
         return self._attrs(node, self.inodes.remember(node.key))
 
@@ -235,12 +254,12 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        node = await self._visible(self._key(inode), _uid(ctx))
+        node = await self._visible(self._key(inode), _caller(ctx))
         return self._attrs(node, inode)
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = await self._visible(self._key(inode), _uid(ctx))
+        node = await self._visible(self._key(inode), _caller(ctx))
         if node.kind != "link":
             raise pyfuse3.FUSEError(errno.EINVAL)
         target: bytes = node.target
@@ -249,7 +268,8 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         key = self._key(inode)
-        self._check_view_access(await self._visible(key, _uid(ctx)), _uid(ctx))
+        caller = _caller(ctx)
+        self._check_access(await self._visible(key, caller), caller, os.R_OK)
         listing = await self._run(self.view.children, key)
         return self._new_fh(_Handle(inode, key, listing=listing))
 
@@ -284,7 +304,10 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        node = await self._visible(self._key(inode), _uid(ctx))
+        caller = _caller(ctx)
+        node = await self._visible(self._key(inode), caller)
+        if self.ownership.self_checked:  # the kernel's rule for user.* without d_p: read
+            self._check_access(node, caller, os.R_OK)
         for attr, value in node.xattrs:
             if attr.encode() == name:
                 found: bytes = value
@@ -300,12 +323,23 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        node = await self._visible(self._key(inode), _uid(ctx))
+        node = await self._visible(self._key(inode), _caller(ctx))
         return [attr.encode() for attr, _ in node.xattrs]
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        return not mode & os.W_OK
+        """access(2), and chdir when self_checked (the kernel asks only without
+        default_permissions; with it, it has checked the shown mode already)."""
+        if mode & os.W_OK:
+            return False
+        if not self.ownership.self_checked:
+            return True
+        caller = _caller(ctx)
+        try:
+            self._check_access(await self._visible(self._key(inode), caller), caller, mode)
+        except pyfuse3.FUSEError:
+            return False
+        return True
 
     # -- files -------------------------------------------------------------------------------
 
@@ -314,8 +348,9 @@ class Operations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         key = self._key(inode)
-        node = await self._visible(key, _uid(ctx))
-        content: Content = await self._run(self._open_content, key, _uid(ctx))
+        caller = _caller(ctx)
+        node = await self._visible(key, caller)
+        content: Content = await self._run(self._open_content, key, caller)
         fh = self._new_fh(_Handle(inode, key, content))
         if isinstance(content, Inline):
             # Only content-addressed files keep the kernel's pages across opens: a manifest
@@ -330,10 +365,10 @@ class Operations(pyfuse3.Operations):
         # The price: no shared mmap of layer blobs (the README says so).
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
 
-    def _open_content(self, key: Key, uid: int) -> Content:
+    def _open_content(self, key: Key, caller: _Caller) -> Content:
         """In a worker thread: the node, the access check and the content, in one hop."""
         node = self.view.node(key)
-        self._check_view_access(node, uid)
+        self._check_access(node, caller, os.R_OK)
         if node.kind != "file":
             codes = {"dir": errno.EISDIR, "link": errno.ELOOP}
             raise pyfuse3.FUSEError(codes.get(node.kind, errno.EACCES))
@@ -478,6 +513,29 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-def _uid(ctx: pyfuse3.RequestContext | None) -> int:
-    """The caller's uid (pyfuse3 passes no context for some internal calls: treat as root)."""
-    return 0 if ctx is None else int(ctx.uid)
+@dataclass(frozen=True)
+class _Caller:
+    """Who sent a request (pyfuse3 passes no context for some internal calls: root)."""
+
+    uid: int
+    gid: int
+    pid: int
+
+    def groups(self) -> frozenset[int]:
+        """The caller's supplementary groups (read only when a group's bits decide), from
+        /proc: the request carries only uid, gid and pid. Unknown (the caller is gone): none."""
+        try:
+            with open(f"/proc/{self.pid}/status", "rb") as f:
+                status = f.read(1 << 16)
+        except OSError:
+            return frozenset()
+        for line in status.splitlines():
+            if line.startswith(b"Groups:"):
+                return frozenset(int(g) for g in line.split()[1:] if g.isdigit())
+        return frozenset()
+
+
+def _caller(ctx: pyfuse3.RequestContext | None) -> _Caller:
+    if ctx is None:
+        return _Caller(0, 0, 0)
+    return _Caller(int(ctx.uid), int(ctx.gid), int(ctx.pid))

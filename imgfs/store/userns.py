@@ -64,7 +64,9 @@ _MAX_MESSAGE = 2000
 _RETRY_SPAWN_AFTER = 30.0  # seconds before a failed start is tried again
 _REQ = struct.Struct("<BxxxIQ")  # op, handle, size
 _REP = struct.Struct("<BBxxiI")  # status, error kind, errno, handle
-_OP_DIRS, _OP_OPEN, _OP_CLOSE, _OP_PING = 1, 2, 3, 4
+_OP_DIRS, _OP_OPEN, _OP_CLOSE, _OP_PING, _OP_OPEN_MANY = 1, 2, 3, 4, 5
+_ITEM = struct.Struct("<QH")  # an OPEN_MANY item: size, name length (then the name)
+MAX_BATCH = 64  # files per OPEN_MANY (descriptors per reply: far below SCM_MAX_FD, 253)
 _OK, _FAIL = 0, 1
 # Error classes that cross the socket, by index (never pickled: a class index and a message).
 _KINDS: tuple[type[ImgfsError], ...] = (
@@ -487,6 +489,57 @@ class UserNamespaceOpener:
             raise _HelperGone("the opener answered without a descriptor")
         return fd
 
+    def open_many(
+        self, remote: RemoteHandle, items: Sequence[tuple[bytes, int]]
+    ) -> list[int | None]:
+        """Open up to MAX_BATCH files in one round trip: each one's fd, or None where the
+        helper failed (``open`` of that one file says why)."""
+        if remote.generation != self._generation:
+            raise _HelperGone("the opener was restarted")
+        if not 0 < len(items) <= MAX_BATCH:
+            raise LayerUnavailable(f"opener: a batch of {len(items)} files")
+        payload = b"".join(_ITEM.pack(size, len(name)) + name for name, size in items)
+        _, fds, text = self._request_many(remote, payload, len(items))
+        status = text.encode("latin-1")
+        if len(status) != len(items) or status.count(b"\0") != len(fds):
+            for fd in fds:
+                os.close(fd)
+            raise LayerUnavailable("opener: malformed batch reply")
+        opened = iter(fds)
+        return [next(opened) if ok == 0 else None for ok in status]
+
+    def _request_many(
+        self, remote: RemoteHandle, payload: bytes, count: int
+    ) -> tuple[int, list[int], str]:
+        message = _REQ.pack(_OP_OPEN_MANY, remote.handle, count) + payload
+        if len(message) > _MAX_REQUEST:
+            raise LayerUnavailable(f"opener request of {len(message)} bytes is too large")
+        with self._lock:
+            helper = self._ensure(True)
+            if remote.generation != self._generation:
+                raise _HelperGone("the opener was restarted")
+            try:
+                helper.sock.sendmsg([message])
+                data, fds, flags, _ = socket.recv_fds(helper.sock, _MAX_REPLY, count)
+            except OSError as exc:
+                self._stop()
+                raise _HelperGone(f"the opener stopped: {exc}") from exc
+            if not data:
+                self._stop()
+                raise _HelperGone("the opener exited")
+        if len(data) < _REP.size or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            raise LayerUnavailable("opener: malformed reply")
+        status, kind, _err, handle_out = _REP.unpack_from(data)
+        text = data[_REP.size :].decode("latin-1")
+        if status != _OK:
+            for fd in fds:
+                os.close(fd)
+            cls = _KINDS[kind] if kind < len(_KINDS) else LayerUnavailable
+            raise cls(text)
+        return handle_out, list(fds), text
+
     def release(self, remote: RemoteHandle) -> None:
         with contextlib.suppress(_HelperGone):
             self._request(_OP_CLOSE, remote.handle, 0, b"", remote.generation)
@@ -699,6 +752,9 @@ class UsernsLayerFiles:
         self._remote: RemoteHandle | None = None
         self._direct: LayerFiles | None = None
         self._denied: LayerUnavailable | None = None
+        # Directories (as the tar names them) where a direct open was denied: their other files
+        # go to the helper at once (a 0700 directory of a container uid: all of them would fail).
+        self._denied_dirs: set[bytes] = set()
         try:
             self._direct = LayerFiles(self._dirs, what)
         except LayerUnavailable as exc:
@@ -706,15 +762,28 @@ class UsernsLayerFiles:
                 raise
             self._denied = exc
 
+    def _try_direct(self, name: bytes, size: int) -> int | LayerUnavailable | None:
+        """The fd when this user may open ``name``; the error when it fails for another reason
+        than a denial; None when the helper must open it."""
+        parent = name.rpartition(b"/")[0]
+        if self._direct is None or parent in self._denied_dirs:
+            return None
+        try:
+            return self._direct.open(name, size)
+        except LayerUnavailable as exc:
+            if not denied(exc):
+                return exc
+            self._denied = exc
+            self._denied_dirs.add(parent)
+            return None
+
     def open(self, name: bytes, size: int) -> int:
+        direct = self._try_direct(name, size)
+        if isinstance(direct, LayerUnavailable):
+            raise direct
+        if direct is not None:
+            return direct
         cause = self._denied
-        if self._direct is not None:
-            try:
-                return self._direct.open(name, size)
-            except LayerUnavailable as exc:
-                if not denied(exc):
-                    raise
-                cause = exc
         for _attempt in range(2):
             try:
                 return self._opener.open(self._remote_handle(cause, name), name, size)
@@ -722,6 +791,32 @@ class UsernsLayerFiles:
                 with self._lock:
                     self._remote = None
         raise LayerUnreadable(f"{self.what}: file {name!r:.200}: the opener keeps stopping")
+
+    def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception | None]:
+        """``assemble.BatchOpener``: the files below a directory where a direct open was
+        denied are opened by the helper, one round trip per MAX_BATCH; the others are left to
+        ``open`` at their turn (None: opening them ahead would gain nothing). A file the
+        helper could not open is asked for again alone, for its exact error."""
+        results: list[int | Exception | None] = [None] * len(items)
+        remote = [
+            i for i, (name, _) in enumerate(items) if name.rpartition(b"/")[0] in self._denied_dirs
+        ]
+        for start in range(0, len(remote), MAX_BATCH):
+            chunk = remote[start : start + MAX_BATCH]
+            try:
+                handle = self._remote_handle(self._denied, items[chunk[0]][0])
+                fds: list[int | None] = self._opener.open_many(handle, [items[i] for i in chunk])
+            except ImgfsError:  # unavailable or restarted: each file alone, with its error
+                fds = [None] * len(chunk)
+            for i, fd in zip(chunk, fds, strict=True):
+                if fd is not None:
+                    results[i] = fd
+                    continue
+                try:
+                    results[i] = self.open(*items[i])
+                except ImgfsError as exc:
+                    results[i] = exc
+        return results
 
     def _remote_handle(self, cause: LayerUnavailable | None, name: bytes) -> RemoteHandle:
         with self._lock:
@@ -816,6 +911,7 @@ def _serve(sock: socket.socket) -> None:
         if not data:
             return
         fd: int | None = None
+        fds: list[int] = []
         try:
             if len(data) < _REQ.size or len(data) > _MAX_REQUEST or flags & socket.MSG_TRUNC:
                 raise LayerUnavailable("opener: malformed request")
@@ -828,6 +924,11 @@ def _serve(sock: socket.socket) -> None:
                 if files is None:
                     raise LayerUnavailable(f"opener: no layer handle {handle}")
                 fd = files.open(payload, size)
+            elif op == _OP_OPEN_MANY:
+                files = handles.get(handle)
+                if files is None:
+                    raise LayerUnavailable(f"opener: no layer handle {handle}")
+                fds, text = _open_many(files, payload, size)
             elif op == _OP_DIRS:
                 if len(handles) >= _MAX_HANDLES:
                     raise LayerUnavailable("opener: too many open layers")
@@ -845,23 +946,59 @@ def _serve(sock: socket.socket) -> None:
                 text = f"uid {os.getuid()}; uid_map {text}"
             else:
                 raise LayerUnavailable(f"opener: unknown request {op}")
-            reply = _REP.pack(_OK, 0, 0, reply_handle) + text.encode()[:_MAX_MESSAGE]
+            reply = _REP.pack(_OK, 0, 0, reply_handle) + text.encode("latin-1")[:_MAX_MESSAGE]
         except Exception as exc:  # every failure becomes a reply; the helper keeps serving
             kind = next((i for i, c in enumerate(_KINDS) if isinstance(exc, c)), 0)
             cause = exc.__cause__ if isinstance(exc, ImgfsError) else exc
             err = cause.errno if isinstance(cause, OSError) and cause.errno else 0
             text = str(exc) if isinstance(exc, ImgfsError) else f"opener: {type(exc).__name__}"
             reply = _REP.pack(_FAIL, kind, err, 0) + text.encode("utf-8", "replace")[:_MAX_MESSAGE]
+            for opened in fds:
+                os.close(opened)
+            fds = []
+        if fd is not None:
+            fds.append(fd)
         try:
-            if fd is not None:
-                socket.send_fds(sock, [reply], [fd])
+            if fds:
+                socket.send_fds(sock, [reply], fds)
             else:
                 sock.sendmsg([reply])
         except OSError:
             return
         finally:
-            if fd is not None:
-                os.close(fd)
+            for sent in fds:
+                os.close(sent)
+
+
+def _open_many(files: LayerFiles, payload: bytes, count: int) -> tuple[list[int], str]:
+    """The helper's OPEN_MANY: the fds of the files it could open, and one status character
+    per item ("\0" opened, "\1" not: the client asks for that one alone)."""
+    if not 0 < count <= MAX_BATCH:
+        raise LayerUnavailable(f"opener: a batch of {count} files")
+    fds: list[int] = []
+    status = bytearray()
+    view = memoryview(payload)
+    try:
+        for _ in range(count):
+            if len(view) < _ITEM.size:
+                raise LayerUnavailable("opener: malformed request")
+            size, length = _ITEM.unpack_from(view)
+            name = bytes(view[_ITEM.size : _ITEM.size + length])
+            if len(name) != length:
+                raise LayerUnavailable("opener: malformed request")
+            view = view[_ITEM.size + length :]
+            try:
+                fds.append(files.open(name, size))
+                status.append(0)
+            except ImgfsError:
+                status.append(1)
+        if len(view):
+            raise LayerUnavailable("opener: malformed request")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds, status.decode("latin-1")
 
 
 __all__ = [

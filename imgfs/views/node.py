@@ -3,13 +3,17 @@
 Owns: ``Node`` (kind, size, times, link target, xattrs, and for ``layers/``/``rootfs/`` the
 image's own mode and numeric owners) and ``Ownership``: imgfs's own modes (0500/0400 unless
 ``uid=``/``gid=``/``umask=`` widen them) and the access rule of the image views, the one place
-that decides whether a caller may see into a ``layers/``/``rootfs/`` node.
+that decides whether a caller may see into a ``layers/``/``rootfs/`` node -- on top of the
+kernel's check (``default_permissions``), or, for a rootless store mounted by its owner, as the
+whole check (``Ownership.allows``: the mount's owner is the image's root there).
 Must not know: the store, how nodes are computed, inode numbers, FUSE.
 """
 
 from __future__ import annotations
 
+import os
 import stat
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +30,16 @@ class Ownership:
     gid: int
     umask: int | None = None
     shared: bool = False  # -o allow_other: other users reach the mount
+    # A rootless store mounted by its owner: this host uid (whom rootless podman maps to the
+    # container's root) is the image's root in layers/ and rootfs/. Such a mount has no
+    # default_permissions (the kernel would check the image's owners against host users and
+    # deny the owner), so every request is checked by ``allows`` alone.
+    image_root: int | None = None
+
+    @property
+    def self_checked(self) -> bool:
+        """Whether imgfs checks every request itself (no ``default_permissions``)."""
+        return self.image_root is not None
 
     def mode(self, kind: Kind) -> int:
         if kind == "link":
@@ -60,6 +74,66 @@ class Ownership:
         if caller_uid in (0, self.uid):
             return True
         return self.others_may_read() and bool(image_mode & stat.S_IXOTH)
+
+    def allows(
+        self,
+        node: Node,
+        want: int,
+        uid: int,
+        gid: int,
+        groups: Callable[[], Collection[int]] = tuple,
+    ) -> bool:
+        """Whether a caller (``uid``, ``gid``, supplementary ``groups`` asked only if they
+        matter) may ``want`` (``os.R_OK``/``os.X_OK`` bits as access(2) takes them) on
+        ``node``, when imgfs checks every request itself (``self_checked``).
+
+        - Never write (the mount is read-only). Symlinks carry no permissions.
+        - imgfs's own nodes: POSIX rules on the modes and owners they show (0500/0400, ``-o
+          uid=,gid=,umask=``); root reads and searches everything, executes what has an x bit.
+        - ``layers/``/``rootfs/`` nodes: root and ``image_root`` are the image's root: they
+          list and search every directory and read every file whatever its mode and owner;
+          executing needs an x bit, as for root. Anyone else (only with ``-o allow_other``)
+          only what "other" may, and only if imgfs's own policy lets others read
+          (``may_open_view``): never by matching an image owner or group.
+        """
+        if want & os.W_OK:
+            return False
+        if node.kind == "link":
+            return True
+        if node.mode is None:
+            owner = self.uid if node.uid is None else node.uid
+            group = self.gid if node.gid is None else node.gid
+            return _posix_allows(self.mode(node.kind), owner, group, want, uid, gid, groups)
+        if uid in (0, self.image_root):
+            return _root_allows(node.mode, want)
+        return self.others_may_read() and node.mode & want == want  # R_OK, X_OK == S_I?OTH
+
+
+def _root_allows(mode: int, want: int) -> bool:
+    """Root's DAC override: everything but executing a file without any x bit."""
+    return not (want & os.X_OK) or stat.S_ISDIR(mode) or bool(mode & 0o111)
+
+
+def _posix_allows(
+    mode: int,
+    owner: int,
+    group: int,
+    want: int,
+    uid: int,
+    gid: int,
+    groups: Callable[[], Collection[int]],
+) -> bool:
+    """The kernel's ``generic_permission`` on shown attributes (owner, else group, else
+    other; never a fall-through to a wider class)."""
+    if uid == 0:
+        return _root_allows(mode, want)
+    if uid == owner:
+        bits = mode >> 6
+    elif gid == group or ((mode >> 3) & want != mode & want and group in groups()):
+        bits = mode >> 3
+    else:
+        bits = mode
+    return bits & want == want
 
 
 @dataclass(frozen=True)
