@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
@@ -499,9 +500,10 @@ def _mount(args: argparse.Namespace) -> int:
         mountpoint,
         options,
         foreground=args.foreground,
-        background=_background(operations, store) if rootless else operations.run_background,
+        background=operations.run_background,
         cleanup=operations.close,
         log_file=log_file,
+        prepare=_prestart(store) if rootless else None,
     )
 
 
@@ -514,18 +516,12 @@ def _warn_if_rootless_unreadable(store: Store) -> None:
         log.warning("%s", warning)
 
 
-def _background(operations: Operations, store: Store) -> Callable[[], Awaitable[None]]:
-    """The daemon's background task, for a rootless store: start the user-namespace opener
-    once the mount is serving (a thread: never before the daemon forks), so the first read
-    does not pay its start, then follow the store."""
+def _prestart(store: Store) -> Callable[[], None]:
+    """For a rootless store: start the user-namespace opener once the daemon serves (never
+    before it forks) and before the mount is reported ready, so no read pays its start."""
+    from imgfs.store.userns import prestart
 
-    async def background() -> None:
-        from imgfs.store.userns import prestart
-
-        prestart(store.graphroot)
-        await operations.run_background()
-
-    return background
+    return functools.partial(prestart, store.graphroot)
 
 
 def _rootless(store: Store) -> bool:

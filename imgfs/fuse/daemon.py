@@ -61,8 +61,13 @@ def serve(
     background: Callable[[], Awaitable[None]] | None = None,
     cleanup: Callable[[], None] | None = None,
     log_file: LogFile | None = None,
+    prepare: Callable[[], None] | None = None,
 ) -> int:
     """Mount ``operations`` on ``mountpoint`` and serve until unmounted or signalled.
+
+    ``prepare`` runs in a worker thread of the serving process before the mount is reported
+    ready (e.g. starting a helper process that must not exist before the daemon forks); an
+    error there is logged, and the mount serves anyway.
 
     In daemon mode (``foreground=False``) the calling process never returns from here once
     the mount is ready: it exits 0 (``os._exit``) while the detached child serves. If the
@@ -79,7 +84,7 @@ def serve(
         _run_cleanup(cleanup)
         raise
     return _serve_mounted(
-        real, options, foreground, None if foreground else log_file, background, cleanup
+        real, options, foreground, None if foreground else log_file, background, cleanup, prepare
     )
 
 
@@ -90,6 +95,7 @@ def _serve_mounted(
     log_file: LogFile | None,
     background: Callable[[], Awaitable[None]] | None,
     cleanup: Callable[[], None] | None,
+    prepare: Callable[[], None] | None = None,
 ) -> int:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     readiness: _Readiness | None = None
@@ -99,7 +105,7 @@ def _serve_mounted(
         log.info(
             "mounted %s on %s (pid %d)", _option_value(options, "fsname"), mountpoint, os.getpid()
         )
-        _run_trio(background, readiness)
+        _run_trio(background, readiness, prepare)
     except BaseException as exc:
         if readiness is not None:
             readiness.failed(str(exc) or type(exc).__name__)
@@ -271,14 +277,16 @@ def _detach(log_file: LogFile | None) -> None:
 
 
 def _run_trio(
-    background: Callable[[], Awaitable[None]] | None, readiness: _Readiness | None
+    background: Callable[[], Awaitable[None]] | None,
+    readiness: _Readiness | None,
+    prepare: Callable[[], None] | None = None,
 ) -> None:
     """Run the FUSE loop under trio, with faulthandler dumping stacks on SIGUSR1."""
     was_enabled = faulthandler.is_enabled()
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        trio.run(_main, background, readiness)
+        trio.run(_main, background, readiness, prepare)
     finally:
         faulthandler.unregister(signal.SIGUSR1)
         if not was_enabled:
@@ -286,7 +294,9 @@ def _run_trio(
 
 
 async def _main(
-    background: Callable[[], Awaitable[None]] | None, readiness: _Readiness | None
+    background: Callable[[], Awaitable[None]] | None,
+    readiness: _Readiness | None,
+    prepare: Callable[[], None] | None = None,
 ) -> None:
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -294,10 +304,19 @@ async def _main(
             nursery.start_soon(_terminate_on_signal, signals)
             if background is not None:
                 nursery.start_soon(background)
+            if prepare is not None:
+                await _prepare(prepare)
             if readiness is not None:
                 readiness.ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+
+async def _prepare(prepare: Callable[[], None]) -> None:
+    try:
+        await trio.to_thread.run_sync(prepare)
+    except Exception:
+        log.exception("preparing the mount failed (serving anyway)")
 
 
 async def _terminate_on_signal(signals: AsyncIterator[int]) -> None:
