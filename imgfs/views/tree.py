@@ -61,18 +61,23 @@ class TreeView:
         self._content: dict[str, ImageContent] = {}
         self._layouts: dict[str, bytes] = {}
         self._signatures: dict[str, list[bytes]] = {}
-        self._nodes: LRU[Key, Node] = LRU(MAX_CACHED_NODES)  # layers/ and rootfs/ nodes
+        self._nodes: LRU[Key, Node] = LRU(MAX_CACHED_NODES)  # every node computed, by key
         self._lock = threading.Lock()
         self.names = NameTree(images)
 
     # -- requests ----------------------------------------------------------------------------
 
     def node(self, key: Key) -> Node:
-        """The node for ``key``; NotFound when it no longer exists."""
-        return section_of(key).node(self, key)
+        """The node for ``key``; NotFound when it no longer exists. A view never changes, so
+        every node it computes is remembered (bounded) for ``peek``."""
+        found = self._nodes.get(key)
+        if found is None:
+            found = section_of(key).node(self, key)
+            self._nodes.put(key, found)
+        return found
 
     def peek(self, key: Key) -> Node | None:
-        """The node of a ``layers/`` or ``rootfs/`` key if already known (no I/O, no parse)."""
+        """The node of ``key`` if this view computed it already (no I/O, no parse)."""
         return self._nodes.get(key)
 
     def peek_child(self, parent: Key, name: bytes) -> Node | None:
@@ -86,7 +91,9 @@ class TreeView:
             return self.node(parent)
         if name == b"..":
             return self.node(parent.parent())
-        return section_of(parent).lookup(self, parent, name)
+        found = section_of(parent).lookup(self, parent, name)
+        self._nodes.put(found.key, found)
+        return found
 
     def children(self, key: Key) -> list[tuple[bytes, Node]]:
         """The listing of directory ``key``, in readdir order."""
