@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import zstandard
 
-from imgfs.errors import MalformedMetadata, NotFound
+from imgfs.budget import TREE_MEMBER_BYTES
+from imgfs.errors import MalformedMetadata, NotFound, OverBudget
 from imgfs.layer.index import MAX_BLOB_SIZE, close_iterable, longer_than
 from imgfs.layer.tarheader import (
     BLOCK,
@@ -98,9 +99,10 @@ class _Columns:
 class LayerTree:
     """The members of one layer, by directory. Thread-safe; members parse on first use."""
 
-    def __init__(self, columns: _Columns, what: str) -> None:
+    def __init__(self, columns: _Columns, what: str, max_bytes: int | None = None) -> None:
         self.what = what
         self._cols = columns
+        _check_budget(len(columns.types), len(columns.names), max_bytes, what)
         self.dirs: dict[bytes, dict[bytes, int]] = {b"": {}}
         self.hardlinks: list[int] = []
         self._implied: list[Member] = []
@@ -116,12 +118,17 @@ class LayerTree:
 
     @classmethod
     def build(
-        cls, entries: Iterable[Segment | FileEntry], what: str, expected_size: int | None = None
+        cls,
+        entries: Iterable[Segment | FileEntry],
+        what: str,
+        expected_size: int | None = None,
+        max_bytes: int | None = None,
     ) -> LayerTree:
         """The tree of ``entries`` (from ``tarsplit.iter_entries``), which is closed after.
 
         With ``expected_size`` (the layer's ``diff-size``), parsing stops with
-        ``IntegrityError`` as soon as the tar described so far is longer.
+        ``IntegrityError`` as soon as the tar described so far is longer; with ``max_bytes``,
+        with ``OverBudget`` as soon as the tree would hold more (``nbytes``' estimate).
         """
         limit = MAX_BLOB_SIZE if expected_size is None else expected_size
         headers = ChunkWriter(CHUNK)
@@ -131,11 +138,11 @@ class LayerTree:
         )  # fmt: skip
         names: list[bytes] = []
         try:
-            _collect(entries, cols, headers, names, what, limit)
+            _collect(entries, cols, headers, names, what, limit, max_bytes)
         finally:
             close_iterable(entries)
         full = {"names": b"".join(names), "headers": headers.finish(what, _CHUNK_CACHE)}
-        return cls(_Columns(**{**cols.__dict__, **full}), what)
+        return cls(_Columns(**{**cols.__dict__, **full}), what, max_bytes)
 
     def _index_names(self) -> None:
         cols = self._cols
@@ -209,6 +216,14 @@ class LayerTree:
     @property
     def member_count(self) -> int:
         return len(self._cols.types)
+
+    @property
+    def nbytes(self) -> int:
+        """Estimated memory: per member (columns, directory model) plus names and header
+        frames (the members parsed later are charged to the merged directories that parse
+        them)."""
+        cols = self._cols
+        return _estimate(len(cols.types), len(cols.names)) + cols.headers.nbytes
 
     def root_ref(self) -> int:
         """The ref of the layer root's ``./`` member, else ROOT_REF."""
@@ -331,9 +346,22 @@ class LayerTree:
         return _HEADER.pack(_MAGIC, _VERSION) + body
 
     @classmethod
-    def from_bytes(cls, data: bytes, what: str) -> LayerTree:
-        """Load what :meth:`to_bytes` wrote; anything off raises ``MalformedMetadata``."""
-        return cls(_load_columns(data, what), what)
+    def from_bytes(cls, data: bytes, what: str, max_bytes: int | None = None) -> LayerTree:
+        """Load what :meth:`to_bytes` wrote; anything off raises ``MalformedMetadata``, a
+        tree over ``max_bytes`` ``OverBudget``."""
+        return cls(_load_columns(data, what), what, max_bytes)
+
+
+def _estimate(members: int, name_bytes: int) -> int:
+    return members * TREE_MEMBER_BYTES + 2 * name_bytes
+
+
+def _check_budget(members: int, name_bytes: int, max_bytes: int | None, what: str) -> None:
+    if max_bytes is not None and _estimate(members, name_bytes) > max_bytes:
+        raise OverBudget(
+            f"{what}: the file tree of more than {members} members would take more than "
+            f"{max_bytes >> 20} MiB, its share of the memory budget (--memory)"
+        )
 
 
 def _implied_dir(path: bytes, ref: int) -> Member:
@@ -347,10 +375,12 @@ def _collect(
     names: list[bytes],
     what: str,
     limit: int,
+    max_bytes: int | None = None,
 ) -> None:
     """Append each member's columns; only the type byte of its header is looked at.
 
-    Stops as soon as the tar described so far is longer than ``limit`` bytes."""
+    Stops as soon as the tar described so far is longer than ``limit`` bytes, or the tree
+    would be larger than ``max_bytes`` (checked every 4096 members)."""
     pending: list[bytes] = []
     pending_bytes = 0  # bounded: a gzip bomb of segments must not be held in memory
     name_total = 0
@@ -394,6 +424,8 @@ def _collect(
         names.append(entry.name)
         name_total += len(entry.name)
         name_pos.append(name_total)
+        if not len(types) & 4095:
+            _check_budget(len(types), name_total, max_bytes, what)
 
 
 def _load_columns(data: bytes, what: str) -> _Columns:
