@@ -27,8 +27,9 @@ MAX_BIG_DATA_BYTES = 64 << 20  # the largest big-data item read at all (c/storag
 
 # Measured with tracemalloc (2e5 members): a layer tree keeps ~165 B per member plus its names
 # (peak ~216 B while built); a merged directory ~460 B per entry (Entry, dict slot and the
-# member parsed for it); a cached Node with its key ~600 B.
+# member parsed for it: ~300 B of it, MEMBER_BYTES); a cached Node with its key ~600 B.
 TREE_MEMBER_BYTES = 220
+MEMBER_BYTES = 300
 MERGED_ENTRY_BYTES = 480
 NODE_BYTES = 600
 

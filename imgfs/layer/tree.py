@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from imgfs.budget import TREE_MEMBER_BYTES
+from imgfs.budget import MEMBER_BYTES, TREE_MEMBER_BYTES
 from imgfs.errors import MalformedMetadata, NotFound, OverBudget
 from imgfs.layer.index import MAX_BLOB_SIZE, close_iterable, longer_than
 from imgfs.layer.tarheader import (
@@ -39,6 +39,7 @@ from imgfs.layer.tarheader import (
 )
 from imgfs.layer.tarsplit import FileEntry, Segment, clean_name
 from imgfs.layer.zchunks import ChunkedBytes, ChunkWriter
+from imgfs.lru import LRU
 
 MAX_LINK_DEPTH = 64
 MAX_DEPTH = 4096  # path components of a member (PATH_MAX / 2: "a/" repeated fills PATH_MAX)
@@ -47,6 +48,7 @@ MAX_HEADER_BYTES = 16 << 20  # tar headers (PAX records included) before one mem
 ROOT_REF = -(1 << 62)  # the ref of a layer root the tar does not list
 CHUNK = 32 << 10  # small: a directory's members may be spread over the whole tar
 _CHUNK_CACHE = 64
+MEMBER_CACHE = 32_768  # parsed members kept per tree (~300 B each)
 _MAGIC = b"IMGFSTRE"
 _VERSION = 2
 _HEADER = struct.Struct("<8sI")  # magic, version (integrity: the cache files' envelope)
@@ -108,7 +110,7 @@ class LayerTree:
         self._implied: list[Member] = []
         self._implied_order: list[int] = []
         self._root_ref: int | None = None
-        self._members: dict[int, Member] = {}
+        self._members: LRU[int, Member] = LRU(MEMBER_CACHE)  # parsed again when evicted
         self._link_counts: dict[int, int] | None = None
         self._lock = threading.Lock()
         self._implied_bytes = 0
@@ -220,10 +222,10 @@ class LayerTree:
     @property
     def nbytes(self) -> int:
         """Estimated memory: per member (columns, directory model) plus names and header
-        frames (the members parsed later are charged to the merged directories that parse
-        them)."""
+        frames, and the parsed-member cache when full (MEMBER_CACHE members)."""
         cols = self._cols
-        return _estimate(len(cols.types), len(cols.names)) + cols.headers.nbytes
+        parsed = min(len(cols.types), MEMBER_CACHE) * MEMBER_BYTES
+        return _estimate(len(cols.types), len(cols.names)) + cols.headers.nbytes + parsed
 
     def root_ref(self) -> int:
         """The ref of the layer root's ``./`` member, else ROOT_REF."""
@@ -269,8 +271,7 @@ class LayerTree:
         found = self._members.get(ref)
         if found is None:
             found = self._parse(ref)
-            with self._lock:
-                self._members[ref] = found
+            self._members.put(ref, found)
         return found
 
     def prefetch(self, refs: Iterable[int]) -> None:
