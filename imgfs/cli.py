@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
+from imgfs.budget import MIN_MEMORY, Budget
 from imgfs.cache import files as cachefiles
 from imgfs.errors import (
     FuseUnavailable,
@@ -93,6 +94,7 @@ _HELPER_OPTIONS: Final = {
     "runroot": "--runroot",
     "cache_dir": "--cache-dir",
     "cache_size": "--cache-size",
+    "memory": "--memory",
     "log_file": "--log-file",
 }
 _HELPER_FLAGS: Final = {"direct": "--direct", "imgfs_debug": "--debug"}
@@ -293,6 +295,13 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-size", type=parse_size, metavar="SIZE", help="cache limit, e.g. 10G or 512M"
     )
+    parser.add_argument(
+        "--memory",
+        type=parse_size,
+        metavar="SIZE",
+        help="the daemon's memory budget, e.g. 300M (default; at least 64M): every cache is "
+        "bounded by its share, a file that alone needs more fails with EIO",
+    )
     parser.add_argument("--direct", action="store_true", help=DIRECT_HELP)
 
 
@@ -331,7 +340,7 @@ def mount_helper(argv: list[str] | None = None) -> int:
 
     SOURCE is the store (``imgfs``, ``none`` or ``default``: the store podman would use).
     imgfs's own options in ``-o``: ``driver=``, ``runroot=``, ``cache_dir=``, ``cache_size=``,
-    ``log_file=``, ``direct``, ``imgfs_debug``; the rest are mount options.
+    ``memory=``, ``log_file=``, ``direct``, ``imgfs_debug``; the rest are mount options.
     """
     try:
         imgfs_argv = helper_command_line(sys.argv[1:] if argv is None else argv)
@@ -456,8 +465,20 @@ def _open_store(args: argparse.Namespace, graphroot: str | None) -> Store:
     from imgfs.store.image import Store
 
     return Store.open(
-        graphroot=_absolute(graphroot), runroot=_absolute(args.runroot), driver=args.driver
+        graphroot=_absolute(graphroot),
+        runroot=_absolute(args.runroot),
+        driver=args.driver,
+        budget=_budget(args),
     )
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    memory = getattr(args, "memory", None)
+    if memory is None:
+        return Budget()
+    if memory < MIN_MEMORY:
+        raise UsageError(f"--memory {memory}: at least {MIN_MEMORY >> 20}M")
+    return Budget(memory)
 
 
 def check_cache_dir(path: str) -> str:
@@ -555,7 +576,7 @@ def _make_operations(
         else "allow_other" in options.fuse_options,
         image_root=os.geteuid() if rootless else None,
     )
-    caches = Caches.build(cache_dir, args.cache_size, direct=args.direct)
+    caches = Caches.build(cache_dir, args.cache_size, direct=args.direct, budget=store.budget)
     return Operations(store, caches, ownership, debug=args.debug)
 
 

@@ -17,6 +17,7 @@ FUSE or the CLI (those translate these classes once, at their own boundary).
     ├── UsageError              a wrong command line or mount option
     ├── UnsafeCacheDir          the cache dir (or something in it) is not ours alone
     ├── OutOfResources          no file descriptors (or memory) left for an open
+    ├── OverBudget              one request would need more memory than its share of --memory
     ├── MountError              the file system could not be mounted, served or unmounted
     │   ├── FuseUnavailable     /dev/fuse or fusermount3 missing or unusable
     │   ├── MountpointBusy      something is (or was, dead) mounted there, or it is in use
@@ -92,6 +93,12 @@ class UnsafeCacheDir(ImgfsError):
 
 class OutOfResources(ImgfsError):
     """The process has no file descriptors (or kernel memory) left for an open it needs."""
+
+
+class OverBudget(ImgfsError):
+    """One request (a layer tree, a merged directory, a big-data item) would need more memory
+    than its share of the daemon's budget (``--memory``): that file fails, the daemon stays
+    within the budget."""
 
 
 class MountError(ImgfsError):

@@ -138,17 +138,22 @@ def _serve(argv: list[str]) -> int:
 class FakeStore:
     """Stands in for imgfs.store.image.Store: any existing directory is a store."""
 
-    def __init__(self, graphroot: str) -> None:
+    def __init__(self, graphroot: str, budget: Any = None) -> None:
         self.graphroot = graphroot
+        self.budget = budget
 
     @classmethod
     def open(
-        cls, graphroot: str | None = None, runroot: str | None = None, driver: str | None = None
+        cls,
+        graphroot: str | None = None,
+        runroot: str | None = None,
+        driver: str | None = None,
+        budget: Any = None,
     ) -> FakeStore:
         root = graphroot or "/var/lib/containers/storage"
         if not os.path.isdir(root):
             raise StoreNotFound(f"no store at {root}: not a directory")
-        return cls(root)
+        return cls(root, budget)
 
 
 class FakeCaches:
@@ -159,9 +164,14 @@ class FakeCaches:
 
     @classmethod
     def build(
-        cls, cache_dir: str | None = None, cache_size: int | None = None, direct: bool = True
+        cls,
+        cache_dir: str | None = None,
+        cache_size: int | None = None,
+        direct: bool = True,
+        budget: Any = None,
     ) -> FakeCaches:
-        return cls(cache_dir=cache_dir, cache_size=cache_size, direct=direct)
+        memory = None if budget is None else budget.total
+        return cls(cache_dir=cache_dir, cache_size=cache_size, direct=direct, memory=memory)
 
 
 def _fake_operations(

@@ -20,6 +20,7 @@ RANKS = {
     "imgfs.errors": 0,
     "imgfs.digest": 0,
     "imgfs.lru": 0,
+    "imgfs.budget": 0,
     "imgfs.gojson": 0,
     "imgfs.layer": 1,
     "imgfs.store": 2,

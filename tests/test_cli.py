@@ -237,7 +237,11 @@ class FakeListStore:
 
     @classmethod
     def open(
-        cls, graphroot: str | None = None, runroot: str | None = None, driver: str | None = None
+        cls,
+        graphroot: str | None = None,
+        runroot: str | None = None,
+        driver: str | None = None,
+        budget: object = None,
     ) -> FakeListStore:
         if cls.fail is not None:
             raise cls.fail
@@ -324,6 +328,7 @@ def test_cli_mount_wiring_and_unmount(hello: HelloMount) -> None:
         "-o", "uid=1000,gid=nogroup",
         "-o", "umask=027",
         "--cache-size", "512M",
+        "--memory", "256M",
         "--cache-dir", str(hello.state / "cache"),
         "--log-file", str(log_file),
         "--direct",
@@ -339,6 +344,7 @@ def test_cli_mount_wiring_and_unmount(hello: HelloMount) -> None:
         "graphroot": str(store),
         "cache_dir": str(hello.state / "cache"),
         "cache_size": 512 << 20,
+        "memory": 256 << 20,
         "direct": True,
         "uid": 1000,
         "gid": 65534,

@@ -1,8 +1,9 @@
 """Layer blobs: from a resolved LayerSource to generated or randomly-read bytes.
 
-Owns: the offset indexes of layer blobs (an in-memory LRU plus a zstd file per large layer in
-the index directory, keyed by layer ID and tar-split identity) and the two ways the mount
-serves a layer: ``produce`` (snapshot generation) and ``open_reader`` (``--direct``).
+Owns: the offset indexes of layer blobs (an in-memory LRU bounded in bytes by
+``LayerIndex.nbytes``, plus a zstd file per large layer in the index directory, keyed by layer
+ID and tar-split identity) and the two ways the mount serves a layer: ``produce`` (snapshot
+generation) and ``open_reader`` (``--direct``).
 Must not know: FUSE, the snapshot cache's internals, image metadata; it opens nothing itself
 (the LayerSource does).
 """
@@ -11,31 +12,29 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Hashable
 from typing import BinaryIO
 
+from imgfs.budget import Budget
 from imgfs.cache import files as cachefiles
 from imgfs.layer.assemble import LayerReader, Sink, generate
 from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import iter_entries
 from imgfs.layer.verify import Verifiers, blob_verifier
+from imgfs.lru import LRU
 from imgfs.store.source import LayerSource, build_index, check_index_size
 
 log = logging.getLogger(__name__)
 
 PERSIST_MIN_FILES = 512  # smaller layers parse faster than a persisted index loads
-MEMORY_INDEXES = 16
 
 
 class LayerBlobs:
     """Serves layer blobs; thread-safe. ``index_dir`` None: no persisted indexes."""
 
-    def __init__(self, index_dir: str | None = None) -> None:
+    def __init__(self, index_dir: str | None = None, max_bytes: int = Budget().indexes) -> None:
         self.index_dir = index_dir
-        self._indexes: OrderedDict[str, LayerIndex] = OrderedDict()
-        self._lock = threading.Lock()
+        self._indexes: LRU[str, LayerIndex] = LRU(max_bytes, cost=lambda i: i.nbytes)
         if index_dir is not None:
             cachefiles.prepare_dir(index_dir)
 
@@ -65,21 +64,16 @@ class LayerBlobs:
         )
 
     def _index(self, source: LayerSource, gz: BinaryIO, key: str) -> LayerIndex:
-        with self._lock:
-            index = self._indexes.get(key)
-            if index is not None:
-                self._indexes.move_to_end(key)
-                return index
+        index = self._indexes.get(key)
+        if index is not None:
+            return index
         index = self._load_persisted(key, source)
         if index is None:
             index = build_index(source, gz)
         else:
             check_index_size(source, index)
         self._persist(key, index)
-        with self._lock:
-            self._indexes[key] = index
-            while len(self._indexes) > MEMORY_INDEXES:
-                self._indexes.popitem(last=False)
+        self._indexes.put(key, index)
         return index
 
     def _index_path(self, key: str) -> str | None:

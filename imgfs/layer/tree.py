@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import zstandard
 
-from imgfs.errors import MalformedMetadata, NotFound
+from imgfs.budget import MEMBER_BYTES, TREE_MEMBER_BYTES
+from imgfs.errors import MalformedMetadata, NotFound, OverBudget
 from imgfs.layer.index import MAX_BLOB_SIZE, close_iterable, longer_than
 from imgfs.layer.tarheader import (
     BLOCK,
@@ -38,6 +39,7 @@ from imgfs.layer.tarheader import (
 )
 from imgfs.layer.tarsplit import FileEntry, Segment, clean_name
 from imgfs.layer.zchunks import ChunkedBytes, ChunkWriter
+from imgfs.lru import LRU
 
 MAX_LINK_DEPTH = 64
 MAX_DEPTH = 4096  # path components of a member (PATH_MAX / 2: "a/" repeated fills PATH_MAX)
@@ -46,6 +48,7 @@ MAX_HEADER_BYTES = 16 << 20  # tar headers (PAX records included) before one mem
 ROOT_REF = -(1 << 62)  # the ref of a layer root the tar does not list
 CHUNK = 32 << 10  # small: a directory's members may be spread over the whole tar
 _CHUNK_CACHE = 64
+MEMBER_CACHE = 32_768  # parsed members kept per tree (~300 B each)
 _MAGIC = b"IMGFSTRE"
 _VERSION = 2
 _HEADER = struct.Struct("<8sI")  # magic, version (integrity: the cache files' envelope)
@@ -98,15 +101,16 @@ class _Columns:
 class LayerTree:
     """The members of one layer, by directory. Thread-safe; members parse on first use."""
 
-    def __init__(self, columns: _Columns, what: str) -> None:
+    def __init__(self, columns: _Columns, what: str, max_bytes: int | None = None) -> None:
         self.what = what
         self._cols = columns
+        _check_budget(len(columns.types), len(columns.names), max_bytes, what)
         self.dirs: dict[bytes, dict[bytes, int]] = {b"": {}}
         self.hardlinks: list[int] = []
         self._implied: list[Member] = []
         self._implied_order: list[int] = []
         self._root_ref: int | None = None
-        self._members: dict[int, Member] = {}
+        self._members: LRU[int, Member] = LRU(MEMBER_CACHE)  # parsed again when evicted
         self._link_counts: dict[int, int] | None = None
         self._lock = threading.Lock()
         self._implied_bytes = 0
@@ -116,12 +120,17 @@ class LayerTree:
 
     @classmethod
     def build(
-        cls, entries: Iterable[Segment | FileEntry], what: str, expected_size: int | None = None
+        cls,
+        entries: Iterable[Segment | FileEntry],
+        what: str,
+        expected_size: int | None = None,
+        max_bytes: int | None = None,
     ) -> LayerTree:
         """The tree of ``entries`` (from ``tarsplit.iter_entries``), which is closed after.
 
         With ``expected_size`` (the layer's ``diff-size``), parsing stops with
-        ``IntegrityError`` as soon as the tar described so far is longer.
+        ``IntegrityError`` as soon as the tar described so far is longer; with ``max_bytes``,
+        with ``OverBudget`` as soon as the tree would hold more (``nbytes``' estimate).
         """
         limit = MAX_BLOB_SIZE if expected_size is None else expected_size
         headers = ChunkWriter(CHUNK)
@@ -131,11 +140,11 @@ class LayerTree:
         )  # fmt: skip
         names: list[bytes] = []
         try:
-            _collect(entries, cols, headers, names, what, limit)
+            _collect(entries, cols, headers, names, what, limit, max_bytes)
         finally:
             close_iterable(entries)
         full = {"names": b"".join(names), "headers": headers.finish(what, _CHUNK_CACHE)}
-        return cls(_Columns(**{**cols.__dict__, **full}), what)
+        return cls(_Columns(**{**cols.__dict__, **full}), what, max_bytes)
 
     def _index_names(self) -> None:
         cols = self._cols
@@ -210,6 +219,14 @@ class LayerTree:
     def member_count(self) -> int:
         return len(self._cols.types)
 
+    @property
+    def nbytes(self) -> int:
+        """Estimated memory: per member (columns, directory model) plus names and header
+        frames, and the parsed-member cache when full (MEMBER_CACHE members)."""
+        cols = self._cols
+        parsed = min(len(cols.types), MEMBER_CACHE) * MEMBER_BYTES
+        return _estimate(len(cols.types), len(cols.names)) + cols.headers.nbytes + parsed
+
     def root_ref(self) -> int:
         """The ref of the layer root's ``./`` member, else ROOT_REF."""
         return ROOT_REF if self._root_ref is None else self._root_ref
@@ -254,8 +271,7 @@ class LayerTree:
         found = self._members.get(ref)
         if found is None:
             found = self._parse(ref)
-            with self._lock:
-                self._members[ref] = found
+            self._members.put(ref, found)
         return found
 
     def prefetch(self, refs: Iterable[int]) -> None:
@@ -331,9 +347,22 @@ class LayerTree:
         return _HEADER.pack(_MAGIC, _VERSION) + body
 
     @classmethod
-    def from_bytes(cls, data: bytes, what: str) -> LayerTree:
-        """Load what :meth:`to_bytes` wrote; anything off raises ``MalformedMetadata``."""
-        return cls(_load_columns(data, what), what)
+    def from_bytes(cls, data: bytes, what: str, max_bytes: int | None = None) -> LayerTree:
+        """Load what :meth:`to_bytes` wrote; anything off raises ``MalformedMetadata``, a
+        tree over ``max_bytes`` ``OverBudget``."""
+        return cls(_load_columns(data, what), what, max_bytes)
+
+
+def _estimate(members: int, name_bytes: int) -> int:
+    return members * TREE_MEMBER_BYTES + 2 * name_bytes
+
+
+def _check_budget(members: int, name_bytes: int, max_bytes: int | None, what: str) -> None:
+    if max_bytes is not None and _estimate(members, name_bytes) > max_bytes:
+        raise OverBudget(
+            f"{what}: the file tree of more than {members} members would take more than "
+            f"{max_bytes >> 20} MiB, its share of the memory budget (--memory)"
+        )
 
 
 def _implied_dir(path: bytes, ref: int) -> Member:
@@ -347,10 +376,12 @@ def _collect(
     names: list[bytes],
     what: str,
     limit: int,
+    max_bytes: int | None = None,
 ) -> None:
     """Append each member's columns; only the type byte of its header is looked at.
 
-    Stops as soon as the tar described so far is longer than ``limit`` bytes."""
+    Stops as soon as the tar described so far is longer than ``limit`` bytes, or the tree
+    would be larger than ``max_bytes`` (checked every 4096 members)."""
     pending: list[bytes] = []
     pending_bytes = 0  # bounded: a gzip bomb of segments must not be held in memory
     name_total = 0
@@ -394,6 +425,8 @@ def _collect(
         names.append(entry.name)
         name_total += len(entry.name)
         name_pos.append(name_total)
+        if not len(types) & 4095:
+            _check_budget(len(types), name_total, max_bytes, what)
 
 
 def _load_columns(data: bytes, what: str) -> _Columns:

@@ -11,6 +11,7 @@ Must not know: FUSE, trio, inode numbers, the snapshot cache.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Literal
 
+from imgfs.budget import MAX_BIG_DATA_BYTES, Budget
 from imgfs.digest import EMPTY_LAYER_BYTES, EMPTY_LAYER_DIGEST, is_digest, is_hex, is_id
 from imgfs.errors import (
     AmbiguousName,
@@ -30,9 +32,11 @@ from imgfs.errors import (
     IntegrityError,
     LayerUnavailable,
     MalformedMetadata,
+    OverBudget,
     StoreNotFound,
     StorePermissionError,
 )
+from imgfs.lru import LRU
 from imgfs.store import config as configuration
 from imgfs.store import manifest as manifests
 from imgfs.store.files import (
@@ -59,7 +63,6 @@ from imgfs.store.toc import TOC_KEY
 log = logging.getLogger(__name__)
 
 BlobKind = Literal["config", "layer", "manifest", "empty-layer"]
-MAX_BIG_DATA_BYTES = 64 << 20
 MAX_LAYER_DEPTH = 4096
 
 
@@ -84,8 +87,13 @@ class _Snapshot:
 class Store:
     """A containers/storage store, read-only. Thread-safe."""
 
-    def __init__(self, cfg: configuration.StoreConfig) -> None:
+    def __init__(self, cfg: configuration.StoreConfig, budget: Budget | None = None) -> None:
         self.config = cfg
+        self.budget = budget if budget is not None else Budget()
+        # Big-data items of every image, bounded in bytes (an Image per store snapshot, so the
+        # key carries the Image's serial: a new snapshot reads its items again).
+        self.big_data: LRU[tuple[int, str], bytes] = LRU(self.budget.big_data, cost=len)
+        self._serials = itertools.count()
         roots = [RootLayout.at(cfg.graphroot, cfg.driver)]
         if cfg.imagestore and cfg.imagestore != cfg.graphroot:
             roots.insert(0, RootLayout.at(cfg.imagestore, cfg.driver))
@@ -98,12 +106,16 @@ class Store:
 
     @classmethod
     def open(
-        cls, graphroot: str | None = None, runroot: str | None = None, driver: str | None = None
+        cls,
+        graphroot: str | None = None,
+        runroot: str | None = None,
+        driver: str | None = None,
+        budget: Budget | None = None,
     ) -> Store:
         """Open the store at ``graphroot`` (None: the one podman would use)."""
         if graphroot is not None:
             _check_root(graphroot)
-        return cls(configuration.resolve(graphroot, runroot, driver))
+        return cls(configuration.resolve(graphroot, runroot, driver), budget)
 
     @property
     def graphroot(self) -> str:
@@ -257,8 +269,7 @@ class Image:
         self._snap = snap
         self.record = rec
         self._root = root
-        self._cache: dict[str, bytes] = {}
-        self._cache_lock = threading.Lock()
+        self._serial = next(store._serials)
         self._parsed: manifests.Manifest | None = None
         self._blobs: list[BlobInfo] | None = None
 
@@ -514,14 +525,16 @@ class Image:
         return size
 
     def _big_data(self, key: str) -> bytes:
-        with self._cache_lock:
-            cached = self._cache.get(key)
+        """A big-data item, verified; kept in the store's bounded cache unless it is larger
+        than ``Budget.big_data_cached_item`` (then read again at each use)."""
+        cache = self._store.big_data
+        cached = cache.get((self._serial, key))
         if cached is not None:
             return cached
         data = self._read_big_data(key)
         self._verify_big_data(key, data)
-        with self._cache_lock:
-            self._cache[key] = data
+        if len(data) <= self._store.budget.big_data_cached_item:
+            cache.put((self._serial, key), data)
         return data
 
     def _check_big_data(self, key: str) -> None:
@@ -551,7 +564,12 @@ class Image:
             finally:
                 os.close(dir_fd)
             try:
-                return read_bounded(fd, MAX_BIG_DATA_BYTES, what)
+                cap = self._store.budget.big_data_item
+                size = os.fstat(fd).st_size
+                if cap < size <= MAX_BIG_DATA_BYTES:
+                    log.error("%s: %d bytes, over the memory budget's %d per item", what, size, cap)
+                    raise OverBudget(f"{what}: {size} bytes, over the memory budget's {cap}")
+                return read_bounded(fd, min(cap, MAX_BIG_DATA_BYTES), what)
             finally:
                 os.close(fd)
 

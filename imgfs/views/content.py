@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from imgfs.budget import Budget
 from imgfs.cache.layers import LayerBlobs
 from imgfs.cache.snapshots import Sink, Snapshot, SnapshotCache
 from imgfs.cache.trees import FileViews
@@ -74,18 +75,26 @@ class Caches:
     blobs: LayerBlobs
     rootfs: RootFSCache
     snapshots: SnapshotCache | None = None
+    budget: Budget = field(default_factory=Budget)
 
     @classmethod
     def build(
-        cls, cache_dir: str | None = None, cache_size: int | None = None, direct: bool = True
+        cls,
+        cache_dir: str | None = None,
+        cache_size: int | None = None,
+        direct: bool = True,
+        budget: Budget | None = None,
     ) -> Caches:
-        """The caches of a mount (``cache_dir`` None: memory only, and always ``--direct``)."""
+        """The caches of a mount (``cache_dir`` None: memory only, and always ``--direct``),
+        each bounded by its share of ``budget`` (``imgfs.budget``: the one split)."""
+        budget = budget if budget is not None else Budget()
         index_dir = None if cache_dir is None else os.path.join(cache_dir, "index")
-        trees = FileViews(index_dir=index_dir)
+        trees = FileViews(index_dir=index_dir, max_bytes=budget.trees)
+        blobs = LayerBlobs(index_dir=index_dir, max_bytes=budget.indexes)
         snapshots = None
         if cache_dir is not None and not direct:
             snapshots = SnapshotCache(cache_dir, cache_size, log=log)
-        return cls(trees, LayerBlobs(index_dir=index_dir), RootFSCache(), snapshots)
+        return cls(trees, blobs, RootFSCache(budget), snapshots, budget)
 
     def close(self) -> None:
         if self.snapshots is not None:

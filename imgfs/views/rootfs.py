@@ -10,16 +10,20 @@ path as the layers below left it), and the link count is the number of paths sti
 Must not know: tar-split, tar headers, layer files, the store, FUSE.
 
 Nothing is merged until asked for: ``children(path)`` merges that one directory (from the
-directories the layers hold at that path) and caches it.
+directories the layers hold at that path) and caches it in the merged-directory LRU every
+RootFS of the cache shares, bounded in bytes (``budget.MERGED_ENTRY_BYTES`` per entry); a
+directory whose merge alone would exceed that bound fails with ``OverBudget``.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from imgfs.errors import NotFound
+from imgfs.budget import MERGED_ENTRY_BYTES, Budget
+from imgfs.errors import NotFound, OverBudget
 from imgfs.layer.tarheader import DIRECTORY, HARDLINK
 from imgfs.layer.tree import MAX_DEPTH, LayerTree, Member
 from imgfs.lru import LRU
@@ -51,10 +55,13 @@ class Entry:
 class RootFS:
     """The merged tree of ``layers`` (base first). Thread-safe; directories merge lazily."""
 
-    def __init__(self, layers: Sequence[LayerTree], what: str) -> None:
+    def __init__(
+        self, layers: Sequence[LayerTree], what: str, dirs: MergedDirs | None = None
+    ) -> None:
         self.what = what
         self.layers = tuple(layers)
-        self._dirs: dict[bytes, dict[bytes, Entry]] = {}
+        self._dirs = dirs if dirs is not None else MergedDirs(Budget().merged)
+        self._serial = next(_serials)
         self._lowers: dict[int, RootFS] = {}
         self._groups: dict[Identity, frozenset[bytes]] | None = None
         self._nlinks: dict[Identity, int] = {}
@@ -82,7 +89,7 @@ class RootFS:
 
     def children(self, path: bytes) -> dict[bytes, Entry]:
         """Name → entry of directory ``path``, merged on first use; NotFound if not a dir."""
-        cached = self._dirs.get(path)
+        cached = self._dirs.get((self._serial, path))
         if cached is not None:
             return cached
         if path.count(b"/") >= MAX_DEPTH:
@@ -104,17 +111,28 @@ class RootFS:
 
     def _merged(self, path: bytes, entry: Entry) -> dict[bytes, Entry]:
         """The children of directory ``path`` whose entry is ``entry``, merged once."""
-        cached = self._dirs.get(path)
+        cached = self._dirs.get((self._serial, path))
         if cached is not None:
             return cached
         if not entry.is_dir:
             raise NotFound(f"{self.what}: {path!r:.200} is not a directory")
+        self._check_budget(path, entry.sources)
         merged = self._merge(path, entry.sources)
         for i, tree in enumerate(self.layers):
             tree.prefetch(e.ref for e in merged.values() if e.layer == i)
-        with self._lock:
-            self._dirs[path] = merged
+        self._dirs.put((self._serial, path), merged)
         return merged
+
+    def _check_budget(self, path: bytes, sources: tuple[int, ...]) -> None:
+        """OverBudget when merging ``path`` alone could exceed the merged directories' bound."""
+        entries = sum(len(self.layers[i].dirs.get(path, ())) for i in sources)
+        need = entries * MERGED_ENTRY_BYTES
+        if need > self._dirs.max_cost:
+            raise OverBudget(
+                f"{self.what}: directory {path!r:.200} of {entries} entries would take "
+                f"{need >> 20} MiB, over its share of the memory budget "
+                f"({self._dirs.max_cost >> 20} MiB, --memory)"
+            )
 
     def hardlinked(self, entry: Entry) -> bool:
         """Whether some hardlink member of the image resolves to ``entry``'s inode."""
@@ -211,7 +229,7 @@ class RootFS:
         with self._lock:
             lower = self._lowers.get(count)
         if lower is None:
-            lower = RootFS(self.layers[:count], self.what)
+            lower = RootFS(self.layers[:count], self.what, self._dirs)
             with self._lock:
                 self._lowers[count] = lower
         return lower
@@ -243,14 +261,28 @@ class RootFS:
             return False
 
 
-MAX_CACHED_ROOTFS = 8
+class MergedDirs(LRU[tuple[int, bytes], dict[bytes, Entry]]):
+    """Merged directories of every RootFS sharing it, keyed by (RootFS serial, path)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes, cost=lambda d: (len(d) + 1) * MERGED_ENTRY_BYTES)
+
+
+_serials = itertools.count()
+
+
+def _pinned(rootfs: RootFS) -> int:
+    return sum(tree.nbytes for tree in rootfs.layers) + 1024
 
 
 class RootFSCache:
-    """The merged trees of the most recently used images; thread-safe."""
+    """The merged trees of the most recently used images, bounded by the bytes of the layer
+    trees they pin; their merged directories in one shared ``MergedDirs``. Thread-safe."""
 
-    def __init__(self) -> None:
-        self._cache: LRU[tuple[str, ...], RootFS] = LRU(MAX_CACHED_ROOTFS)
+    def __init__(self, budget: Budget | None = None) -> None:
+        budget = budget if budget is not None else Budget()
+        self._cache: LRU[tuple[str, ...], RootFS] = LRU(budget.rootfs, cost=_pinned)
+        self.dirs = MergedDirs(budget.merged)
 
     def get(
         self, key: tuple[str, ...], what: str, trees: Callable[[], Sequence[LayerTree]]
@@ -259,6 +291,6 @@ class RootFSCache:
         ``trees()`` (base first)."""
         found = self._cache.get(key)
         if found is None:
-            found = RootFS(list(trees()), what)
+            found = RootFS(list(trees()), what, self.dirs)
             self._cache.put(key, found)
         return found

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from imgfs.budget import NODE_BYTES
 from imgfs.errors import ImgfsError, NotFound
 from imgfs.layer.verify import Verifiers
 from imgfs.lru import LRU
@@ -35,7 +36,9 @@ from imgfs.views.sections.byname import NameTree
 
 log = logging.getLogger(__name__)
 
-MAX_CACHED_NODES = 500_000
+
+def _node_bytes(_node: Node) -> int:
+    return NODE_BYTES
 
 
 @dataclass
@@ -61,7 +64,8 @@ class TreeView:
         self._content: dict[str, ImageContent] = {}
         self._layouts: dict[str, bytes] = {}
         self._signatures: dict[str, list[bytes]] = {}
-        self._nodes: LRU[Key, Node] = LRU(MAX_CACHED_NODES)  # every node computed, by key
+        # every node computed, by key; bounded by the budget's share (NODE_BYTES each)
+        self._nodes: LRU[Key, Node] = LRU(self.caches.budget.nodes, cost=_node_bytes)
         self._lock = threading.Lock()
         self.names = NameTree(images)
 
