@@ -271,3 +271,24 @@ def test_view_access_rule_holds_on_the_whole_path(tmp_path: Path) -> None:
         await ops.release(info.fh)
 
     _run(main)
+
+
+def test_open_small_files_hold_a_bounded_number_of_bytes(
+    made: storemaker.StoreMaker, tmp_path: Path
+) -> None:
+    """The bytes open handles of small files hold count against the memory budget: an open
+    that would exceed it fails with EIO (forty opens of one 60 MiB manifest would be 2.4 GB)."""
+    ops = _ops(made, tmp_path)
+    manifest = made.images[0].manifest
+    ops.inline_limit = len(manifest) + 10
+
+    async def main() -> None:
+        attrs = await _lookup_path(ops, made.images[0].id.encode() + b"/manifest.json")
+        first = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)
+        assert await _errno_of(ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)) == errno.EIO
+        assert await ops.read(first.fh, 0, len(manifest)) == manifest
+        await ops.release(first.fh)
+        again = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)  # released: room again
+        await ops.release(again.fh)
+
+    _run(main)

@@ -28,6 +28,7 @@ from imgfs.errors import (
     IntegrityError,
     LockBusy,
     NotFound,
+    OverBudget,
     StorePermissionError,
 )
 from imgfs.fuse import requestlog
@@ -36,7 +37,7 @@ from imgfs.store import locks
 from imgfs.store.image import Store
 from imgfs.views import content as contents
 from imgfs.views.content import Caches, Content, Inline, Snapshotted, Streamed
-from imgfs.views.keys import ROOT, Key
+from imgfs.views.keys import ROOT, Key, display
 from imgfs.views.node import Node, Ownership
 from imgfs.views.tree import TreeView, build_view
 
@@ -134,6 +135,9 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable(ROOT)
         self.handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        # Bytes that open small files (Inline content) hold at once: one largest big-data item.
+        self.inline_limit = caches.budget.big_data_item
+        self._inline_held = 0
         self.limiter = trio.CapacityLimiter(8)
         # Requests that found a store lock held by a writer wait here, on their own threads:
         # a writer holding layers.lock never takes the slots of requests that need no lock.
@@ -351,6 +355,8 @@ class Operations(pyfuse3.Operations):
         caller = _caller(ctx)
         node = await self._visible(key, caller)
         content: Content = await self._run(self._open_content, key, caller)
+        if isinstance(content, Inline):
+            self._hold_inline(content, key)
         fh = self._new_fh(_Handle(inode, key, content))
         if isinstance(content, Inline):
             # Only content-addressed files keep the kernel's pages across opens: a manifest
@@ -463,8 +469,21 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
-        if handle is not None and handle.content is not None:
+        if handle is not None and isinstance(handle.content, Inline):
+            self._inline_held -= len(handle.content.data)
+        elif handle is not None and handle.content is not None:
             await self._run(contents.release, self.caches, handle.content)
+
+    def _hold_inline(self, content: Inline, key: Key) -> None:
+        """Count an open small file's bytes against the budget: the bytes open handles hold
+        are bounded too (forty opens of one 60 MiB manifest would hold 2.4 GB)."""
+        size = len(content.data)
+        if self._inline_held + size > self.inline_limit and self._inline_held:
+            raise OverBudget(
+                f"{display(key)}: {size} bytes would take the open files over "
+                f"{self.inline_limit} bytes of the memory budget (--memory); close some first"
+            )
+        self._inline_held += size
 
     # -- live view ---------------------------------------------------------------------------
 
