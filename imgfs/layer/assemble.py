@@ -9,7 +9,6 @@ from, temp files, caches, the store layout, FUSE.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import queue
@@ -18,13 +17,11 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from fastcrc import crc64
-
 from imgfs.digest import check_digest
 from imgfs.errors import IntegrityError
 from imgfs.layer.index import FileExtent, LayerIndex, SegmentExtent, close_iterable
 from imgfs.layer.tarsplit import FileEntry, Segment
-from imgfs.layer.verify import Verifier, blob_verifier, read_exact
+from imgfs.layer.verify import CrcChecker, DigestChecker, Verifier, blob_verifier, read_exact
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -94,10 +91,10 @@ def generate(
     last byte) so that writing overlaps reading and hashing.
     """
     digest_hex = _sha256_hex(expected_digest, what)
-    pipe = _Pipeline(sink)
+    pipe = _Pipeline(sink, DigestChecker(digest_hex, what))
     ahead = _OpenedAhead(entries, files) if isinstance(files, BatchOpener) else None
     try:
-        gen = _Generator(files, pipe, digest_hex, expected_size, what)
+        gen = _Generator(files, pipe, expected_size, what)
         for entry, opened in ahead or ((e, None) for e in entries):
             if type(entry) is Segment:
                 gen.segment(entry.payload)
@@ -161,14 +158,15 @@ class _Pipeline:
     """Two stage threads: hashing and writing overlap reading (and CRC-checking) the next buffers.
 
     The producer fills a buffer from ``take``, then ``submit``s it with a publish mark; the
-    hasher feeds it to sha256 (which releases the GIL, so it runs beside the reader), the writer
+    hasher feeds it to the blob's ``DigestChecker`` (sha256 releases the GIL, so it runs beside
+    the reader), the writer
     writes it, publishes the mark and recycles the buffer. A stage error (ENOSPC, a cancelled
     snapshot) is re-raised by the producer's next ``take``/``submit``/``drain``.
     """
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, digest: DigestChecker) -> None:
         self._sink = sink
-        self._hash = hashlib.sha256()
+        self.digest = digest  # check it (``finish``) only after ``drain``
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(_BUFFERS):
             self._free.put(bytearray(READ_CHUNK))
@@ -196,16 +194,12 @@ class _Pipeline:
                 self._threads.append(thread)
         self._to_hash.put((buf, length, publish))
 
-    def hexdigest(self) -> str:
-        """The sha256 of everything submitted (call after ``drain``)."""
-        return self._hash.hexdigest()
-
     def _hash_stage(self) -> None:
         while True:
             job = self._to_hash.get()
             buf, length, _ = job
             if buf is not None and length and self._error is None:
-                self._hash.update(memoryview(buf)[:length])
+                self.digest.feed(0, memoryview(buf)[:length])
             self._to_write.put(job)
             if buf is None:
                 return
@@ -251,12 +245,9 @@ class _Generator:
     their checks: segments at once, file content up to its last byte until the CRC matches.
     """
 
-    def __init__(
-        self, files: FileOpener, pipe: _Pipeline, digest_hex: str, expected_size: int, what: str
-    ) -> None:
+    def __init__(self, files: FileOpener, pipe: _Pipeline, expected_size: int, what: str) -> None:
         self._files = files
         self._pipe = pipe
-        self._digest_hex = digest_hex
         self._expected_size = expected_size
         self._what = what
         self._buf = pipe.take()
@@ -308,15 +299,12 @@ class _Generator:
                 os.close(opened)
             raise self._too_long()
         fd = self._files.open(entry.name, entry.size) if opened is None else opened
+        checker = CrcChecker(int.from_bytes(entry.crc, "big"), self._what, entry.name)
         try:
-            crc = self._copy(fd, entry)
+            self._copy(fd, entry, checker)
         finally:
             os.close(fd)
-        if crc != int.from_bytes(entry.crc, "big"):
-            raise IntegrityError(
-                f"{self._what}: file {entry.name!r:.200} fails its CRC-64 "
-                f"(got {crc:016x}, tar-split records {entry.crc.hex()})"
-            )
+        checker.finish()
         self._verified = self._written
         self._submit_early()
 
@@ -326,18 +314,19 @@ class _Generator:
         if self._fill >= PUBLISH_STEP:
             self._submit()
 
-    def _copy(self, fd: int, entry: FileEntry) -> int:
+    def _file_what(self, entry: FileEntry) -> str:
+        return f"{self._what}: file {entry.name!r:.200}"
+
+    def _copy(self, fd: int, entry: FileEntry, checker: CrcChecker) -> None:
         remaining = entry.size
-        crc: int | None = None
         while remaining:
             room = self._room()
             n = os.readv(fd, [room[: min(remaining, len(room))]])
             if n == 0:
                 raise IntegrityError(
-                    f"{self._what}: file {entry.name!r:.200} is shorter than its recorded "
-                    f"{entry.size} bytes"
+                    f"{self._file_what(entry)} is shorter than its recorded {entry.size} bytes"
                 )
-            crc = crc64.go_iso(room[:n], crc)
+            checker.feed(entry.size - remaining, room[:n])
             self._fill += n
             self._written += n
             remaining -= n
@@ -347,11 +336,8 @@ class _Generator:
                 self._verified = self._written - 1
         if os.read(fd, 1):
             raise IntegrityError(
-                f"{self._what}: file {entry.name!r:.200} is longer than its recorded "
-                f"{entry.size} bytes"
+                f"{self._file_what(entry)} is longer than its recorded {entry.size} bytes"
             )
-        assert crc is not None
-        return crc
 
     def finish(self, sink: Sink) -> None:
         """Submit the rest, check size and digest, then publish the last bytes."""
@@ -361,11 +347,7 @@ class _Generator:
             )
         self._submit()  # all but the last byte
         self._pipe.drain()
-        got = self._pipe.hexdigest()
-        if got != self._digest_hex:
-            raise IntegrityError(
-                f"{self._what}: blob digest sha256:{got} does not match sha256:{self._digest_hex}"
-            )
+        self._pipe.digest.finish()
         if self._written > self._published:
             sink.publish(self._written)
             self._published = self._written

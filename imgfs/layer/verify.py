@@ -76,11 +76,15 @@ class Checker(Protocol):
 
 
 class CrcChecker:
-    """One layer member: its CRC-64/GO-ISO as the tar-split records it."""
+    """One file's CRC-64/GO-ISO as the tar-split records it. ``name``: the file inside ``what``
+    (the label is only built when the check fails: generation makes one checker per file)."""
 
-    def __init__(self, expected: int | None, what: str) -> None:
+    __slots__ = ("_crc", "_expected", "_name", "_what")
+
+    def __init__(self, expected: int | None, what: str, name: bytes | None = None) -> None:
         self._expected = expected
         self._what = what
+        self._name = name
         self._crc: int | None = None
 
     def feed(self, pos: int, data: memoryview) -> None:
@@ -89,8 +93,9 @@ class CrcChecker:
     def finish(self) -> None:
         if self._crc != self._expected:
             got = self._crc or 0
+            what = self._what if self._name is None else f"{self._what}: file {self._name!r:.200}"
             raise IntegrityError(
-                f"{self._what} fails its CRC-64 (got {got:016x}, "
+                f"{what} fails its CRC-64 (got {got:016x}, "
                 f"tar-split records {self._expected or 0:016x})"
             )
 
@@ -213,7 +218,7 @@ class BlobChecker:
         self._index = index
         self._what = what
         self._digest = DigestChecker(digest_hex, what)
-        self._crc: int | None = None
+        self._crc: CrcChecker | None = None  # of the file being fed
 
     def feed(self, pos: int, data: memoryview) -> None:
         self._digest.feed(pos, data)
@@ -224,14 +229,11 @@ class BlobChecker:
                 pos = min(end, ext.start + ext.length)
                 continue
             stop = min(end, ext.start + ext.size)
-            if pos == ext.start:
-                self._crc = None
-            self._crc = crc64.go_iso(data[pos - base : stop - base], self._crc)
-            if stop == ext.start + ext.size and self._crc != ext.crc:
-                raise IntegrityError(
-                    f"{self._what}: file {ext.name!r:.200} fails its CRC-64 "
-                    f"(got {self._crc:016x}, tar-split records {ext.crc:016x})"
-                )
+            if pos == ext.start or self._crc is None:
+                self._crc = CrcChecker(ext.crc, self._what, ext.name)
+            self._crc.feed(pos - ext.start, data[pos - base : stop - base])
+            if stop == ext.start + ext.size:
+                self._crc.finish()
             pos = stop
 
     def finish(self) -> None:

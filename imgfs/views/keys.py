@@ -189,19 +189,6 @@ Key = (
     | RootfsInodeKey
     | OciKey
 )
-ImageKeys = (
-    ImageKey
-    | ImageFileKey
-    | SectionKey
-    | SignatureKey
-    | BlobKey
-    | InstanceKey
-    | LayerKey
-    | LayerInodeKey
-    | RootfsKey
-    | RootfsInodeKey
-    | OciKey
-)
 
 
 def child_path(path: bytes, name: bytes) -> bytes:
