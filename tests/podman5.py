@@ -21,7 +21,25 @@ unpredictable   ``insecure_allow_unpredictable_image_contents``: the zstd:chunke
                 ``expected-layer-diffid`` set by c/image), tar-split kept
 imagestore      ``imagestore`` set: the zstd:chunked push pulled partially, images and layers
                 under the image store, tar-splits under the graph root
+idmapped        the gzip push pulled, then ID-mapped copies of its top layer made the way
+                c/storage makes them when idmapped mounts are not used
+                (``_CONTAINERS_OVERLAY_DISABLE_IDMAP=yes``): ``podman create --uidmap`` and
+                ``buildah from --userns-uid-map`` (two mappings). Each copy is a new layer with
+                the top layer's parent and digests and a copy of its tar-split, ``uidmap``/
+                ``gidmap`` in layers.json, listed in the image's ``mapped-layers``; its overlay
+                ``lower`` names the template layer, ``diff1`` holds the chowned copy-ups of the
+                whole tree and ``diff`` is empty (drivers/overlay ``UpdateLayerIDMap``). The
+                podman container, changed through ``podman mount``, committed as ``p5:mapcommit``
+forcemask       ``force_mask = "0700"`` (overlay option): the gzip push pulled (pkg/archive);
+                every file and directory is stored with mode 0700 (devices and FIFOs as
+                regular files) and the real owner, mode and type in the
+                ``user.containers.override_stat`` xattr
+forcemask-zc    the same, the zstd:chunked push pulled partially (pkg/chunked's force_mask)
 ==============  ============================================================================
+
+The second layer of ``p5:two`` also holds what stored modes and types lose: a file of mode 0000
+owned by 1234:5678, a directory of mode 0000 with a file in it, a FIFO, a character device and
+a setuid file.
 
 The registry is Debian's ``docker-registry`` in the root, on 127.0.0.1 and a free port, plain
 HTTP; it is stopped (by its pid) before this returns. A complete build ends with ``.complete``
@@ -48,7 +66,16 @@ from pathlib import Path
 from tests.trixie import Chroot, trixie_root
 
 ENV_STORES = "IMGFS_PODMAN5_STORES"
-STORES = ("src", "partial", "convert", "unpredictable", "imagestore")
+STORES = (
+    "src",
+    "partial",
+    "convert",
+    "unpredictable",
+    "imagestore",
+    "idmapped",
+    "forcemask",
+    "forcemask-zc",
+)
 _PULL_OPTIONS = {
     "partial": {"enable_partial_images": "true"},
     "convert": {"enable_partial_images": "true", "convert_images": "true"},
@@ -57,13 +84,20 @@ _PULL_OPTIONS = {
         "insecure_allow_unpredictable_image_contents": "true",
     },
     "imagestore": {"enable_partial_images": "true"},
+    "forcemask-zc": {"enable_partial_images": "true"},
 }
+_OVERLAY_OPTIONS = {name: {"force_mask": "0700"} for name in ("forcemask", "forcemask-zc")}
+# The ID mappings of the ID-mapped copies (container ID 0 -> host ID, 65536 IDs).
+ID_MAPS = (100000, 200000)
 # store -> [(pulled from, local name)]
 _PULLS = {
     "partial": [("p5:zc", "zc"), ("p5:gz", "gz")],
     "convert": [("p5:gz", "gz")],
     "unpredictable": [("p5:zc", "zc")],
     "imagestore": [("p5:zc", "zc")],
+    "idmapped": [("p5:gz", "gz")],
+    "forcemask": [("p5:gz", "gz")],
+    "forcemask-zc": [("p5:zc", "zc")],
 }
 
 
@@ -177,6 +211,7 @@ class _Builder:
                     self._pull(name, remote, local)
         finally:
             self._stop_registry()
+        self._map_copies()
         for name, refs in {"src": ["p5:base", "p5:two"], **_local_refs()}.items():
             for ref in refs:
                 self._describe(name, ref)
@@ -217,6 +252,9 @@ class _Builder:
             lines.append(f'imagestore = "{self.ch.inner(st.imagestore)}"')
         lines += ["[storage.options]", "[storage.options.pull_options]"]
         lines += [f'{k} = "{v}"' for k, v in _PULL_OPTIONS.get(name, {}).items()]
+        if name in _OVERLAY_OPTIONS:
+            lines.append("[storage.options.overlay]")
+            lines += [f'{k} = "{v}"' for k, v in _OVERLAY_OPTIONS[name].items()]
         st.storage_conf.write_text("\n".join(lines) + "\n")
 
     def _env(self, store: str) -> dict[str, str]:
@@ -227,8 +265,8 @@ class _Builder:
             "TMPDIR": "/w/tmp",
         }
 
-    def _tool(self, store: str, *cmd: str) -> str:
-        return self.ch.run(list(cmd), env=self._env(store), timeout=600)
+    def _tool(self, store: str, *cmd: str, env: dict[str, str] | None = None) -> str:
+        return self.ch.run(list(cmd), env={**self._env(store), **(env or {})}, timeout=600)
 
     # --- the source images -----------------------------------------------------------------
 
@@ -300,6 +338,19 @@ class _Builder:
             store, "podman", "tag", f"127.0.0.1:{self.port}/{remote}", f"localhost/p5:{local}"
         )
 
+    def _map_copies(self) -> None:
+        """ID-mapped copies of p5:gz's top layer, made the way c/storage makes them when it
+        cannot use idmapped mounts (store.go ``imageTopLayerForMapping``)."""
+        a, b = (f"0:{host}:65536" for host in ID_MAPS)
+        self._tool(
+            "idmapped", "sh", "-ec",
+            f"podman create --uidmap {a} --gidmap {a} --name mapped1 localhost/p5:gz /bin/true; "
+            f"buildah from --userns-uid-map {b} --userns-gid-map {b} localhost/p5:gz; "
+            "m=$(podman mount mapped1); echo mapped > $m/srv/mapped.txt; "
+            "podman umount mapped1; podman commit mapped1 localhost/p5:mapcommit",
+            env={"_CONTAINERS_OVERLAY_DISABLE_IDMAP": "yes"},
+        )  # fmt: skip
+
     # --- the oracle ------------------------------------------------------------------------
 
     def _describe(self, store: str, ref: str) -> None:
@@ -333,7 +384,9 @@ class _Builder:
 
 
 def _local_refs() -> dict[str, list[str]]:
-    return {store: [f"p5:{local}" for _, local in pulls] for store, pulls in _PULLS.items()}
+    refs = {store: [f"p5:{local}" for _, local in pulls] for store, pulls in _PULLS.items()}
+    refs["idmapped"].append("p5:mapcommit")
+    return refs
 
 
 _LAYER2 = """set -e
@@ -343,6 +396,17 @@ echo changed > "$m/etc/motd"
 mkdir -p "$m/srv/new"
 head -c 300000 /dev/zero > "$m/srv/new/zeros.bin"
 echo layer2 > "$m/srv/new/hello.txt"
+echo secret > "$m/etc/secret"
+chown 1234:5678 "$m/etc/secret"
+chmod 0000 "$m/etc/secret"
+mkdir "$m/srv/closed"
+echo inside > "$m/srv/closed/in.txt"
+chown 4321:4321 "$m/srv/closed/in.txt"
+chmod 0000 "$m/srv/closed"
+mkfifo -m 0640 "$m/srv/new/fifo"
+mknod -m 0620 "$m/srv/new/null" c 1 3
+echo suid > "$m/srv/new/suid"
+chmod 4755 "$m/srv/new/suid"
 """
 
 

@@ -151,8 +151,30 @@ class Store:
             return self._snapshot
 
     def _lock_paths(self) -> list[StoreFile]:
-        paths = [r.layers_file("layers.lock") for r in self.roots]
+        """Every lock file, in c/storage's order: the read-write layer store's (the graph
+        root's ``layers.lock``, then the image store's), the additional stores'; images."""
+        paths = [*self._rw_layer_locks(), *(r.layers_file("layers.lock") for r in self._ro_roots())]
         return paths + [r.images_file("images.lock") for r in self.roots]
+
+    def _rw_roots(self) -> tuple[RootLayout, ...]:
+        """The roots of c/storage's read-write layer store: the graph root, the image store."""
+        primary = self._primary_index()
+        return self.roots[primary : primary + 1] + self.roots[:primary]
+
+    def _ro_roots(self) -> tuple[RootLayout, ...]:
+        return self.roots[self._primary_index() + 1 :]
+
+    def _rw_layer_locks(self) -> tuple[StoreFile, ...]:
+        """c/storage's read-write layer store takes both ``layers.lock`` files (graph root's
+        first) for every read of one of its layers (layers.go ``newMultipleLockFile``)."""
+        return tuple(r.layers_file("layers.lock") for r in self._rw_roots())
+
+    def layer_locks(self, home: RootLayout) -> tuple[StoreFile, ...]:
+        """The ``layers.lock`` files c/storage holds while reading a layer recorded in
+        ``home``: both of the read-write store's, or the additional store's own."""
+        if home in self._ro_roots():
+            return (home.layers_file("layers.lock"),)
+        return self._rw_layer_locks()
 
     def _json_paths(self, root: RootLayout) -> list[StoreFile]:
         paths = [
@@ -457,12 +479,14 @@ class Image:
         sources = []
         for depth, rec in enumerate(records):
             assert rec.diff_digest is not None
+            home = store._by_layers_dir.get(rec.source, store.roots[0])
             sources.append(
                 LayerSource(
                     layer_id=rec.id,
                     digest=rec.diff_digest,
                     size=rec.diff_size or 0,
-                    home=store._by_layers_dir.get(rec.source, store.roots[0]),
+                    home=home,
+                    locks=store.layer_locks(home),
                     chain=chain,
                     depth=depth,
                     what=f"layer {rec.id[:12]} of image {self.id[:12]}",

@@ -2,7 +2,9 @@
 
 Owns: ``LayerSource`` (everything needed to rebuild one layer blob, resolved from the records)
 and every open of a layer's tar-split and content files, each taken under the store's
-``layers.lock`` (held only for the opens, never for the reads that follow), every path opened
+``layers.lock`` files (both the graph root's and the image store's for a store with an
+``imagestore``, as c/storage's layer store takes them; held only for the opens, never for the
+reads that follow), every path opened
 below its store root without following symlinks (``files.StoreRoot``; the files inside a
 layer directory by ``layerfiles``). ``LayerChain``: an image's chain of layer IDs, shared by the
 chain's sources, so that describing a chain of depth N costs O(N), and a layer's overlay lower
@@ -101,6 +103,7 @@ class LayerSource:
     digest: str
     size: int
     home: RootLayout  # the root whose <driver>-layers holds the layer's record and tar-split
+    locks: tuple[StoreFile, ...]  # the layers.lock files c/storage holds reading it, in order
     chain: LayerChain = field(repr=False, compare=False)
     depth: int  # the layer's place in ``chain.ids``
     what: str
@@ -118,16 +121,17 @@ class LayerSource:
 
     @property
     def lock(self) -> StoreFile:
+        """The ``layers.lock`` of the layer's own root (the user-namespace helper's)."""
         return self.home.layers_file("layers.lock")
 
     def open_tarsplit(self) -> int:
         """The layer's tar-split file, opened under the layers lock (never a symlink or FIFO)."""
-        with read_locked([self.lock]):
+        with read_locked(self.locks):
             return self._open_tarsplit_locked()
 
     def open_file(self, name: bytes, size: int) -> int:
         """One content file of the layer (a regular file of ``size`` bytes), under the lock."""
-        with read_locked([self.lock]):
+        with read_locked(self.locks):
             files = self._layer_files()
         try:
             return files.open(name, size)
@@ -145,7 +149,7 @@ class LayerSource:
         """The tar-split (as a file object), the content dirs and the tar-split's fd, all
         opened under the layers lock; yields after unlocking. ``keep_files``: the caller
         closes the files (a reader that outlives the block)."""
-        with read_locked([self.lock]):
+        with read_locked(self.locks):
             fd = self._open_tarsplit_locked()
             try:
                 files = self._layer_files()
