@@ -99,6 +99,8 @@ _PULLS = {
     "forcemask": [("p5:gz", "gz")],
     "forcemask-zc": [("p5:zc", "zc")],
 }
+# c/storage makes ID-mapped copies only where it does not use idmapped mounts (drivers/overlay)
+_NO_IDMAPPED_MOUNTS = {"_CONTAINERS_OVERLAY_DISABLE_IDMAP": "yes"}
 
 
 @dataclass(frozen=True)
@@ -348,7 +350,7 @@ class _Builder:
             f"buildah from --userns-uid-map {b} --userns-gid-map {b} localhost/p5:gz; "
             "m=$(podman mount mapped1); echo mapped > $m/srv/mapped.txt; "
             "podman umount mapped1; podman commit mapped1 localhost/p5:mapcommit",
-            env={"_CONTAINERS_OVERLAY_DISABLE_IDMAP": "yes"},
+            env=_NO_IDMAPPED_MOUNTS,
         )  # fmt: skip
 
     # --- the oracle ------------------------------------------------------------------------
