@@ -3,7 +3,8 @@
 Owns: building a layer's LayerTree from its tar-split (opened by its LayerSource), the memory
 LRU of trees (bounded in bytes: ``LayerTree.nbytes``; one tree larger than the bound fails with
 OverBudget while it is read) and the persisted trees
-(``<layer-id>-<tar-split identity>.tree`` in the index directory, next to the blob indexes).
+(``<layer-id>-<tar-split identity>.tree`` in the index directory, next to the blob indexes);
+the tree of a layer known only by its TOC from the TOC's entries (``store.toc``), in memory.
 Must not know: FUSE, the mounted tree's names and keys, image metadata beyond LayerSource.
 """
 
@@ -19,6 +20,7 @@ from imgfs.layer.tarsplit import iter_entries
 from imgfs.layer.tree import LayerTree
 from imgfs.lru import LRU
 from imgfs.store.source import LayerSource
+from imgfs.store.toc import toc_tar_entries
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,10 @@ class FileViews:
     # -- trees -------------------------------------------------------------------------------
 
     def layer_tree(self, source: LayerSource) -> LayerTree:
-        """The tree of one layer: from memory, the persisted file, or a tar-split parse."""
+        """The tree of one layer: from memory, the persisted file, or a tar-split parse (or,
+        for a layer known only by its TOC, the TOC's entries)."""
+        if source.toc_tree:
+            return self._toc_tree(source)
         fd = source.open_tarsplit()
         try:
             key = cachefiles.key_for(source.layer_id, os.fstat(fd))
@@ -53,6 +58,18 @@ class FileViews:
             return tree
         finally:
             os.close(fd)
+
+    def _toc_tree(self, source: LayerSource) -> LayerTree:
+        """The tree the TOC describes (memory only: the TOC is kept by the store anyway)."""
+        key = f"{source.layer_id}-toc-{hash(source.toc_identity()):x}"
+        with self._build_lock(key):
+            tree = self._cached(key)
+            if tree is None:
+                log.info("reading the file tree of %s from its TOC", source.what)
+                entries = toc_tar_entries(source.read_toc(), source.what)
+                tree = LayerTree.build(entries, source.what, None, self.max_bytes)
+                self._remember(key, tree)
+        return tree
 
     def _build_lock(self, key: str) -> threading.Lock:
         with self._lock:

@@ -101,11 +101,13 @@ class CrcChecker:
 
 
 class DigestChecker:
-    """A whole blob's sha256 (the hex of its name)."""
+    """A whole blob's sha256 (the hex of its name), or one file's (``label``: what the
+    digest is, in the error)."""
 
-    def __init__(self, digest_hex: str, what: str) -> None:
+    def __init__(self, digest_hex: str, what: str, label: str = "blob digest") -> None:
         self._digest_hex = digest_hex
         self._what = what
+        self._label = label
         self._hash = hashlib.sha256()
 
     def feed(self, pos: int, data: memoryview) -> None:
@@ -115,7 +117,7 @@ class DigestChecker:
         got = self._hash.hexdigest()
         if got != self._digest_hex:
             raise IntegrityError(
-                f"{self._what}: blob digest sha256:{got} does not match sha256:{self._digest_hex}"
+                f"{self._what}: {self._label} sha256:{got} does not match sha256:{self._digest_hex}"
             )
 
 
@@ -245,8 +247,11 @@ def blob_verifier(index: LayerIndex, digest_hex: str, what: str) -> Verifier:
     return Verifier(index.size, lambda: BlobChecker(index, digest_hex, what), what)
 
 
-def member_verifier(size: int, crc: int | None, what: str) -> Verifier:
-    """The verifier of one layer member of ``size`` bytes with tar-split CRC ``crc``."""
+def member_verifier(size: int, crc: int | None, what: str, sha256: str | None = None) -> Verifier:
+    """The verifier of one layer member of ``size`` bytes with tar-split CRC ``crc``, or (a
+    layer known only by its TOC) the content's ``sha256`` hex the TOC records."""
+    if sha256 is not None:
+        return Verifier(size, lambda: DigestChecker(sha256, what, "content digest"), what)
     return Verifier(size, lambda: CrcChecker(crc, what), what)
 
 

@@ -493,6 +493,9 @@ class Image:
                     created_ns=_ns(rec.created),
                     toc_names=TOC_KEY in rec.big_data_names,
                     refused=_refusal(rec),
+                    toc_tree=_refusal(rec) is not None
+                    and rec.toc_digest is not None
+                    and TOC_KEY in rec.big_data_names,
                 )
             )
         return sources

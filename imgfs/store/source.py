@@ -11,7 +11,8 @@ chain's sources, so that describing a chain of depth N costs O(N), and a layer's
 directories are found (and opened) only when a file is not in its own. Other modules never
 open layer files themselves: they ask a LayerSource. A flat-layout (composefs) layer's names go
 through its TOC's name map (``toc.FlatNames``) in front of the same opener; a layer the records
-already show to be unreproducible (``refused``) fails before anything is opened.
+already show to be unreproducible (``refused``) fails before anything is opened; one known
+only by its TOC (``toc_tree``) still gives its TOC, for its file tree and file digests.
 Must not know: caches, the mounted tree, FUSE.
 """
 
@@ -31,7 +32,7 @@ from imgfs.layer.tarsplit import iter_entries
 from imgfs.store.files import RootLayout, StoreFile
 from imgfs.store.layerfiles import LayerFiles
 from imgfs.store.locks import read_locked
-from imgfs.store.toc import FlatNames, flat_map
+from imgfs.store.toc import FlatNames, flat_map, read_toc, toc_digest, toc_identity
 from imgfs.store.userns import is_rootless_store, open_layer_files
 
 
@@ -110,6 +111,7 @@ class LayerSource:
     created_ns: int = 0  # the layer record's creation time (0: unknown)
     toc_names: bool = False  # zstd:chunked big data: find files through a flat layout's TOC
     refused: str | None = None  # why the layer cannot be reproduced (checked before any open)
+    toc_tree: bool = False  # refused, known only by its TOC: the tree and digests come from it
 
     @property
     def tarsplit(self) -> StoreFile:
@@ -128,6 +130,21 @@ class LayerSource:
         """The layer's tar-split file, opened under the layers lock (never a symlink or FIFO)."""
         with read_locked(self.locks):
             return self._open_tarsplit_locked()
+
+    def toc_identity(self) -> object:
+        """The identity of the TOC file of a layer known only by it (``toc_tree``)."""
+        with read_locked(self.locks):
+            return toc_identity(self.home, self.layer_id)
+
+    def read_toc(self) -> bytes:
+        """The TOC of a layer known only by it (``toc_tree``)."""
+        with read_locked(self.locks):
+            return read_toc(self.home, self.layer_id, self.what)
+
+    def toc_digest(self, name: bytes) -> str | None:
+        """The sha256 hex the TOC records for regular file ``name`` (``toc_tree`` layers)."""
+        with read_locked(self.locks):
+            return toc_digest(self.home, self.layer_id, name, self.what)
 
     def open_file(self, name: bytes, size: int) -> int:
         """One content file of the layer (a regular file of ``size`` bytes), under the lock."""

@@ -7,20 +7,28 @@ cleaned name of every ``reg`` entry -> ``<sha256[:2]>/<sha256[2:]>``, the object
 content. ``FlatNames`` applies that map in front of a layer's FileOpener: it renames, and the
 FileOpener (``layerfiles``/``userns``) stays the only opener of layer files. Reads go through
 ``files`` (bounded, no symlinks); parsed maps are kept in a small LRU keyed by the TOC file's
-identity. Must not know: tar-split parsing, assembly, caches of the mounted tree.
+identity. For a layer known only by its TOC (no tar-split): ``toc_tar_entries`` turns the TOC's
+entries into the tar headers they describe (names, types, modes, owners, times, link targets,
+devices, xattrs), so that the one tree builder (``layer.tree``) makes its tree, and
+``toc_digests`` gives each regular file's sha256, which the one verifier checks its content
+against. Must not know: tar-split parsing, assembly, caches of the mounted tree.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+import tarfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from datetime import datetime
 
 from imgfs.digest import is_digest
 from imgfs.errors import LayerUnavailable, MalformedMetadata
 from imgfs.layer.assemble import FileOpener
-from imgfs.layer.tarsplit import clean_name
+from imgfs.layer.tarsplit import FileEntry, Segment, clean_name
 from imgfs.lru import LRU
 from imgfs.store.files import RootLayout, big_data_file_name
 
@@ -35,6 +43,12 @@ _lock = threading.Lock()
 _maps: LRU[tuple[object, ...], dict[bytes, bytes]] = LRU(
     _CACHE_BYTES, lambda m: 64 + sum(len(k) + 120 for k in m)
 )
+_TAR_TYPES = {
+    "reg": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE, "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}  # fmt: skip
+CHUNK_TYPE = "chunk"  # the further chunks of the "reg" entry before it
 
 
 def big_data_rel(home: RootLayout, layer_id: str, key: str) -> str:
@@ -83,6 +97,12 @@ def _format(data: bytes, what: str) -> int:
 def parse_flat_map(toc: bytes, what: str) -> dict[bytes, bytes]:
     """The map of a TOC document (bounded by its size; every digest checked before it names a
     path)."""
+    return {
+        name: f"{hex_[:2]}/{hex_[2:]}".encode() for name, hex_ in _file_digests(toc, what).items()
+    }
+
+
+def _entries(toc: bytes, what: str) -> list[object]:
     try:
         doc = json.loads(toc)
     except (ValueError, RecursionError) as exc:
@@ -90,20 +110,133 @@ def parse_flat_map(toc: bytes, what: str) -> dict[bytes, bytes]:
     entries = doc.get("entries") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise MalformedMetadata(f"{what}: TOC has no entries")
-    mapping: dict[bytes, bytes] = {}
-    for entry in entries:
+    return entries
+
+
+def _file_digests(toc: bytes, what: str) -> dict[bytes, str]:
+    """Cleaned name -> sha256 hex of every non-empty ``reg`` entry (empty files have no
+    object and need no check)."""
+    digests: dict[bytes, str] = {}
+    for entry in _entries(toc, what):
         if not isinstance(entry, dict) or entry.get("type") != "reg":
             continue
         name, digest = entry.get("name"), entry.get("digest")
         if not isinstance(name, str):
             raise MalformedMetadata(f"{what}: TOC entry without a name")
         if not entry.get("size"):
-            continue  # empty files have no object (and need none)
+            continue
         if not is_digest(digest) or not isinstance(digest, str):
             raise MalformedMetadata(f"{what}: TOC entry {name!r:.200} has no sha256 digest")
-        hex_ = digest.removeprefix("sha256:")
-        mapping[clean_name(os.fsencode(name))] = f"{hex_[:2]}/{hex_[2:]}".encode()
-    return mapping
+        digests[clean_name(os.fsencode(name))] = digest.removeprefix("sha256:")
+    return digests
+
+
+def toc_identity(home: RootLayout, layer_id: str) -> object:
+    """The identity of the layer's TOC file (changes when the file does)."""
+    rel = big_data_rel(home, layer_id, TOC_KEY)
+    return (home.store_root.show(rel), home.store_root.state(rel))
+
+
+def read_toc(home: RootLayout, layer_id: str, what: str) -> bytes:
+    """The layer's TOC document (call under the layers lock)."""
+    toc = home.store_root.read(big_data_rel(home, layer_id, TOC_KEY), MAX_TOC_BYTES, f"{what}: TOC")
+    if toc is None:
+        raise LayerUnavailable(f"{what}: no tar-split and no TOC ({TOC_KEY})")
+    return toc
+
+
+def toc_digest(home: RootLayout, layer_id: str, name: bytes, what: str) -> str | None:
+    """The sha256 hex the TOC of a layer known only by its TOC records for the regular file
+    ``name`` (None: an empty file). Call under the layers lock; the TOC is parsed once per
+    file identity, into the same LRU as the flat maps."""
+    key = ("digests", toc_identity(home, layer_id))
+    with _lock:
+        digests = _maps.get(key)
+    if digests is None:
+        toc = read_toc(home, layer_id, what)
+        digests = {k: v.encode() for k, v in _file_digests(toc, what).items()}
+        with _lock:
+            _maps.put(key, digests)
+    found = digests.get(clean_name(name))
+    return None if found is None else found.decode()
+
+
+def toc_tar_entries(toc: bytes, what: str) -> Iterator[Segment | FileEntry]:
+    """The tar headers the TOC's entries describe, as the tree builder takes a tar-split's:
+    each member's header blocks, then its name and size (no CRC: ``toc_digest`` gives each
+    file's sha256). ``chunk`` entries continue the file before them and add no member."""
+    for entry in _entries(toc, what):
+        if not isinstance(entry, dict):
+            raise MalformedMetadata(f"{what}: TOC entry is not an object")
+        kind = entry.get("type")
+        if kind == CHUNK_TYPE:
+            continue
+        name = entry.get("name")
+        if not isinstance(name, str) or kind not in _TAR_TYPES:
+            raise MalformedMetadata(f"{what}: TOC entry {name!r:.200} of type {kind!r:.20}")
+        info = _tar_info(entry, name, str(kind), what)
+        try:
+            header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        except (ValueError, UnicodeError) as exc:
+            raise MalformedMetadata(f"{what}: TOC entry {name!r:.200}: {exc}") from exc
+        if info.type == tarfile.DIRTYPE and not name.endswith("/"):
+            name += "/"  # as the header names it
+        yield Segment(header)
+        yield FileEntry(os.fsencode(name), info.size, None)
+
+
+def _tar_info(entry: dict[str, object], name: str, kind: str, what: str) -> tarfile.TarInfo:
+    def number(key: str) -> int:
+        value = entry.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise MalformedMetadata(f"{what}: TOC entry {name!r:.200}: {key} {value!r:.40}")
+        return value
+
+    def text(key: str) -> str:
+        value = entry.get(key, "")
+        if not isinstance(value, str):
+            raise MalformedMetadata(f"{what}: TOC entry {name!r:.200}: {key} {value!r:.40}")
+        return value
+
+    info = tarfile.TarInfo(name)
+    info.type = _TAR_TYPES[kind]
+    info.mode = number("mode") & 0o7777
+    info.uid, info.gid = number("uid"), number("gid")
+    info.uname, info.gname = text("userName"), text("groupName")
+    info.size = number("size") if kind == "reg" else 0
+    info.linkname = text("linkName")
+    info.devmajor, info.devminor = number("devMajor"), number("devMinor")
+    info.mtime, exact = _mtime(text("modtime"), name, what)
+    pax: dict[str, str] = {} if exact is None else {"mtime": exact}
+    xattrs = entry.get("xattrs") or {}
+    if not isinstance(xattrs, dict):
+        raise MalformedMetadata(f"{what}: TOC entry {name!r:.200}: xattrs {xattrs!r:.40}")
+    for key, value in sorted(xattrs.items()):
+        try:
+            raw = base64.b64decode(str(value), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MalformedMetadata(f"{what}: TOC entry {name!r:.200}: xattr {key!r:.80}") from exc
+        pax[f"SCHILY.xattr.{key}"] = raw.decode("utf-8", "surrogateescape")
+    info.pax_headers = pax
+    return info
+
+
+def _mtime(value: str, name: str, what: str) -> tuple[int, str | None]:
+    """RFC 3339 (Go's time.Time as JSON) -> whole seconds since the epoch, and the exact PAX
+    ``mtime`` text when there is a fraction."""
+    if not value:
+        return 0, None
+    head, frac, zone = value[:19], "", value[19:]
+    if zone.startswith("."):
+        digits = len(zone) - len(zone[1:].lstrip("0123456789")) - 1
+        frac, zone = zone[1 : 1 + digits], zone[1 + digits :]
+    try:
+        when = datetime.fromisoformat(head + (zone.replace("Z", "+00:00") or "+00:00"))
+    except ValueError as exc:
+        raise MalformedMetadata(f"{what}: TOC entry {name!r:.200}: modtime {value!r:.40}") from exc
+    seconds = int(when.timestamp())
+    frac = frac.rstrip("0")
+    return seconds, (f"{seconds}.{frac}" if frac and seconds >= 0 else None)
 
 
 class FlatNames:

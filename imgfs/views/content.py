@@ -147,7 +147,12 @@ def open_member(verifiers: Verifiers, source: LayerSource, member: Member) -> Co
     if member.typeflag != REGULAR:
         raise LayerUnavailable(f"{what}: not a regular file (unresolved hardlink?)")
     identity = ("member", source.layer_id, member.data_name)
-    verifier = verifiers.get(identity, lambda: member_verifier(member.size, member.crc, what))
+    digest = source.toc_digest(member.data_name) if source.toc_tree and member.size else None
+    if source.toc_tree and member.size and digest is None:
+        raise LayerUnavailable(f"{what}: the TOC records no digest for it")
+    verifier = verifiers.get(
+        identity, lambda: member_verifier(member.size, member.crc, what, digest)
+    )
     if verifier.failure is not None:
         raise IntegrityError(verifier.failure)
     fd = source.open_file(member.data_name, member.size) if member.size else None
