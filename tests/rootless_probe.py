@@ -8,7 +8,8 @@ readable by its owner, so the comparison's data must be gathered as that user (s
 (or the errno).
 
 ``... opener LAYERS_LOCK DIR...``: exercises ``UserNamespaceOpener`` on a layer's directories
-(needs imgfs importable): its uid map, opens through it, malformed requests, a restart after the
+(needs imgfs importable): ``prestart`` (it returns with the helper running), its uid map and
+imports, opens through it, malformed requests, a restart after the
 helper is killed, and the cost of an open (direct vs helper), in microseconds.
 
 ``... orphan``: starts an opener, prints the helper's pid, then is killed by the test (the
@@ -115,6 +116,11 @@ def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
     from imgfs.store.layerfiles import LayerFiles
 
     out: dict[str, Any] = {}
+    began = time.monotonic()
+    userns.prestart(os.path.dirname(lock_path))  # as the daemon does before it reports ready
+    out["prestart_s"] = time.monotonic() - began
+    out["prestarted"] = userns.shared_opener().pid is not None  # it waited for the helper
+    userns.shared_opener().close()
     op = userns.UserNamespaceOpener()
     out["problem"] = op.problem()
     op.start()

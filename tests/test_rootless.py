@@ -363,7 +363,8 @@ def test_imgfs_u_unmounts(
 ) -> None:
     store = rootless_setup[2]["vfs"]
     with rootless.mounted_as_user(ns, store, "unmount") as (mnt, log):
-        pid = int(log.read_text().rsplit("(pid ", 1)[1].split(")", 1)[0])
+        mounted = next(line for line in log.read_text().splitlines() if " mounted " in line)
+        pid = int(mounted.rsplit("(pid ", 1)[1].split(")", 1)[0])
         assert os.path.exists(f"/proc/{pid}")
         ns.run(ns.python("-m", "imgfs", "-u", str(mnt)))
         assert not rootless.is_mounted(mnt)
@@ -410,7 +411,16 @@ def test_opener_maps_like_podman_and_survives_bad_requests(
     uid = ns.user.uid
     mapping = id_mapping(uid, subid_ranges("/etc/subuid", ns.user.name, uid))
     assert len(mapping) >= 3  # 0 -> the user, then two subordinate ranges
-    assert out["ping"] == "uid 0; uid_map " + " / ".join(" ".join(map(str, m)) for m in mapping)
+    # prestart (the daemon's, before the mount is reported ready) returns with the helper
+    # running: the first read does not wait for its start
+    assert out["prestarted"]
+    ping, _, imports = out["ping"].partition("; imports ")
+    assert ping == "uid 0; uid_map " + " / ".join(" ".join(map(str, m)) for m in mapping)
+    # the helper imports what opening needs, not the library (the start cost ~0.1 s more)
+    assert "imgfs.store.layerfiles" in imports.split(",")
+    assert not {"imgfs.store.image", "imgfs.store.source", "imgfs.layer.assemble"} & set(
+        imports.split(",")
+    )
     reads = out["reads"]
     assert reads["far"] == "far\n"  # container uid 70000: the second range
     assert reads["d700/f"] == "f\n"  # inside a 0700 directory of container uid 2000
@@ -461,10 +471,11 @@ def test_opener_opens_a_batch_in_one_round_trip(
     assert "tar-split records 5" in got[6]
     assert got[7].startswith("LayerUnavailable")  # never follows a symlink
     assert got[8:] == [f"small {i}\n" for i in range(9)]
-    # the top-level names in one batch request, the three it failed alone; d700/f, d000/in
-    # and many/f0.. denied directly, then by the helper alone (their directories unknown yet)
-    assert one["trips"][0] == "_request_many"
-    assert one["trips"].count("_request_many") == 1
+    # etc/hosts opened directly; the first file of each other directory denied directly, so
+    # that directory's files join the one batch request (d700/f, d000/in, all of many/ too:
+    # no round trip per file for a directory met for the first time); the three the helper
+    # failed asked for alone, for their errors
+    assert one["trips"] == ["_request_many", "_request", "_request", "_request"]
     # many/ is known now: 64 files, one round trip, nothing alone
     assert two["got"] == [f"small {i}\n" for i in range(9, 73)]
     assert two["trips"] == ["_request_many"]

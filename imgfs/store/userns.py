@@ -62,6 +62,7 @@ _MAX_REPLY = 4096
 _MAX_HANDLES = 4096
 _MAX_MESSAGE = 2000
 _RETRY_SPAWN_AFTER = 30.0  # seconds before a failed start is tried again
+PRESTART_WAIT = 5.0  # seconds a mount waits for its helper before it is reported ready anyway
 _REQ = struct.Struct("<BxxxIQ")  # op, handle, size
 _REP = struct.Struct("<BBxxiI")  # status, error kind, errno, handle
 _OP_DIRS, _OP_OPEN, _OP_CLOSE, _OP_PING, _OP_OPEN_MANY = 1, 2, 3, 4, 5
@@ -77,10 +78,22 @@ _KINDS: tuple[type[ImgfsError], ...] = (
     CorruptStore,
     ImgfsError,
 )
-_HELPER_STUB = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from imgfs.store.userns import helper_main; helper_main(sys.argv[2:])"
-)
+# The helper's interpreter runs with -I -S: no site (the daemon's sys.path is passed instead, so
+# no .pth file runs), and the packages imgfs, imgfs.store and imgfs.layer are entered without
+# their __init__ (which import the whole library): it imports only what opening needs
+# (userns, layerfiles, files, locks, errors, tarsplit), half of the start's ~0.1 s.
+_HELPER_STUB = """
+import sys, types
+root = sys.argv[1]
+sys.path[:0] = [root]
+sys.path += [p for p in sys.argv[2].split("\\n") if p and p not in sys.path]
+for name in ("imgfs", "imgfs.store", "imgfs.layer"):
+    package = types.ModuleType(name)
+    package.__path__ = [root + "/" + name.replace(".", "/")]
+    sys.modules[name] = package
+from imgfs.store.userns import helper_main
+helper_main(sys.argv[3:])
+"""
 _T = TypeVar("_T")
 
 
@@ -448,21 +461,25 @@ class UserNamespaceOpener:
         with self._lock:
             self._ensure(in_thread)
 
-    def start_soon(self) -> None:
-        """Start the helper in the background, without waiting (skipped if a request is
-        starting it already). For a daemon once its mount is up: the first open then finds it
-        running instead of paying the start (~0.1 s)."""
+    def start_soon(self) -> threading.Event:
+        """Start the helper in the spawner thread (skipped if a request is starting it
+        already); the event is set once the try is over, whatever its outcome."""
+        done = threading.Event()
 
         def start() -> None:
-            if self._lock.acquire(blocking=False):
-                try:
-                    self._ensure(in_thread=False)  # in the spawner thread already
-                except LayerUnreadable:
-                    pass
-                finally:
-                    self._lock.release()
+            try:
+                if self._lock.acquire(blocking=False):
+                    try:
+                        self._ensure(in_thread=False)  # in the spawner thread already
+                    except LayerUnreadable:
+                        pass
+                    finally:
+                        self._lock.release()
+            finally:
+                done.set()
 
         _SPAWNER.submit(start)
+        return done
 
     def close(self) -> None:
         """Stop the helper (idempotent); a later request starts a new one."""
@@ -472,7 +489,8 @@ class UserNamespaceOpener:
     # -- requests
 
     def ping(self) -> str:
-        """The helper's view of itself (its uid map), for tests and diagnostics."""
+        """The helper's view of itself (its uid, uid map and the imgfs modules it imported),
+        for tests and diagnostics."""
         _, _, text = self._request(_OP_PING, 0, 0, b"")
         return text
 
@@ -628,7 +646,8 @@ class UserNamespaceOpener:
                 ns_fd = -1
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        argv = [sys.executable, "-I", "-c", _HELPER_STUB, root]
+        path = "\n".join(p for p in sys.path if os.path.isabs(p) and "\n" not in p)
+        argv = [sys.executable, "-I", "-S", "-c", _HELPER_STUB, root, path]
         argv += [str(child.fileno()), str(os.getpid()), str(ns_fd)]
         try:
             proc = subprocess.Popen(
@@ -795,12 +814,24 @@ class UsernsLayerFiles:
     def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception | None]:
         """``assemble.BatchOpener``: the files below a directory where a direct open was
         denied are opened by the helper, one round trip per MAX_BATCH; the others are left to
-        ``open`` at their turn (None: opening them ahead would gain nothing). A file the
+        ``open`` at their turn (None: opening them ahead would gain nothing), except the
+        first file of each directory not seen yet, which is opened directly here: if that is
+        denied, the directory's other files of this call join the helper's batch at once
+        (else a directory met for the first time cost one round trip per file). A file the
         helper could not open is asked for again alone, for its exact error."""
         results: list[int | Exception | None] = [None] * len(items)
-        remote = [
-            i for i, (name, _) in enumerate(items) if name.rpartition(b"/")[0] in self._denied_dirs
-        ]
+        remote: list[int] = []
+        tried: set[bytes] = set()  # directories whose first file was opened directly here
+        for i, (name, size) in enumerate(items):
+            parent = name.rpartition(b"/")[0]
+            if self._direct is not None and parent not in self._denied_dirs and parent not in tried:
+                tried.add(parent)
+                direct = self._try_direct(name, size)
+                if direct is not None:  # its fd, or its error (not a denial)
+                    results[i] = direct
+                    continue
+            if self._direct is None or parent in self._denied_dirs:
+                remote.append(i)
         for start in range(0, len(remote), MAX_BATCH):
             chunk = remote[start : start + MAX_BATCH]
             try:
@@ -844,11 +875,13 @@ class UsernsLayerFiles:
             self._opener.release(remote)
 
 
-def prestart(store_root: str) -> None:
-    """Start this process's helper in the background if ``store_root`` is rootless for us: for
-    the daemon, once serving (never before it daemonizes: this starts a thread)."""
+def prestart(store_root: str, wait: float = PRESTART_WAIT) -> None:
+    """Start this process's helper if ``store_root`` is rootless for us, and wait (up to
+    ``wait`` seconds) until it runs: for the daemon, once serving (never before it daemonizes:
+    this starts a thread) and before the mount is reported ready, so that the first read finds
+    it running instead of waiting for its start (the cold ``cp`` of a layer blob paid it)."""
     if is_rootless_store(store_root):
-        shared_opener().start_soon()
+        shared_opener().start_soon().wait(wait)
 
 
 def open_layer_files(
@@ -943,7 +976,8 @@ def _serve(sock: socket.socket) -> None:
             elif op == _OP_PING:
                 with open("/proc/self/uid_map", encoding="ascii") as f:
                     text = " / ".join(" ".join(line.split()) for line in f.read(4096).splitlines())
-                text = f"uid {os.getuid()}; uid_map {text}"
+                loaded = ",".join(sorted(m for m in sys.modules if m.startswith("imgfs.")))
+                text = f"uid {os.getuid()}; uid_map {text}; imports {loaded}"
             else:
                 raise LayerUnavailable(f"opener: unknown request {op}")
             reply = _REP.pack(_OK, 0, 0, reply_handle) + text.encode("latin-1")[:_MAX_MESSAGE]
