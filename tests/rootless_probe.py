@@ -126,6 +126,12 @@ def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
     op.start()
     out["ping"] = op.ping()
     out["pid"] = op.pid
+    out["joined"] = op.joined_pause_process
+    out["pause_pid"] = pause = userns.pause_process_pid(op.identity)
+    out["in_pause_userns"] = None
+    if pause is not None and op.pid is not None:
+        ns_of = [os.stat(f"/proc/{pid}/ns/user").st_ino for pid in (op.pid, pause)]
+        out["in_pause_userns"] = ns_of[0] == ns_of[1]
     files = userns.UsernsLayerFiles(dirs, "probe", lock_path, op)
     reads = {}
     for name, size in json.loads(os.environ["PROBE_FILES"]):
@@ -218,6 +224,7 @@ def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
     out["after_kill"] = os.pread(fd, 64, 0).decode()
     os.close(fd)
     out["restarted"] = op.pid is not None and op.pid != old
+    out["joined_after_restart"] = op.joined_pause_process
     files.close()
     op.close()
     out["closed_pid_gone"] = not os.path.exists(f"/proc/{old}")

@@ -5,9 +5,11 @@ as them (tests/rootless.py has the machinery; tests/rootless_probe.py runs as th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -502,6 +504,77 @@ def test_opener_checks_sizes_like_layerfiles(
     assert reads["../etc/passwd"].startswith("UnsafePath")
 
 
+def _pause_pid(user: rootless.TestUser) -> int | None:
+    """The pid in the user's ``libpod/tmp/pause.pid`` when that process runs as them."""
+    try:
+        pid = int((user.runtime_dir / "libpod" / "tmp" / "pause.pid").read_text().strip())
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return pid if os.stat(f"/proc/{pid}").st_uid == user.uid and state != "Z" else None
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _pause_process(ns: rootless.Namespace) -> Iterator[int]:
+    """Rootless podman's pause process of the test user (``podman unshare true`` makes one
+    when none runs); stopped afterwards if made here, so the other tests keep the helper's own
+    namespace."""
+    before = _pause_pid(ns.user)
+    pid = before
+    if pid is None:
+        if shutil.which("podman") is None:
+            pytest.skip("podman is not installed: no pause process to join")
+        done = ns.run(["podman", "unshare", "true"], check=False)
+        pid = _pause_pid(ns.user)
+        if pid is None:
+            pytest.skip(f"podman unshare made no pause process: {done.stderr[-500:]}")
+    try:
+        yield pid
+    finally:
+        if before is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(50):
+                if _pause_pid(ns.user) != pid:
+                    break
+                time.sleep(0.1)
+
+
+def test_opener_joins_podmans_pause_process(
+    ns: rootless.Namespace,
+    rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
+) -> None:
+    """When rootless podman's pause process runs, the helper enters ITS user namespace (no
+    newuidmap), again after a kill -9, and a mount serves the blobs through it."""
+    store = rootless_setup[2]["vfs"]
+    layer = _vfs_layer_dir(store)
+    with _pause_process(ns) as pause:
+        done = ns.run(
+            ns.python(PROBE, "opener", str(store.layers_dir() / "layers.lock"), str(layer)),
+            PROBE_FILES=json.dumps([["far", 4], ["d700/f", 2], ["d000/in", 3]]),
+            PROBE_COST_FILE=json.dumps(["etc/hosts", 6]),
+        )
+        out = json.loads(done.stdout)
+        assert out["pause_pid"] == pause
+        assert out["joined"] is True
+        assert out["in_pause_userns"] is True
+        uid_map = Path(f"/proc/{pause}/uid_map").read_text().splitlines()
+        ping = out["ping"].partition("; imports ")[0]
+        assert ping == "uid 0; uid_map " + " / ".join(" ".join(m.split()) for m in uid_map)
+        assert out["reads"] == {"far": "far\n", "d700/f": "f\n", "d000/in": "in\n"}
+        assert out["after_kill"] == "far\n"
+        assert out["restarted"]
+        assert out["joined_after_restart"] is True
+        assert out["closed_pid_gone"]
+        img = store.images[0]
+        with rootless.mounted_as_user(ns, store, "pause") as (mnt, log):
+            for blob in img.diff_ids:
+                done = _as_user(ns, "sha256sum", str(mnt / img.id / "blobs" / blob))
+                assert done.returncode == 0, done.stderr
+                assert done.stdout.split()[0] == blob.split(":", 1)[1]
+            assert f"joined podman's pause process {pause}" in log.read_text()
+
+
 def test_helper_dies_with_its_parent(ns: rootless.Namespace) -> None:
     proc = subprocess.Popen(
         ns.command(ns.python(PROBE, "orphan")), stdout=subprocess.PIPE, text=True
@@ -529,7 +602,6 @@ def test_without_newuidmap_one_warning_and_explained_eio(
     ns: rootless.Namespace,
     rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
 ) -> None:
-    import shutil
 
     store = rootless_setup[2]["vfs"]
     bin_dir = rootless.user_mkdir(ns.user, ns.workdir / "bin-without-uidmap")
