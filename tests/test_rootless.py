@@ -13,6 +13,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -517,14 +518,21 @@ def _pause_pid(user: rootless.TestUser) -> int | None:
 @contextlib.contextmanager
 def _pause_process(ns: rootless.Namespace) -> Iterator[int]:
     """Rootless podman's pause process of the test user (``podman unshare true`` makes one
-    when none runs); stopped afterwards if made here, so the other tests keep the helper's own
-    namespace."""
+    when none runs, with a scratch store: podman would otherwise add its default driver's
+    directories to the user's default store, the overlay test store); stopped afterwards if
+    made here, so the other tests keep the helper's own namespace."""
     before = _pause_pid(ns.user)
     pid = before
     if pid is None:
         if shutil.which("podman") is None:
             pytest.skip("podman is not installed: no pause process to join")
-        done = ns.run(["podman", "unshare", "true"], check=False)
+        scratch = Path(tempfile.mkdtemp(prefix="imgfs-podman."))  # a short runroot path
+        os.chown(scratch, ns.user.uid, ns.user.gid)
+        podman = ["podman", "--root", f"{scratch}/root", "--runroot", f"{scratch}/run"]
+        try:
+            done = ns.run([*podman, "--storage-driver", "vfs", "unshare", "true"], check=False)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         pid = _pause_pid(ns.user)
         if pid is None:
             pytest.skip(f"podman unshare made no pause process: {done.stderr[-500:]}")
