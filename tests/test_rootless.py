@@ -542,8 +542,8 @@ def _pause_process(ns: rootless.Namespace) -> Iterator[int]:
         if before is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            for _ in range(50):
-                if _pause_pid(ns.user) != pid:
+            for _ in range(100):  # gone, not only a zombie: its user namespace lives on
+                if not os.path.exists(f"/proc/{pid}"):
                     break
                 time.sleep(0.1)
 

@@ -227,6 +227,9 @@ def _maps_us(pid: int, identity: Identity) -> bool:
     try:
         if os.stat(f"/proc/{pid}").st_uid != identity.uid:
             return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read(4096).rpartition(b")")[2].split()[:1] == [b"Z"]:
+                return False  # exited (podman starts a new one): not its namespace to join
         if os.stat(f"/proc/{pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino:
             return False
         with open(f"/proc/{pid}/uid_map", "rb") as f:
