@@ -378,6 +378,51 @@ def test_imgfs_u_unmounts(
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), "the daemon is still running"
 
 
+def _opener_pids(log: Path, daemon: int) -> list[int]:
+    """The helper pids the daemon ``daemon`` logged as started, in order."""
+    pids = []
+    for line in log.read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == str(daemon) and "opener started (pid " in line:
+            pids.append(int(line.split("opener started (pid ", 1)[1].split(",", 1)[0]))
+    return pids
+
+
+def test_mount_helper_runs_at_ready_restarts_and_dies_with_the_daemon(
+    ns: rootless.Namespace,
+    rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
+) -> None:
+    """The daemon's helper runs when the mount is reported ready (a cp right after mounting
+    does not wait for its start), as a fork of the daemon (no second interpreter start); after
+    kill -9 the next open starts a new one; kill -9 of the daemon ends it."""
+    store = rootless_setup[2]["vfs"]
+    img = store.images[0]  # v1: its layer's blob needs the helper
+    with rootless.mounted_as_user(ns, store, "helper-life") as (mnt, log):
+        mounted = next(line for line in log.read_text().splitlines() if " mounted " in line)
+        daemon = int(mounted.rsplit("(pid ", 1)[1].split(")", 1)[0])
+        started = _opener_pids(log, daemon)
+        assert len(started) == 1, log.read_text()[-2000:]
+        helper = started[0]
+        assert not _zombie(helper)
+        cmdline = Path(f"/proc/{helper}/cmdline").read_bytes()
+        assert cmdline == Path(f"/proc/{daemon}/cmdline").read_bytes()
+        os.kill(helper, signal.SIGKILL)
+        blob = img.diff_ids[0]
+        done = _as_user(ns, "sha256sum", str(mnt / img.id / "blobs" / blob))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[0] == blob.split(":", 1)[1]
+        assert f"opener (pid {helper}) died; restarting it" in log.read_text()
+        restarted = _opener_pids(log, daemon)
+        assert len(restarted) == 2
+        assert not _zombie(restarted[1])
+        os.kill(daemon, signal.SIGKILL)
+        for _ in range(50):
+            if _zombie(restarted[1]):
+                break
+            time.sleep(0.1)
+        assert _zombie(restarted[1]), "the helper outlived its daemon"
+
+
 def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from imgfs.errors import (
     CorruptStore,
@@ -273,7 +273,7 @@ def rootless_warning(store_root: str, opener: UserNamespaceOpener | None = None)
         return None
     opener = opener or UserNamespaceOpener()
     try:
-        opener.start(in_thread=False)
+        opener.start(in_thread=False, fork=True)
     except LayerUnreadable:
         pass
     finally:
@@ -356,9 +356,75 @@ class _HelperGone(LayerUnavailable):
     """The helper died or stopped answering (handled here: it is restarted)."""
 
 
+class _Process(Protocol):
+    """What the client uses of a helper process (``subprocess.Popen`` or ``_Forked``)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class _Forked:
+    """A helper forked without exec (``_Process``): only from a single-threaded process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._status: int | None = None
+
+    def poll(self) -> int | None:
+        if self._status is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self._status = os.waitstatus_to_exitcode(status)
+        return self._status
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() > end:
+                raise subprocess.TimeoutExpired(["opener"], timeout or 0.0)
+            time.sleep(0.002)
+        assert self._status is not None
+        return self._status
+
+    def kill(self) -> None:
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def _fork_helper(sock_fd: int, ns_fd: int) -> _Forked:
+    """The helper as a fork of this (single-threaded) process: no interpreter start and no
+    imports (~0.05 s less); it keeps only ``sock_fd`` and ``ns_fd`` of our descriptors."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    try:  # the child: never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the daemon blocks its stop signals
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        low = 3
+        for keep in sorted({sock_fd, ns_fd} - {-1}):
+            os.closerange(low, keep)
+            low = keep + 1
+        os.closerange(low, 1 << 20)
+        os.chdir("/")
+        helper_main([str(sock_fd), str(parent), str(ns_fd)])
+    finally:
+        os._exit(1)
+
+
 @dataclass
 class _Helper:
-    proc: subprocess.Popen[bytes]
+    proc: _Process
     sock: socket.socket
     generation: int
     joined: bool
@@ -459,10 +525,12 @@ class UserNamespaceOpener:
         helper = self._helper
         return helper is not None and helper.joined
 
-    def start(self, in_thread: bool = True) -> None:
-        """Start the helper now if it is not running; raises LayerUnreadable with the reason."""
+    def start(self, in_thread: bool = True, fork: bool = False) -> None:
+        """Start the helper now if it is not running; raises LayerUnreadable with the reason.
+        ``fork``: as a fork of this process, if it runs one thread only (a check before the
+        daemon forks: see ``rootless_warning``), else a new interpreter."""
         with self._lock:
-            self._ensure(in_thread)
+            self._ensure(in_thread, fork)
 
     def start_soon(self) -> threading.Event:
         """Start the helper in the spawner thread (skipped if a request is starting it
@@ -602,7 +670,7 @@ class UserNamespaceOpener:
 
     # -- the helper's life
 
-    def _ensure(self, in_thread: bool) -> _Helper:
+    def _ensure(self, in_thread: bool, fork: bool = False) -> _Helper:
         if self._helper is not None:
             if self._helper.proc.poll() is None:
                 return self._helper
@@ -615,7 +683,8 @@ class UserNamespaceOpener:
             self._failed = (time.monotonic(), problem)
             raise LayerUnreadable(problem)
         try:
-            helper = _SPAWNER.run(self._spawn) if in_thread else self._spawn()
+            fork = fork and not in_thread and threading.active_count() == 1
+            helper = _SPAWNER.run(self._spawn) if in_thread else self._spawn(fork)
         except LayerUnreadable as exc:
             self._failed = (time.monotonic(), str(exc))
             raise
@@ -635,7 +704,7 @@ class UserNamespaceOpener:
             helper.proc.kill()
             helper.proc.wait()
 
-    def _spawn(self) -> _Helper:
+    def _spawn(self, fork: bool = False) -> _Helper:
         generation = self._generation + 1
         pause = pause_process_pid(self.identity)
         ns_fd = -1
@@ -653,15 +722,19 @@ class UserNamespaceOpener:
         argv = [sys.executable, "-I", "-S", "-c", _HELPER_STUB, root, path]
         argv += [str(child.fileno()), str(os.getpid()), str(ns_fd)]
         try:
-            proc = subprocess.Popen(
-                argv,
-                pass_fds=[child.fileno()] + ([ns_fd] if ns_fd >= 0 else []),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd="/",
-            )
+            proc: _Process
+            if fork:
+                proc = _fork_helper(child.fileno(), ns_fd)
+            else:
+                proc = subprocess.Popen(
+                    argv,
+                    pass_fds=[child.fileno()] + ([ns_fd] if ns_fd >= 0 else []),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    cwd="/",
+                )
         except OSError as exc:
             parent.close()
             raise LayerUnreadable(f"cannot start the opener: {exc.strerror}") from exc
@@ -879,12 +952,21 @@ class UsernsLayerFiles:
 
 
 def prestart(store_root: str, wait: float = PRESTART_WAIT) -> None:
-    """Start this process's helper if ``store_root`` is rootless for us, and wait (up to
-    ``wait`` seconds) until it runs: for the daemon, once serving (never before it daemonizes:
-    this starts a thread) and before the mount is reported ready, so that the first read finds
-    it running instead of waiting for its start (the cold ``cp`` of a layer blob paid it)."""
-    if is_rootless_store(store_root):
-        shared_opener().start_soon().wait(wait)
+    """Start this process's helper if ``store_root`` is rootless for us, and return once it
+    runs (or failed to start): for the daemon, once serving (never before it daemonizes) and
+    before the mount is reported ready, so that the first read finds it running instead of
+    waiting for its start (the cold ``cp`` of a layer blob paid it). In a single-threaded
+    process (the daemon before its loop starts) the helper is a fork of it (~20 ms, no
+    interpreter start); else it is started in the spawner thread, waited for up to ``wait``
+    seconds."""
+    if not is_rootless_store(store_root):
+        return
+    opener = shared_opener()
+    if threading.active_count() == 1:
+        with contextlib.suppress(LayerUnreadable):
+            opener.start(in_thread=False, fork=True)
+        return
+    opener.start_soon().wait(wait)
 
 
 def open_layer_files(
