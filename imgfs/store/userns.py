@@ -67,7 +67,7 @@ _REQ = struct.Struct("<BxxxIQ")  # op, handle, size
 _REP = struct.Struct("<BBxxiI")  # status, error kind, errno, handle
 _OP_DIRS, _OP_OPEN, _OP_CLOSE, _OP_PING, _OP_OPEN_MANY = 1, 2, 3, 4, 5
 _ITEM = struct.Struct("<QH")  # an OPEN_MANY item: size, name length (then the name)
-MAX_BATCH = 64  # files per OPEN_MANY (descriptors per reply: far below SCM_MAX_FD, 253)
+MAX_BATCH = 250  # files per OPEN_MANY (descriptors per reply: below SCM_MAX_FD, 253)
 _OK, _FAIL = 0, 1
 # Error classes that cross the socket, by index (never pickled: a class index and a message).
 _KINDS: tuple[type[ImgfsError], ...] = (
