@@ -404,6 +404,9 @@ def test_mount_helper_runs_at_ready_restarts_and_dies_with_the_daemon(
         assert len(started) == 1, log.read_text()[-2000:]
         helper = started[0]
         assert not _zombie(helper)
+        status = Path(f"/proc/{daemon}/status").read_text().splitlines()
+        fd_size = int(next(line for line in status if line.startswith("FDSize:")).split()[1])
+        assert fd_size >= 1024  # grown single-threaded: a helper batch never waits for it
         cmdline = Path(f"/proc/{helper}/cmdline").read_bytes()
         assert cmdline == Path(f"/proc/{daemon}/cmdline").read_bytes()
         os.kill(helper, signal.SIGKILL)

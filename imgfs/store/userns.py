@@ -24,6 +24,7 @@ import logging
 import os
 import pwd
 import queue
+import resource
 import shutil
 import signal
 import socket
@@ -62,6 +63,7 @@ _MAX_REPLY = 4096
 _MAX_HANDLES = 4096
 _MAX_MESSAGE = 2000
 _RETRY_SPAWN_AFTER = 30.0  # seconds before a failed start is tried again
+FD_TABLE = 1024  # descriptors the daemon's table holds from the start (see grow_fd_table)
 PRESTART_WAIT = 5.0  # seconds a mount waits for its helper before it is reported ready anyway
 _REQ = struct.Struct("<BxxxIQ")  # op, handle, size
 _REP = struct.Struct("<BBxxiI")  # status, error kind, errno, handle
@@ -951,6 +953,19 @@ class UsernsLayerFiles:
             self._opener.release(remote)
 
 
+def grow_fd_table(size: int = FD_TABLE) -> None:
+    """Make this process's descriptor table hold ``size`` descriptors now (within
+    RLIMIT_NOFILE). A batch from the helper brings up to MAX_BATCH descriptors at once, and the
+    kernel grows a table by doubling it, waiting for an RCU grace period each time when the
+    process runs several threads: the first cold blob of a daemon paid ~40 ms (two or three
+    waits) in its first batch. A table never shrinks, and growing it in a single-threaded
+    process does not wait."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    top = size if soft == resource.RLIM_INFINITY else min(size, soft)
+    with contextlib.suppress(OSError):
+        os.close(os.dup2(0, top - 1, inheritable=False))
+
+
 def prestart(store_root: str, wait: float = PRESTART_WAIT) -> None:
     """Start this process's helper if ``store_root`` is rootless for us, and return once it
     runs (or failed to start): for the daemon, once serving (never before it daemonizes) and
@@ -961,6 +976,7 @@ def prestart(store_root: str, wait: float = PRESTART_WAIT) -> None:
     seconds."""
     if not is_rootless_store(store_root):
         return
+    grow_fd_table()
     opener = shared_opener()
     if threading.active_count() == 1:
         with contextlib.suppress(LayerUnreadable):
