@@ -4,8 +4,9 @@ Owns: deciding whether a store is rootless for this process (the store is ours a
 root); the user's subordinate id ranges and the mapping rootless podman uses (container 0 -> the
 user, container 1.. -> the ``/etc/subuid`` ranges one after the other, c/storage
 ``pkg/unshare``); the opener helper, a Python process in that user namespace (podman's pause
-process's when it runs, else a new one mapped with ``newuidmap``/``newgidmap``) that opens files
-with ``LayerFiles`` -- the one resolver, the same rules as everywhere -- and passes the
+process's when it runs, else a new one mapped with ``newuidmap``/``newgidmap``; a fork of a
+single-threaded caller, else a new interpreter that imports only what opening needs) that
+opens files with ``LayerFiles`` -- the one resolver, the same rules as everywhere -- and passes the
 descriptors back over a ``SOCK_SEQPACKET`` unix socket (``SCM_RIGHTS``); its bounded binary
 protocol, its restart; ``UsernsLayerFiles``, the FileOpener of a rootless layer; and the texts
 that say what is missing (at mount time, and in the EIO of a file that cannot be read).
