@@ -8,7 +8,8 @@ readable by its owner, so the comparison's data must be gathered as that user (s
 (or the errno).
 
 ``... opener LAYERS_LOCK DIR...``: exercises ``UserNamespaceOpener`` on a layer's directories
-(needs imgfs importable): its uid map, opens through it, malformed requests, a restart after the
+(needs imgfs importable): ``prestart`` (it returns with the helper running), its uid map and
+imports, opens through it, malformed requests, a restart after the
 helper is killed, and the cost of an open (direct vs helper), in microseconds.
 
 ``... orphan``: starts an opener, prints the helper's pid, then is killed by the test (the
@@ -115,11 +116,22 @@ def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
     from imgfs.store.layerfiles import LayerFiles
 
     out: dict[str, Any] = {}
+    began = time.monotonic()
+    userns.prestart(os.path.dirname(lock_path))  # as the daemon does before it reports ready
+    out["prestart_s"] = time.monotonic() - began
+    out["prestarted"] = userns.shared_opener().pid is not None  # it waited for the helper
+    userns.shared_opener().close()
     op = userns.UserNamespaceOpener()
     out["problem"] = op.problem()
     op.start()
     out["ping"] = op.ping()
     out["pid"] = op.pid
+    out["joined"] = op.joined_pause_process
+    out["pause_pid"] = pause = userns.pause_process_pid(op.identity)
+    out["in_pause_userns"] = None
+    if pause is not None and op.pid is not None:
+        ns_of = [os.stat(f"/proc/{pid}/ns/user").st_ino for pid in (op.pid, pause)]
+        out["in_pause_userns"] = ns_of[0] == ns_of[1]
     files = userns.UsernsLayerFiles(dirs, "probe", lock_path, op)
     reads = {}
     for name, size in json.loads(os.environ["PROBE_FILES"]):
@@ -212,6 +224,7 @@ def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
     out["after_kill"] = os.pread(fd, 64, 0).decode()
     os.close(fd)
     out["restarted"] = op.pid is not None and op.pid != old
+    out["joined_after_restart"] = op.joined_pause_process
     files.close()
     op.close()
     out["closed_pid_gone"] = not os.path.exists(f"/proc/{old}")

@@ -65,9 +65,13 @@ def _open_fds() -> set[int]:
     return fds
 
 
+_P = assemble.PREFETCH
+_FILES = 2 * _P + 22  # two full batches and a part
+
+
 def test_files_are_opened_ahead_in_batches_and_the_blob_is_the_same(tmp_path: Path) -> None:
     assert isinstance(Batching(tmp_path), assemble.BatchOpener)
-    layer = make_layer(tmp_path, make_tar(_members(150)))
+    layer = make_layer(tmp_path, make_tar(_members(_FILES)))
     before = _open_fds()
     files = Batching(layer.dir)
     sink = RecordingSink(truth=layer.tar)
@@ -80,9 +84,9 @@ def test_files_are_opened_ahead_in_batches_and_the_blob_is_the_same(tmp_path: Pa
     assert _open_fds() == before
 
 
-@pytest.mark.parametrize("bad", [0, 5, 63, 64, 149])
+@pytest.mark.parametrize("bad", [0, 5, _P - 1, _P, _FILES - 1])
 def test_an_error_surfaces_at_its_file_and_nothing_stays_open(tmp_path: Path, bad: int) -> None:
-    layer = make_layer(tmp_path, make_tar(_members(150)))
+    layer = make_layer(tmp_path, make_tar(_members(_FILES)))
     before = _open_fds()
     files = Batching(layer.dir, frozenset({f"d/f{bad}".encode()}))
     sink = RecordingSink(truth=layer.tar)

@@ -5,12 +5,15 @@ as them (tests/rootless.py has the machinery; tests/rootless_probe.py runs as th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -363,7 +366,8 @@ def test_imgfs_u_unmounts(
 ) -> None:
     store = rootless_setup[2]["vfs"]
     with rootless.mounted_as_user(ns, store, "unmount") as (mnt, log):
-        pid = int(log.read_text().rsplit("(pid ", 1)[1].split(")", 1)[0])
+        mounted = next(line for line in log.read_text().splitlines() if " mounted " in line)
+        pid = int(mounted.rsplit("(pid ", 1)[1].split(")", 1)[0])
         assert os.path.exists(f"/proc/{pid}")
         ns.run(ns.python("-m", "imgfs", "-u", str(mnt)))
         assert not rootless.is_mounted(mnt)
@@ -372,6 +376,54 @@ def test_imgfs_u_unmounts(
                 break
             time.sleep(0.1)
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), "the daemon is still running"
+
+
+def _opener_pids(log: Path, daemon: int) -> list[int]:
+    """The helper pids the daemon ``daemon`` logged as started, in order."""
+    pids = []
+    for line in log.read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == str(daemon) and "opener started (pid " in line:
+            pids.append(int(line.split("opener started (pid ", 1)[1].split(",", 1)[0]))
+    return pids
+
+
+def test_mount_helper_runs_at_ready_restarts_and_dies_with_the_daemon(
+    ns: rootless.Namespace,
+    rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
+) -> None:
+    """The daemon's helper runs when the mount is reported ready (a cp right after mounting
+    does not wait for its start), as a fork of the daemon (no second interpreter start); after
+    kill -9 the next open starts a new one; kill -9 of the daemon ends it."""
+    store = rootless_setup[2]["vfs"]
+    img = store.images[0]  # v1: its layer's blob needs the helper
+    with rootless.mounted_as_user(ns, store, "helper-life") as (mnt, log):
+        mounted = next(line for line in log.read_text().splitlines() if " mounted " in line)
+        daemon = int(mounted.rsplit("(pid ", 1)[1].split(")", 1)[0])
+        started = _opener_pids(log, daemon)
+        assert len(started) == 1, log.read_text()[-2000:]
+        helper = started[0]
+        assert not _zombie(helper)
+        status = Path(f"/proc/{daemon}/status").read_text().splitlines()
+        fd_size = int(next(line for line in status if line.startswith("FDSize:")).split()[1])
+        assert fd_size >= 1024  # grown single-threaded: a helper batch never waits for it
+        cmdline = Path(f"/proc/{helper}/cmdline").read_bytes()
+        assert cmdline == Path(f"/proc/{daemon}/cmdline").read_bytes()
+        os.kill(helper, signal.SIGKILL)
+        blob = img.diff_ids[0]
+        done = _as_user(ns, "sha256sum", str(mnt / img.id / "blobs" / blob))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[0] == blob.split(":", 1)[1]
+        assert f"opener (pid {helper}) died; restarting it" in log.read_text()
+        restarted = _opener_pids(log, daemon)
+        assert len(restarted) == 2
+        assert not _zombie(restarted[1])
+        os.kill(daemon, signal.SIGKILL)
+        for _ in range(50):
+            if _zombie(restarted[1]):
+                break
+            time.sleep(0.1)
+        assert _zombie(restarted[1]), "the helper outlived its daemon"
 
 
 def _zombie(pid: int) -> bool:
@@ -410,7 +462,16 @@ def test_opener_maps_like_podman_and_survives_bad_requests(
     uid = ns.user.uid
     mapping = id_mapping(uid, subid_ranges("/etc/subuid", ns.user.name, uid))
     assert len(mapping) >= 3  # 0 -> the user, then two subordinate ranges
-    assert out["ping"] == "uid 0; uid_map " + " / ".join(" ".join(map(str, m)) for m in mapping)
+    # prestart (the daemon's, before the mount is reported ready) returns with the helper
+    # running: the first read does not wait for its start
+    assert out["prestarted"]
+    ping, _, imports = out["ping"].partition("; imports ")
+    assert ping == "uid 0; uid_map " + " / ".join(" ".join(map(str, m)) for m in mapping)
+    # the helper imports what opening needs, not the library (the start cost ~0.1 s more)
+    assert "imgfs.store.layerfiles" in imports.split(",")
+    assert not {"imgfs.store.image", "imgfs.store.source", "imgfs.layer.assemble"} & set(
+        imports.split(",")
+    )
     reads = out["reads"]
     assert reads["far"] == "far\n"  # container uid 70000: the second range
     assert reads["d700/f"] == "f\n"  # inside a 0700 directory of container uid 2000
@@ -461,10 +522,11 @@ def test_opener_opens_a_batch_in_one_round_trip(
     assert "tar-split records 5" in got[6]
     assert got[7].startswith("LayerUnavailable")  # never follows a symlink
     assert got[8:] == [f"small {i}\n" for i in range(9)]
-    # the top-level names in one batch request, the three it failed alone; d700/f, d000/in
-    # and many/f0.. denied directly, then by the helper alone (their directories unknown yet)
-    assert one["trips"][0] == "_request_many"
-    assert one["trips"].count("_request_many") == 1
+    # etc/hosts opened directly; the first file of each other directory denied directly, so
+    # that directory's files join the one batch request (d700/f, d000/in, all of many/ too:
+    # no round trip per file for a directory met for the first time); the three the helper
+    # failed asked for alone, for their errors
+    assert one["trips"] == ["_request_many", "_request", "_request", "_request"]
     # many/ is known now: 64 files, one round trip, nothing alone
     assert two["got"] == [f"small {i}\n" for i in range(9, 73)]
     assert two["trips"] == ["_request_many"]
@@ -489,6 +551,84 @@ def test_opener_checks_sizes_like_layerfiles(
     assert "directory" in reads["d700"]
     assert reads["hosts-link"].startswith("LayerUnavailable")  # never follows a symlink
     assert reads["../etc/passwd"].startswith("UnsafePath")
+
+
+def _pause_pid(user: rootless.TestUser) -> int | None:
+    """The pid in the user's ``libpod/tmp/pause.pid`` when that process runs as them."""
+    try:
+        pid = int((user.runtime_dir / "libpod" / "tmp" / "pause.pid").read_text().strip())
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return pid if os.stat(f"/proc/{pid}").st_uid == user.uid and state != "Z" else None
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _pause_process(ns: rootless.Namespace) -> Iterator[int]:
+    """Rootless podman's pause process of the test user (``podman unshare true`` makes one
+    when none runs, with a scratch store: podman would otherwise add its default driver's
+    directories to the user's default store, the overlay test store); stopped afterwards if
+    made here, so the other tests keep the helper's own namespace."""
+    before = _pause_pid(ns.user)
+    pid = before
+    if pid is None:
+        if shutil.which("podman") is None:
+            pytest.skip("podman is not installed: no pause process to join")
+        scratch = Path(tempfile.mkdtemp(prefix="imgfs-podman."))  # a short runroot path
+        os.chown(scratch, ns.user.uid, ns.user.gid)
+        podman = ["podman", "--root", f"{scratch}/root", "--runroot", f"{scratch}/run"]
+        try:
+            done = ns.run([*podman, "--storage-driver", "vfs", "unshare", "true"], check=False)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        pid = _pause_pid(ns.user)
+        if pid is None:
+            pytest.skip(f"podman unshare made no pause process: {done.stderr[-500:]}")
+    try:
+        yield pid
+    finally:
+        if before is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(100):  # gone, not only a zombie: its user namespace lives on
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.1)
+
+
+def test_opener_joins_podmans_pause_process(
+    ns: rootless.Namespace,
+    rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
+) -> None:
+    """When rootless podman's pause process runs, the helper enters ITS user namespace (no
+    newuidmap), again after a kill -9, and a mount serves the blobs through it."""
+    store = rootless_setup[2]["vfs"]
+    layer = _vfs_layer_dir(store)
+    with _pause_process(ns) as pause:
+        done = ns.run(
+            ns.python(PROBE, "opener", str(store.layers_dir() / "layers.lock"), str(layer)),
+            PROBE_FILES=json.dumps([["far", 4], ["d700/f", 2], ["d000/in", 3]]),
+            PROBE_COST_FILE=json.dumps(["etc/hosts", 6]),
+        )
+        out = json.loads(done.stdout)
+        assert out["pause_pid"] == pause
+        assert out["joined"] is True
+        assert out["in_pause_userns"] is True
+        uid_map = Path(f"/proc/{pause}/uid_map").read_text().splitlines()
+        ping = out["ping"].partition("; imports ")[0]
+        assert ping == "uid 0; uid_map " + " / ".join(" ".join(m.split()) for m in uid_map)
+        assert out["reads"] == {"far": "far\n", "d700/f": "f\n", "d000/in": "in\n"}
+        assert out["after_kill"] == "far\n"
+        assert out["restarted"]
+        assert out["joined_after_restart"] is True
+        assert out["closed_pid_gone"]
+        img = store.images[0]
+        with rootless.mounted_as_user(ns, store, "pause") as (mnt, log):
+            for blob in img.diff_ids:
+                done = _as_user(ns, "sha256sum", str(mnt / img.id / "blobs" / blob))
+                assert done.returncode == 0, done.stderr
+                assert done.stdout.split()[0] == blob.split(":", 1)[1]
+            assert f"joined podman's pause process {pause}" in log.read_text()
 
 
 def test_helper_dies_with_its_parent(ns: rootless.Namespace) -> None:
@@ -518,7 +658,6 @@ def test_without_newuidmap_one_warning_and_explained_eio(
     ns: rootless.Namespace,
     rootless_setup: tuple[rootless.TestUser, rootless.TestUser, dict[str, Any]],
 ) -> None:
-    import shutil
 
     store = rootless_setup[2]["vfs"]
     bin_dir = rootless.user_mkdir(ns.user, ns.workdir / "bin-without-uidmap")

@@ -149,3 +149,25 @@ def test_helper_entry_is_importable_without_fuse() -> None:
     )
     assert done.stdout.strip() == "[]"
     assert stat.S_ISREG(os.stat(userns.__file__).st_mode)
+
+
+def test_grow_fd_table_grows_the_table_before_threads_need_it() -> None:
+    """A helper batch brings up to MAX_BATCH descriptors at once; growing the table then, in a
+    threaded daemon, waits for RCU grace periods (the first cold blob paid ~40 ms): the daemon
+    grows it at start, single-threaded (``FDSize`` in /proc/PID/status is the table's size)."""
+    import subprocess
+    import sys
+
+    root = str(Path(userns.__file__).resolve().parents[2])
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from imgfs.store import userns\n"
+        "def size(): return next(l.split()[1] for l in open('/proc/self/status')"
+        " if l.startswith('FDSize:'))\n"
+        "before = size(); userns.grow_fd_table(); print(before, size())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code, root], capture_output=True, text=True, check=True
+    )
+    before, after = map(int, done.stdout.split())
+    assert before < userns.FD_TABLE <= after
+    assert userns.FD_TABLE >= 2 * userns.MAX_BATCH

@@ -65,9 +65,10 @@ def serve(
 ) -> int:
     """Mount ``operations`` on ``mountpoint`` and serve until unmounted or signalled.
 
-    ``prepare`` runs in a worker thread of the serving process before the mount is reported
-    ready (e.g. starting a helper process that must not exist before the daemon forks); an
-    error there is logged, and the mount serves anyway.
+    ``prepare`` runs in the serving process's main thread before any other thread starts and
+    before the mount is reported ready (e.g. starting a helper process that must not exist
+    before the daemon forks, by a fork of its own); an error there is logged, and the mount
+    serves anyway.
 
     In daemon mode (``foreground=False``) the calling process never returns from here once
     the mount is ready: it exits 0 (``os._exit``) while the detached child serves. If the
@@ -286,7 +287,9 @@ def _run_trio(
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        trio.run(_main, background, readiness, prepare)
+        if prepare is not None:
+            _prepare(prepare)
+        trio.run(_main, background, readiness)
     finally:
         faulthandler.unregister(signal.SIGUSR1)
         if not was_enabled:
@@ -296,7 +299,6 @@ def _run_trio(
 async def _main(
     background: Callable[[], Awaitable[None]] | None,
     readiness: _Readiness | None,
-    prepare: Callable[[], None] | None = None,
 ) -> None:
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -304,17 +306,15 @@ async def _main(
             nursery.start_soon(_terminate_on_signal, signals)
             if background is not None:
                 nursery.start_soon(background)
-            if prepare is not None:
-                await _prepare(prepare)
             if readiness is not None:
                 readiness.ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
 
-async def _prepare(prepare: Callable[[], None]) -> None:
+def _prepare(prepare: Callable[[], None]) -> None:
     try:
-        await trio.to_thread.run_sync(prepare)
+        prepare()
     except Exception:
         log.exception("preparing the mount failed (serving anyway)")
 

@@ -57,7 +57,7 @@ class BatchOpener(Protocol):
         ...
 
 
-PREFETCH = 64  # files opened ahead in one open_many call during sequential generation
+PREFETCH = 250  # files opened ahead in one open_many call during sequential generation
 
 
 class Sink(Protocol):

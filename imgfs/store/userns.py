@@ -4,8 +4,9 @@ Owns: deciding whether a store is rootless for this process (the store is ours a
 root); the user's subordinate id ranges and the mapping rootless podman uses (container 0 -> the
 user, container 1.. -> the ``/etc/subuid`` ranges one after the other, c/storage
 ``pkg/unshare``); the opener helper, a Python process in that user namespace (podman's pause
-process's when it runs, else a new one mapped with ``newuidmap``/``newgidmap``) that opens files
-with ``LayerFiles`` -- the one resolver, the same rules as everywhere -- and passes the
+process's when it runs, else a new one mapped with ``newuidmap``/``newgidmap``; a fork of a
+single-threaded caller, else a new interpreter that imports only what opening needs) that
+opens files with ``LayerFiles`` -- the one resolver, the same rules as everywhere -- and passes the
 descriptors back over a ``SOCK_SEQPACKET`` unix socket (``SCM_RIGHTS``); its bounded binary
 protocol, its restart; ``UsernsLayerFiles``, the FileOpener of a rootless layer; and the texts
 that say what is missing (at mount time, and in the EIO of a file that cannot be read).
@@ -24,6 +25,7 @@ import logging
 import os
 import pwd
 import queue
+import resource
 import shutil
 import signal
 import socket
@@ -35,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from imgfs.errors import (
     CorruptStore,
@@ -62,11 +64,13 @@ _MAX_REPLY = 4096
 _MAX_HANDLES = 4096
 _MAX_MESSAGE = 2000
 _RETRY_SPAWN_AFTER = 30.0  # seconds before a failed start is tried again
+FD_TABLE = 1024  # descriptors the daemon's table holds from the start (see grow_fd_table)
+PRESTART_WAIT = 5.0  # seconds a mount waits for its helper before it is reported ready anyway
 _REQ = struct.Struct("<BxxxIQ")  # op, handle, size
 _REP = struct.Struct("<BBxxiI")  # status, error kind, errno, handle
 _OP_DIRS, _OP_OPEN, _OP_CLOSE, _OP_PING, _OP_OPEN_MANY = 1, 2, 3, 4, 5
 _ITEM = struct.Struct("<QH")  # an OPEN_MANY item: size, name length (then the name)
-MAX_BATCH = 64  # files per OPEN_MANY (descriptors per reply: far below SCM_MAX_FD, 253)
+MAX_BATCH = 250  # files per OPEN_MANY (descriptors per reply: below SCM_MAX_FD, 253)
 _OK, _FAIL = 0, 1
 # Error classes that cross the socket, by index (never pickled: a class index and a message).
 _KINDS: tuple[type[ImgfsError], ...] = (
@@ -77,10 +81,22 @@ _KINDS: tuple[type[ImgfsError], ...] = (
     CorruptStore,
     ImgfsError,
 )
-_HELPER_STUB = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from imgfs.store.userns import helper_main; helper_main(sys.argv[2:])"
-)
+# The helper's interpreter runs with -I -S: no site (the daemon's sys.path is passed instead, so
+# no .pth file runs), and the packages imgfs, imgfs.store and imgfs.layer are entered without
+# their __init__ (which import the whole library): it imports only what opening needs
+# (userns, layerfiles, files, locks, errors, tarsplit), half of the start's ~0.1 s.
+_HELPER_STUB = """
+import sys, types
+root = sys.argv[1]
+sys.path[:0] = [root]
+sys.path += [p for p in sys.argv[2].split("\\n") if p and p not in sys.path]
+for name in ("imgfs", "imgfs.store", "imgfs.layer"):
+    package = types.ModuleType(name)
+    package.__path__ = [root + "/" + name.replace(".", "/")]
+    sys.modules[name] = package
+from imgfs.store.userns import helper_main
+helper_main(sys.argv[3:])
+"""
 _T = TypeVar("_T")
 
 
@@ -214,6 +230,9 @@ def _maps_us(pid: int, identity: Identity) -> bool:
     try:
         if os.stat(f"/proc/{pid}").st_uid != identity.uid:
             return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read(4096).rpartition(b")")[2].split()[:1] == [b"Z"]:
+                return False  # exited (podman starts a new one): not its namespace to join
         if os.stat(f"/proc/{pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino:
             return False
         with open(f"/proc/{pid}/uid_map", "rb") as f:
@@ -257,7 +276,7 @@ def rootless_warning(store_root: str, opener: UserNamespaceOpener | None = None)
         return None
     opener = opener or UserNamespaceOpener()
     try:
-        opener.start(in_thread=False)
+        opener.start(in_thread=False, fork=True)
     except LayerUnreadable:
         pass
     finally:
@@ -340,9 +359,75 @@ class _HelperGone(LayerUnavailable):
     """The helper died or stopped answering (handled here: it is restarted)."""
 
 
+class _Process(Protocol):
+    """What the client uses of a helper process (``subprocess.Popen`` or ``_Forked``)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class _Forked:
+    """A helper forked without exec (``_Process``): only from a single-threaded process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._status: int | None = None
+
+    def poll(self) -> int | None:
+        if self._status is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self._status = os.waitstatus_to_exitcode(status)
+        return self._status
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() > end:
+                raise subprocess.TimeoutExpired(["opener"], timeout or 0.0)
+            time.sleep(0.002)
+        assert self._status is not None
+        return self._status
+
+    def kill(self) -> None:
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def _fork_helper(sock_fd: int, ns_fd: int) -> _Forked:
+    """The helper as a fork of this (single-threaded) process: no interpreter start and no
+    imports (~0.05 s less); it keeps only ``sock_fd`` and ``ns_fd`` of our descriptors."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    try:  # the child: never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the daemon blocks its stop signals
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        low = 3
+        for keep in sorted({sock_fd, ns_fd} - {-1}):
+            os.closerange(low, keep)
+            low = keep + 1
+        os.closerange(low, 1 << 20)
+        os.chdir("/")
+        helper_main([str(sock_fd), str(parent), str(ns_fd)])
+    finally:
+        os._exit(1)
+
+
 @dataclass
 class _Helper:
-    proc: subprocess.Popen[bytes]
+    proc: _Process
     sock: socket.socket
     generation: int
     joined: bool
@@ -443,26 +528,32 @@ class UserNamespaceOpener:
         helper = self._helper
         return helper is not None and helper.joined
 
-    def start(self, in_thread: bool = True) -> None:
-        """Start the helper now if it is not running; raises LayerUnreadable with the reason."""
+    def start(self, in_thread: bool = True, fork: bool = False) -> None:
+        """Start the helper now if it is not running; raises LayerUnreadable with the reason.
+        ``fork``: as a fork of this process, if it runs one thread only (a check before the
+        daemon forks: see ``rootless_warning``), else a new interpreter."""
         with self._lock:
-            self._ensure(in_thread)
+            self._ensure(in_thread, fork)
 
-    def start_soon(self) -> None:
-        """Start the helper in the background, without waiting (skipped if a request is
-        starting it already). For a daemon once its mount is up: the first open then finds it
-        running instead of paying the start (~0.1 s)."""
+    def start_soon(self) -> threading.Event:
+        """Start the helper in the spawner thread (skipped if a request is starting it
+        already); the event is set once the try is over, whatever its outcome."""
+        done = threading.Event()
 
         def start() -> None:
-            if self._lock.acquire(blocking=False):
-                try:
-                    self._ensure(in_thread=False)  # in the spawner thread already
-                except LayerUnreadable:
-                    pass
-                finally:
-                    self._lock.release()
+            try:
+                if self._lock.acquire(blocking=False):
+                    try:
+                        self._ensure(in_thread=False)  # in the spawner thread already
+                    except LayerUnreadable:
+                        pass
+                    finally:
+                        self._lock.release()
+            finally:
+                done.set()
 
         _SPAWNER.submit(start)
+        return done
 
     def close(self) -> None:
         """Stop the helper (idempotent); a later request starts a new one."""
@@ -472,7 +563,8 @@ class UserNamespaceOpener:
     # -- requests
 
     def ping(self) -> str:
-        """The helper's view of itself (its uid map), for tests and diagnostics."""
+        """The helper's view of itself (its uid, uid map and the imgfs modules it imported),
+        for tests and diagnostics."""
         _, _, text = self._request(_OP_PING, 0, 0, b"")
         return text
 
@@ -581,7 +673,7 @@ class UserNamespaceOpener:
 
     # -- the helper's life
 
-    def _ensure(self, in_thread: bool) -> _Helper:
+    def _ensure(self, in_thread: bool, fork: bool = False) -> _Helper:
         if self._helper is not None:
             if self._helper.proc.poll() is None:
                 return self._helper
@@ -594,7 +686,8 @@ class UserNamespaceOpener:
             self._failed = (time.monotonic(), problem)
             raise LayerUnreadable(problem)
         try:
-            helper = _SPAWNER.run(self._spawn) if in_thread else self._spawn()
+            fork = fork and not in_thread and threading.active_count() == 1
+            helper = _SPAWNER.run(self._spawn) if in_thread else self._spawn(fork)
         except LayerUnreadable as exc:
             self._failed = (time.monotonic(), str(exc))
             raise
@@ -614,7 +707,7 @@ class UserNamespaceOpener:
             helper.proc.kill()
             helper.proc.wait()
 
-    def _spawn(self) -> _Helper:
+    def _spawn(self, fork: bool = False) -> _Helper:
         generation = self._generation + 1
         pause = pause_process_pid(self.identity)
         ns_fd = -1
@@ -628,18 +721,23 @@ class UserNamespaceOpener:
                 ns_fd = -1
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        argv = [sys.executable, "-I", "-c", _HELPER_STUB, root]
+        path = "\n".join(p for p in sys.path if os.path.isabs(p) and "\n" not in p)
+        argv = [sys.executable, "-I", "-S", "-c", _HELPER_STUB, root, path]
         argv += [str(child.fileno()), str(os.getpid()), str(ns_fd)]
         try:
-            proc = subprocess.Popen(
-                argv,
-                pass_fds=[child.fileno()] + ([ns_fd] if ns_fd >= 0 else []),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd="/",
-            )
+            proc: _Process
+            if fork:
+                proc = _fork_helper(child.fileno(), ns_fd)
+            else:
+                proc = subprocess.Popen(
+                    argv,
+                    pass_fds=[child.fileno()] + ([ns_fd] if ns_fd >= 0 else []),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    cwd="/",
+                )
         except OSError as exc:
             parent.close()
             raise LayerUnreadable(f"cannot start the opener: {exc.strerror}") from exc
@@ -795,12 +893,24 @@ class UsernsLayerFiles:
     def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception | None]:
         """``assemble.BatchOpener``: the files below a directory where a direct open was
         denied are opened by the helper, one round trip per MAX_BATCH; the others are left to
-        ``open`` at their turn (None: opening them ahead would gain nothing). A file the
+        ``open`` at their turn (None: opening them ahead would gain nothing), except the
+        first file of each directory not seen yet, which is opened directly here: if that is
+        denied, the directory's other files of this call join the helper's batch at once
+        (else a directory met for the first time cost one round trip per file). A file the
         helper could not open is asked for again alone, for its exact error."""
         results: list[int | Exception | None] = [None] * len(items)
-        remote = [
-            i for i, (name, _) in enumerate(items) if name.rpartition(b"/")[0] in self._denied_dirs
-        ]
+        remote: list[int] = []
+        tried: set[bytes] = set()  # directories whose first file was opened directly here
+        for i, (name, size) in enumerate(items):
+            parent = name.rpartition(b"/")[0]
+            if self._direct is not None and parent not in self._denied_dirs and parent not in tried:
+                tried.add(parent)
+                direct = self._try_direct(name, size)
+                if direct is not None:  # its fd, or its error (not a denial)
+                    results[i] = direct
+                    continue
+            if self._direct is None or parent in self._denied_dirs:
+                remote.append(i)
         for start in range(0, len(remote), MAX_BATCH):
             chunk = remote[start : start + MAX_BATCH]
             try:
@@ -844,11 +954,36 @@ class UsernsLayerFiles:
             self._opener.release(remote)
 
 
-def prestart(store_root: str) -> None:
-    """Start this process's helper in the background if ``store_root`` is rootless for us: for
-    the daemon, once serving (never before it daemonizes: this starts a thread)."""
-    if is_rootless_store(store_root):
-        shared_opener().start_soon()
+def grow_fd_table(size: int = FD_TABLE) -> None:
+    """Make this process's descriptor table hold ``size`` descriptors now (within
+    RLIMIT_NOFILE). A batch from the helper brings up to MAX_BATCH descriptors at once, and the
+    kernel grows a table by doubling it, waiting for an RCU grace period each time when the
+    process runs several threads: the first cold blob of a daemon paid ~40 ms (two or three
+    waits) in its first batch. A table never shrinks, and growing it in a single-threaded
+    process does not wait."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    top = size if soft == resource.RLIM_INFINITY else min(size, soft)
+    with contextlib.suppress(OSError):
+        os.close(os.dup2(0, top - 1, inheritable=False))
+
+
+def prestart(store_root: str, wait: float = PRESTART_WAIT) -> None:
+    """Start this process's helper if ``store_root`` is rootless for us, and return once it
+    runs (or failed to start): for the daemon, once serving (never before it daemonizes) and
+    before the mount is reported ready, so that the first read finds it running instead of
+    waiting for its start (the cold ``cp`` of a layer blob paid it). In a single-threaded
+    process (the daemon before its loop starts) the helper is a fork of it (~20 ms, no
+    interpreter start); else it is started in the spawner thread, waited for up to ``wait``
+    seconds."""
+    if not is_rootless_store(store_root):
+        return
+    grow_fd_table()
+    opener = shared_opener()
+    if threading.active_count() == 1:
+        with contextlib.suppress(LayerUnreadable):
+            opener.start(in_thread=False, fork=True)
+        return
+    opener.start_soon().wait(wait)
 
 
 def open_layer_files(
@@ -943,7 +1078,8 @@ def _serve(sock: socket.socket) -> None:
             elif op == _OP_PING:
                 with open("/proc/self/uid_map", encoding="ascii") as f:
                     text = " / ".join(" ".join(line.split()) for line in f.read(4096).splitlines())
-                text = f"uid {os.getuid()}; uid_map {text}"
+                loaded = ",".join(sorted(m for m in sys.modules if m.startswith("imgfs.")))
+                text = f"uid {os.getuid()}; uid_map {text}; imports {loaded}"
             else:
                 raise LayerUnavailable(f"opener: unknown request {op}")
             reply = _REP.pack(_OK, 0, 0, reply_handle) + text.encode("latin-1")[:_MAX_MESSAGE]
