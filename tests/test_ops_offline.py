@@ -21,11 +21,15 @@ import pytest
 import trio
 
 import imgfs
+from imgfs.budget import LISTING_ENTRY_BYTES
 from imgfs.fuse import ops as ops_module
 from imgfs.fuse.inodes import ROOT_INODE
 from imgfs.fuse.ops import Operations
+from imgfs.views import sections
 from imgfs.views.content import Caches
+from imgfs.views.keys import RootfsKey
 from imgfs.views.node import Ownership
+from imgfs.views.tree import TreeView
 from tests import storemaker
 from tests.tarsplit_maker import make_tar
 
@@ -116,9 +120,7 @@ def test_negative_lookup_errnos_and_write_refusal(
             errno.ENODATA
         )
         for name in (b"security.selinux", b"system.posix_acl_access"):  # ls -l asks these
-            assert await _errno_of(ops.getxattr(manifest.st_ino, name, ROOT_CTX)) == (
-                errno.ENOTSUP
-            )
+            assert await _errno_of(ops.getxattr(manifest.st_ino, name, ROOT_CTX)) == (errno.ENOTSUP)
         assert await _errno_of(ops.readlink(manifest.st_ino, ROOT_CTX)) == errno.EINVAL
         assert not await ops.access(manifest.st_ino, os.W_OK, ROOT_CTX)
         assert await ops.access(manifest.st_ino, os.R_OK, ROOT_CTX)
@@ -292,3 +294,60 @@ def test_open_small_files_hold_a_bounded_number_of_bytes(
         await ops.release(again.fh)
 
     _run(main)
+
+
+def test_a_listing_is_built_once_per_view_and_opendir_then_needs_no_hop(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = _ops(made, tmp_path)
+    image = made.images[0].id.encode()
+    built: list[object] = []
+    hops: list[object] = []
+    rootfs_section = type(sections.section_of(RootfsKey(made.images[0].id, b"")))
+    original = rootfs_section.children
+
+    def counting(self: Any, view: Any, key: Any) -> Any:
+        built.append(key)
+        return original(self, view, key)
+
+    monkeypatch.setattr(rootfs_section, "children", counting)
+    run = ops._run
+
+    async def counting_run(fn: Callable[..., Any], *args: Any) -> Any:
+        hops.append(fn)
+        return await run(fn, *args)
+
+    monkeypatch.setattr(ops, "_run", counting_run)
+    names: list[list[bytes]] = []
+    monkeypatch.setattr(
+        pyfuse3, "readdir_reply", lambda token, name, attrs, offset: names[-1].append(name) or True
+    )
+
+    async def main() -> None:
+        attrs = await _lookup_path(ops, image + b"/rootfs/dir")
+        for _ in range(2):
+            hops.clear()
+            names.append([])
+            fh = await ops.opendir(attrs.st_ino, ROOT_CTX)
+            await ops.readdir(fh, 0, None)
+            await ops.releasedir(fh)
+        assert hops == []  # the second opendir: the listing and the node are known
+        assert names == [[b"file", b"small"]] * 2
+
+    _run(main)
+    assert built == [RootfsKey(made.images[0].id, b"dir")]
+
+
+def test_a_listing_over_its_share_is_built_again(
+    made: storemaker.StoreMaker, tmp_path: Path
+) -> None:
+    store = imgfs.Store.open(str(made.root), str(tmp_path / "run"), storemaker.DRIVER)
+    view = TreeView(store.images(), 0, Caches.build(None))
+    key = RootfsKey(made.images[0].id, b"dir")
+    first = view.children(key)
+    assert view.peek_children(key) is first
+    assert view.children(key) is first
+    view = TreeView(store.images(), 0, Caches.build(None))
+    view._listings.max_cost = LISTING_ENTRY_BYTES * 2  # less than these 2 entries (+1) cost
+    assert [n for n, _ in view.children(key)] == [b"file", b"small"]
+    assert view.peek_children(key) is None

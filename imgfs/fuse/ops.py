@@ -274,7 +274,9 @@ class Operations(pyfuse3.Operations):
         key = self._key(inode)
         caller = _caller(ctx)
         self._check_access(await self._visible(key, caller), caller, os.R_OK)
-        listing = await self._run(self.view.children, key)
+        listing = self.view.peek_children(key)  # built once per view: no hop after the first
+        if listing is None:
+            listing = await self._run(self.view.children, key)
         return self._new_fh(_Handle(inode, key, listing=listing))
 
     @_boundary

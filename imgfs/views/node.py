@@ -136,7 +136,7 @@ def _posix_allows(
     return bits & want == want
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     key: Key
     kind: Kind

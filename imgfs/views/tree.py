@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from imgfs.budget import NODE_BYTES
+from imgfs.budget import LISTING_ENTRY_BYTES, NODE_BYTES
 from imgfs.errors import ImgfsError, NotFound
 from imgfs.layer.verify import Verifiers
 from imgfs.lru import LRU
@@ -37,8 +37,15 @@ from imgfs.views.sections.byname import NameTree
 log = logging.getLogger(__name__)
 
 
+Listing = list[tuple[bytes, Node]]
+
+
 def _node_bytes(_node: Node) -> int:
     return NODE_BYTES
+
+
+def _listing_bytes(listing: Listing) -> int:
+    return (len(listing) + 1) * LISTING_ENTRY_BYTES
 
 
 @dataclass
@@ -66,6 +73,9 @@ class TreeView:
         self._signatures: dict[str, list[bytes]] = {}
         # every node computed, by key; bounded by the budget's share (NODE_BYTES each)
         self._nodes: LRU[Key, Node] = LRU(self.caches.budget.nodes, cost=_node_bytes)
+        # every directory listing built, by key (a view never changes: built once, not per
+        # opendir); bounded by the budget's share, a listing over it alone is not kept
+        self._listings: LRU[Key, Listing] = LRU(self.caches.budget.listings, cost=_listing_bytes)
         self._lock = threading.Lock()
         self.names = NameTree(images)
 
@@ -99,9 +109,20 @@ class TreeView:
         self._nodes.put(found.key, found)
         return found
 
-    def children(self, key: Key) -> list[tuple[bytes, Node]]:
-        """The listing of directory ``key``, in readdir order."""
-        return section_of(key).children(self, key)
+    def children(self, key: Key) -> Listing:
+        """The listing of directory ``key``, in readdir order, built once per view (bounded:
+        a listing larger than the whole share is built again each time). Callers must not
+        change it."""
+        found = self._listings.get(key)
+        if found is None:
+            found = section_of(key).children(self, key)
+            if _listing_bytes(found) <= self._listings.max_cost:
+                self._listings.put(key, found)
+        return found
+
+    def peek_children(self, key: Key) -> Listing | None:
+        """The listing of ``key`` if this view built it already (no I/O, no merge)."""
+        return self._listings.get(key)
 
     def open(self, key: Key) -> Content:
         """The content of file ``key`` (the caller gives it back with ``release``)."""

@@ -34,9 +34,11 @@ class Rootfs(Section):
         if isinstance(key, RootfsInodeKey):
             return super().children(view, key)
         fs = _rootfs(view, key.image)
+        entries = fs.children(key.path)
+        fs.prefetch(entries.values())
         return [
             (name, _entry_node(view, fs, entry, RootfsKey(key.image, child_path(key.path, name))))
-            for name, entry in fs.children(key.path).items()
+            for name, entry in entries.items()
         ]
 
     def lookup(self, view: TreeView, key: RootfsKeys, name: bytes) -> Node:
