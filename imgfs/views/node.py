@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import stat
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
+from imgfs.layer.tree import LayerTree
 from imgfs.views.keys import Key
 
 Kind = Literal["dir", "file", "link", "special"]
@@ -137,6 +139,17 @@ def _posix_allows(
 
 
 @dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a ``layers/``/``rootfs/`` regular file's bytes come from: member ``ref`` of the
+    image's layer ``layer`` (its place in the chain), whose tree is held weakly (a node never
+    keeps a tree that the tree caches dropped)."""
+
+    layer: int
+    tree: weakref.ReferenceType[LayerTree]
+    ref: int
+
+
+@dataclass(frozen=True, slots=True)
 class Node:
     key: Key
     kind: Kind
@@ -151,3 +164,4 @@ class Node:
     gid: int | None = None
     nlink: int = 0
     rdev: int = 0
+    origin: Origin | None = None  # a layers/ or rootfs/ regular file: what opens it
