@@ -304,7 +304,7 @@ def test_a_listing_is_built_once_per_view_and_opendir_then_needs_no_hop(
     ops = _ops(made, tmp_path)
     image = made.images[0].id.encode()
     built: list[object] = []
-    hops: list[object] = []
+    hops = _count_hops(ops, monkeypatch)
     rootfs_section = type(sections.section_of(RootfsKey(made.images[0].id, b"")))
     original = rootfs_section.children
 
@@ -313,13 +313,6 @@ def test_a_listing_is_built_once_per_view_and_opendir_then_needs_no_hop(
         return original(self, view, key)
 
     monkeypatch.setattr(rootfs_section, "children", counting)
-    run = ops._run
-
-    async def counting_run(fn: Callable[..., Any], *args: Any) -> Any:
-        hops.append(fn)
-        return await run(fn, *args)
-
-    monkeypatch.setattr(ops, "_run", counting_run)
     names: list[list[bytes]] = []
     monkeypatch.setattr(
         pyfuse3, "readdir_reply", lambda token, name, attrs, offset: names[-1].append(name) or True
@@ -360,14 +353,7 @@ def test_a_listed_file_opens_without_a_hop_its_file_opened_at_the_first_read(
 ) -> None:
     ops = _ops(made, tmp_path)
     image = made.images[0].id.encode()
-    hops: list[object] = []
-    run = ops._run
-
-    async def counting_run(fn: Callable[..., Any], *args: Any) -> Any:
-        hops.append(fn)
-        return await run(fn, *args)
-
-    monkeypatch.setattr(ops, "_run", counting_run)
+    hops = _count_hops(ops, monkeypatch)
     monkeypatch.setattr(
         pyfuse3, "readdir_reply", lambda token, name, attrs, offset: name == b"" or True
     )
@@ -402,19 +388,14 @@ def test_inline_reads_that_would_wait_go_to_a_thread(
 ) -> None:
     ops = _ops(made, tmp_path)
     path = made.images[0].id.encode() + b"/rootfs/dir/file"
-    hops: list[object] = []
-    run = ops._run
-
-    async def counting_run(fn: Callable[..., Any], *args: Any) -> Any:
-        hops.append(fn)
-        return await run(fn, *args)
+    hops = _count_hops(ops, monkeypatch)
 
     def not_cached(*args: Any) -> int:
         raise BlockingIOError(errno.EAGAIN, "not in the page cache")
 
     async def main() -> None:
         attrs = await _lookup_path(ops, path)
-        monkeypatch.setattr(ops, "_run", counting_run)
+        hops.clear()
         with monkeypatch.context() as patch:
             patch.setattr(os, "preadv", not_cached)  # RWF_NOWAIT finds no cached page
             assert await _read_all(ops, attrs.st_ino) == FILE
@@ -448,17 +429,11 @@ def test_a_corrupt_file_read_inline_fails_every_later_read(
     data[5] ^= 0xFF
     diff.write_bytes(data)
     ops = _ops(made, tmp_path)
-    hops: list[object] = []
+    hops = _count_hops(ops, monkeypatch)
 
     async def main() -> None:
         attrs = await _lookup_path(ops, image.id.encode() + b"/rootfs/dir/file")
-        run = ops._run
-
-        async def counting_run(fn: Callable[..., Any], *args: Any) -> Any:
-            hops.append(fn)
-            return await run(fn, *args)
-
-        monkeypatch.setattr(ops, "_run", counting_run)
+        hops.clear()
         info = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)
         assert await _errno_of(ops.read(info.fh, 0, len(FILE))) == errno.EIO
         assert await _errno_of(ops.read(info.fh, 0, 100)) == errno.EIO  # failed stays failed
@@ -469,3 +444,16 @@ def test_a_corrupt_file_read_inline_fails_every_later_read(
         assert hops == []  # every one of these answered inline
 
     _run(main)
+
+
+def _count_hops(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The functions ``ops`` runs in worker threads from now on (``Operations._run``)."""
+    hops: list[object] = []
+    run = ops._run
+
+    async def counting_run(fn: Callable[..., Any], *args: Any) -> Any:
+        hops.append(fn)
+        return await run(fn, *args)
+
+    monkeypatch.setattr(ops, "_run", counting_run)
+    return hops
