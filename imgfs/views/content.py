@@ -4,7 +4,9 @@ Owns: ``Content`` — what an open file is served from: ``Inline`` bytes (manife
 signatures, layout files), a ``Snapshotted`` layer blob (the snapshot cache), or a ``Streamed``
 reader (a ``--direct`` layer blob, a ``layers/``/``rootfs/`` file) checked by the file's shared
 verifier — and the policy that picks one (snapshots unless the caches were built for
-``--direct``). Also owns ``Caches``, built once by the CLI's wiring and shared by every view.
+``--direct``); the open layer member (``MemberFile``: opened at once or at its first read) and
+the inline attempt of its reads (``read_nowait``: never waits for the disk or a store lock).
+Also owns ``Caches``, built once by the CLI's wiring and shared by every view.
 Must not know: pyfuse3, trio, inode numbers, errno values, the tree's names.
 """
 

@@ -1,7 +1,8 @@
 """What the mounted tree shows of one node, and who may open it.
 
 Owns: ``Node`` (kind, size, times, link target, xattrs, and for ``layers/``/``rootfs/`` the
-image's own mode and numeric owners) and ``Ownership``: imgfs's own modes (0500/0400 unless
+image's own mode and numeric owners, and for a regular file its ``Origin``: where its bytes
+are) and ``Ownership``: imgfs's own modes (0500/0400 unless
 ``uid=``/``gid=``/``umask=`` widen them) and the access rule of the image views, the one place
 that decides whether a caller may see into a ``layers/``/``rootfs/`` node -- on top of the
 kernel's check (``default_permissions``), or, for a rootless store mounted by its owner, as the

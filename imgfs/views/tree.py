@@ -4,8 +4,9 @@ Owns: one view of the store (its images, computed per image on first use), the d
 every request by the type of its key to the section that owns that part of the tree
 (``imgfs.views.sections``), and what sections share: an image's blob list and layer chain, its
 signatures and OCI manifest (computed apart, so bad signature metadata fails only
-``signatures/`` and a manifest that cannot be rewritten only ``oci/``), the nodes of
-``layers/``/``rootfs/`` already built, and the verifiers of the files being read.
+``signatures/`` and a manifest that cannot be rewritten only ``oci/``), the nodes and
+directory listings already built (each listing once per view), and the verifiers of the files
+being read.
 Must not know: pyfuse3, trio, inode numbers, errno values.
 
 A view is immutable; per-image content raises the core's errors for a broken image, which
