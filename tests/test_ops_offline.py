@@ -21,11 +21,17 @@ import pytest
 import trio
 
 import imgfs
+from imgfs.budget import LISTING_ENTRY_BYTES
 from imgfs.fuse import ops as ops_module
 from imgfs.fuse.inodes import ROOT_INODE
 from imgfs.fuse.ops import Operations
-from imgfs.views.content import Caches
+from imgfs.store import locks
+from imgfs.store.source import LayerSource
+from imgfs.views import sections
+from imgfs.views.content import Caches, Streamed
+from imgfs.views.keys import RootfsKey
 from imgfs.views.node import Ownership
+from imgfs.views.tree import TreeView
 from tests import storemaker
 from tests.tarsplit_maker import make_tar
 
@@ -116,9 +122,7 @@ def test_negative_lookup_errnos_and_write_refusal(
             errno.ENODATA
         )
         for name in (b"security.selinux", b"system.posix_acl_access"):  # ls -l asks these
-            assert await _errno_of(ops.getxattr(manifest.st_ino, name, ROOT_CTX)) == (
-                errno.ENOTSUP
-            )
+            assert await _errno_of(ops.getxattr(manifest.st_ino, name, ROOT_CTX)) == (errno.ENOTSUP)
         assert await _errno_of(ops.readlink(manifest.st_ino, ROOT_CTX)) == errno.EINVAL
         assert not await ops.access(manifest.st_ino, os.W_OK, ROOT_CTX)
         assert await ops.access(manifest.st_ino, os.R_OK, ROOT_CTX)
@@ -292,3 +296,164 @@ def test_open_small_files_hold_a_bounded_number_of_bytes(
         await ops.release(again.fh)
 
     _run(main)
+
+
+def test_a_listing_is_built_once_per_view_and_opendir_then_needs_no_hop(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = _ops(made, tmp_path)
+    image = made.images[0].id.encode()
+    built: list[object] = []
+    hops = _count_hops(ops, monkeypatch)
+    rootfs_section = type(sections.section_of(RootfsKey(made.images[0].id, b"")))
+    original = rootfs_section.children
+
+    def counting(self: Any, view: Any, key: Any) -> Any:
+        built.append(key)
+        return original(self, view, key)
+
+    monkeypatch.setattr(rootfs_section, "children", counting)
+    names: list[list[bytes]] = []
+    monkeypatch.setattr(
+        pyfuse3, "readdir_reply", lambda token, name, attrs, offset: names[-1].append(name) or True
+    )
+
+    async def main() -> None:
+        attrs = await _lookup_path(ops, image + b"/rootfs/dir")
+        for _ in range(2):
+            hops.clear()
+            names.append([])
+            fh = await ops.opendir(attrs.st_ino, ROOT_CTX)
+            await ops.readdir(fh, 0, None)
+            await ops.releasedir(fh)
+        assert hops == []  # the second opendir: the listing and the node are known
+        assert names == [[b"file", b"small"]] * 2
+
+    _run(main)
+    assert built == [RootfsKey(made.images[0].id, b"dir")]
+
+
+def test_a_listing_over_its_share_is_built_again(
+    made: storemaker.StoreMaker, tmp_path: Path
+) -> None:
+    store = imgfs.Store.open(str(made.root), str(tmp_path / "run"), storemaker.DRIVER)
+    view = TreeView(store.images(), 0, Caches.build(None))
+    key = RootfsKey(made.images[0].id, b"dir")
+    first = view.children(key)
+    assert view.peek_children(key) is first
+    assert view.children(key) is first
+    view = TreeView(store.images(), 0, Caches.build(None))
+    view._listings.max_cost = LISTING_ENTRY_BYTES * 2  # less than these 2 entries (+1) cost
+    assert [n for n, _ in view.children(key)] == [b"file", b"small"]
+    assert view.peek_children(key) is None
+
+
+def test_a_listed_file_opens_without_a_hop_its_file_opened_at_the_first_read(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = _ops(made, tmp_path)
+    image = made.images[0].id.encode()
+    hops = _count_hops(ops, monkeypatch)
+    monkeypatch.setattr(
+        pyfuse3, "readdir_reply", lambda token, name, attrs, offset: name == b"" or True
+    )
+
+    async def main() -> None:
+        directory = await _lookup_path(ops, image + b"/rootfs/dir")
+        fh = await ops.opendir(directory.st_ino, ROOT_CTX)
+        await ops.readdir(fh, 0, None)
+        await ops.releasedir(fh)
+        ops.view._nodes.clear()  # only the listing knows the file's node now
+        ops.view._nodes.max_cost = 0
+        attrs = await ops.lookup(directory.st_ino, b"file", ROOT_CTX)
+        hops.clear()
+        info = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)
+        assert hops == []  # node from the listing, content without I/O
+        content = ops.handles[info.fh].content
+        assert isinstance(content, Streamed)
+        assert content.reader._source._fd is None  # type: ignore[attr-defined]
+        out = bytearray()
+        while chunk := await ops.read(info.fh, len(out), 1 << 16):
+            out += chunk
+        assert bytes(out) == FILE
+        hops.clear()
+        await ops.release(info.fh)
+        assert hops == []
+
+    _run(main)
+
+
+def test_inline_reads_that_would_wait_go_to_a_thread(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = _ops(made, tmp_path)
+    path = made.images[0].id.encode() + b"/rootfs/dir/file"
+    hops = _count_hops(ops, monkeypatch)
+
+    def not_cached(*args: Any) -> int:
+        raise BlockingIOError(errno.EAGAIN, "not in the page cache")
+
+    async def main() -> None:
+        attrs = await _lookup_path(ops, path)
+        hops.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "preadv", not_cached)  # RWF_NOWAIT finds no cached page
+            assert await _read_all(ops, attrs.st_ino) == FILE
+        assert len(hops) == len(FILE) // (1 << 16)  # each read, in a thread
+        hops.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(LayerSource, "open_file", _busy)  # a writer holds layers.lock
+            assert await _read_all(ops, attrs.st_ino) == FILE
+        assert hops  # read behind lock_waits, in a thread
+
+    _run(main)
+
+
+def _busy(self: LayerSource, name: bytes, size: int) -> int:
+    if getattr(locks._mode, "no_wait", False):
+        raise imgfs.errors.LockBusy("layers.lock: held by a writer")
+    return _open_file(self, name, size)
+
+
+_open_file = LayerSource.open_file
+
+
+def test_a_corrupt_file_read_inline_fails_every_later_read(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = made.images[0]
+    invalidated: list[int] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, *a: invalidated.append(ino))
+    diff = made.root / "overlay" / image.layers[0] / "diff" / "dir" / "file"
+    data = bytearray(diff.read_bytes())
+    data[5] ^= 0xFF
+    diff.write_bytes(data)
+    ops = _ops(made, tmp_path)
+    hops = _count_hops(ops, monkeypatch)
+
+    async def main() -> None:
+        attrs = await _lookup_path(ops, image.id.encode() + b"/rootfs/dir/file")
+        hops.clear()
+        info = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)
+        assert await _errno_of(ops.read(info.fh, 0, len(FILE))) == errno.EIO
+        assert await _errno_of(ops.read(info.fh, 0, 100)) == errno.EIO  # failed stays failed
+        await ops.release(info.fh)
+        await trio.sleep(0.2)  # the invalidation runs in a system task after the reply
+        assert set(invalidated) == {attrs.st_ino}  # after each failed read
+        assert await _errno_of(ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)) == errno.EIO
+        assert hops == []  # every one of these answered inline
+
+    _run(main)
+
+
+def _count_hops(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The functions ``ops`` runs in worker threads from now on (``Operations._run``)."""
+    hops: list[object] = []
+    run = ops._run
+
+    async def counting_run(fn: Callable[..., Any], *args: Any) -> Any:
+        hops.append(fn)
+        return await run(fn, *args)
+
+    monkeypatch.setattr(ops, "_run", counting_run)
+    return hops

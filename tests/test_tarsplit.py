@@ -295,3 +295,22 @@ def test_read_error_is_layer_unavailable() -> None:
 
     with pytest.raises(LayerUnavailable, match="layer L: reading tar-split"):
         list(iter_entries(io.BufferedReader(Broken()), "layer L"))
+
+
+def test_a_small_tar_split_file_is_inflated_without_a_thread(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = lines(*[{"type": 1, "name": f"f{i}", "size": 0} for i in range(50)])
+    expected = decode(raw)
+    path = tmp_path / "layer.tar-split.gz"
+    path.write_bytes(gzip.compress(raw))
+
+    def no_thread(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a helper thread for a small tar-split")
+
+    monkeypatch.setattr(tarsplit.threading, "Thread", no_thread)
+    with path.open("rb") as gz:
+        assert list(iter_entries(gz, "layer L")) == expected
+    path.write_bytes(gzip.compress(raw)[:-30])
+    with path.open("rb") as gz, pytest.raises(MalformedMetadata, match=r"layer L: .*bad gzip"):
+        list(iter_entries(gz, "layer L"))

@@ -160,3 +160,32 @@ def test_no_pattern_reaches_eof_on_a_corrupt_file(
 def _assert_logged(m: Mount) -> None:
     log = m.log()
     assert "CRC-64" in log or "digest" in log, log[-2000:]
+
+
+@pytest.mark.fuse_required
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_small_corrupt_file_opened_and_read_inline_fails_every_time(
+    big_store: Path, mode: str, tmp_path: Path
+) -> None:
+    """A listed small file opens and reads without a thread hop (its node from the listing,
+    its bytes with RWF_NOWAIT): each read of a corrupt one still fails, a good one never."""
+    intact = crafted.copy_store(big_store / "root", tmp_path / "intact")
+    broken = crafted.copy_store(big_store / "root", tmp_path / "broken")
+    _, layer, _ = _image(broken)
+    target = crafted.content_dir(broken, DRIVER, layer) / "small.txt"
+    target.write_bytes(b"smell\n")  # same size, another CRC-64
+    for root, good in ((intact, True), (broken, False)):
+        with _mount(root, mode, tmp_path / f"mnt-{good}") as m:
+            image_id, _, _ = _image(root)
+            for view in ("rootfs", "layers"):
+                base = m.path / image_id / view
+                directory = base if view == "rootfs" else next(base.iterdir())
+                subprocess.run(["ls", "-lR", str(directory)], capture_output=True, check=True)
+                small = directory / "small.txt"
+                for _ in range(3):  # each open: inline, from the listing's node
+                    status, data = _cat(small)
+                    assert (status, data) == ((0, b"small\n") if good else (1, b"")), m.log()
+                status, _ = _tail(small)
+                assert (status == 0) == good
+            if not good:
+                _assert_logged(m)

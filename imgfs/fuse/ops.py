@@ -274,7 +274,9 @@ class Operations(pyfuse3.Operations):
         key = self._key(inode)
         caller = _caller(ctx)
         self._check_access(await self._visible(key, caller), caller, os.R_OK)
-        listing = await self._run(self.view.children, key)
+        listing = self.view.peek_children(key)  # built once per view: no hop after the first
+        if listing is None:
+            listing = await self._run(self.view.children, key)
         return self._new_fh(_Handle(inode, key, listing=listing))
 
     @_boundary
@@ -354,7 +356,14 @@ class Operations(pyfuse3.Operations):
         key = self._key(inode)
         caller = _caller(ctx)
         node = await self._visible(key, caller)
-        content: Content = await self._run(self._open_content, key, caller)
+        self._check_access(node, caller, os.R_OK)
+        if node.kind != "file":
+            codes = {"dir": errno.EISDIR, "link": errno.ELOOP}
+            raise pyfuse3.FUSEError(codes.get(node.kind, errno.EACCES))
+        # A known layers/ or rootfs/ file opens without a hop (its layer file at the first read)
+        content = self.view.open_known(key)
+        if content is None:
+            content = await self._run(self.view.open, key)
         if isinstance(content, Inline):
             self._hold_inline(content, key)
         fh = self._new_fh(_Handle(inode, key, content))
@@ -371,15 +380,6 @@ class Operations(pyfuse3.Operations):
         # The price: no shared mmap of layer blobs (the README says so).
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
 
-    def _open_content(self, key: Key, caller: _Caller) -> Content:
-        """In a worker thread: the node, the access check and the content, in one hop."""
-        node = self.view.node(key)
-        self._check_access(node, caller, os.R_OK)
-        if node.kind != "file":
-            codes = {"dir": errno.EISDIR, "link": errno.ELOOP}
-            raise pyfuse3.FUSEError(codes.get(node.kind, errno.EACCES))
-        return self.view.open(key)
-
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         # pyfuse3 accepts any contiguous buffer: memoryviews avoid a copy.
@@ -391,8 +391,11 @@ class Operations(pyfuse3.Operations):
             if isinstance(content, Snapshotted):
                 return cast(bytes, await self._read_snapshot(content.snapshot, off, size))
             assert isinstance(content, Streamed)
-            if content.page_cache:
-                return cast(bytes, await self._run(content.reader.read, off, size))
+            if content.page_cache:  # a layer file: inline unless that would wait
+                data = contents.read_nowait(content, off, size)
+                if data is None:
+                    data = await self._run(content.reader.read, off, size)
+                return data
             return cast(bytes, await self._read_direct(handle, content, off, size))
         except IntegrityError:
             self._drop_cached_pages(handle.ino)
@@ -469,10 +472,13 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
-        if handle is not None and isinstance(handle.content, Inline):
-            self._inline_held -= len(handle.content.data)
-        elif handle is not None and handle.content is not None:
-            await self._run(contents.release, self.caches, handle.content)
+        content = None if handle is None else handle.content
+        if isinstance(content, Inline):
+            self._inline_held -= len(content.data)
+        elif isinstance(content, Streamed) and content.page_cache:
+            contents.release(self.caches, content)  # a layer file: one close(2), inline
+        elif content is not None:
+            await self._run(contents.release, self.caches, content)
 
     def _hold_inline(self, content: Inline, key: Key) -> None:
         """Count an open small file's bytes against the budget: the bytes open handles hold

@@ -17,7 +17,9 @@ file lines), anything else goes through ``json.loads``; gzip is inflated in a he
 from __future__ import annotations
 
 import binascii
+import io
 import json
+import os
 import queue
 import re
 import threading
@@ -40,6 +42,7 @@ CRC_LEN = 8
 _RAW_READ = 1 << 20
 _BLOCK = 2 << 20
 _QUEUE_DEPTH = 2
+_INLINE_GZIP = 64 << 10  # tar-splits up to this size are inflated in the parser's thread
 _SEGMENT = 2
 _FILE = 1
 
@@ -194,6 +197,11 @@ class _Inflater:
         self._gz = gz
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._stop = threading.Event()
+        self._inline: Iterator[bytes] | None = None
+        self._thread: threading.Thread | None = None
+        if _file_size(gz) <= _INLINE_GZIP:  # a small tar-split: a thread costs more than it saves
+            self._inline = _inflate(gz)
+            return
         self._thread = threading.Thread(target=self._run, name="imgfs-gunzip", daemon=True)
         self._thread.start()
 
@@ -216,6 +224,8 @@ class _Inflater:
         return False
 
     def get(self) -> bytes:
+        if self._inline is not None:
+            return next(self._inline, b"")
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -223,7 +233,16 @@ class _Inflater:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _file_size(gz: BinaryIO) -> int:
+    """The size of the file behind ``gz``; unknown (not a file): larger than any bound."""
+    try:
+        return os.fstat(gz.fileno()).st_size
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return 1 << 62
 
 
 def _inflate(gz: BinaryIO) -> Iterator[bytes]:

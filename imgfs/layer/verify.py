@@ -255,25 +255,6 @@ def member_verifier(size: int, crc: int | None, what: str, sha256: str | None = 
     return Verifier(size, lambda: CrcChecker(crc, what), what)
 
 
-class FdRange:
-    """A ``RangeSource`` over one open regular file of a known size (a layer member)."""
-
-    def __init__(self, fd: int | None, size: int, what: str) -> None:
-        self._fd = fd
-        self.size = size
-        self._what = what
-
-    def read_raw(self, offset: int, n: int) -> bytes:
-        if self._fd is None:
-            raise ValueError(f"{self._what}: read after close")
-        return read_exact(self._fd, n, offset, self._what)
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-
 class ClosableRange(RangeSource, Protocol):
     def close(self) -> None: ...
 

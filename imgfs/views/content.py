@@ -4,7 +4,9 @@ Owns: ``Content`` — what an open file is served from: ``Inline`` bytes (manife
 signatures, layout files), a ``Snapshotted`` layer blob (the snapshot cache), or a ``Streamed``
 reader (a ``--direct`` layer blob, a ``layers/``/``rootfs/`` file) checked by the file's shared
 verifier — and the policy that picks one (snapshots unless the caches were built for
-``--direct``). Also owns ``Caches``, built once by the CLI's wiring and shared by every view.
+``--direct``); the open layer member (``MemberFile``: opened at once or at its first read) and
+the inline attempt of its reads (``read_nowait``: never waits for the disk or a store lock).
+Also owns ``Caches``, built once by the CLI's wiring and shared by every view.
 Must not know: pyfuse3, trio, inode numbers, errno values, the tree's names.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,10 +23,11 @@ from imgfs.budget import Budget
 from imgfs.cache.layers import LayerBlobs
 from imgfs.cache.snapshots import Sink, Snapshot, SnapshotCache
 from imgfs.cache.trees import FileViews
-from imgfs.errors import IntegrityError, LayerUnavailable
+from imgfs.errors import IntegrityError, LayerUnavailable, LockBusy
 from imgfs.layer.tarheader import REGULAR
 from imgfs.layer.tree import Member
-from imgfs.layer.verify import FdRange, VerifiedReader, Verifiers, member_verifier
+from imgfs.layer.verify import VerifiedReader, Verifiers, member_verifier, read_exact
+from imgfs.store import locks
 from imgfs.store.source import LayerSource
 from imgfs.views.rootfs import RootFSCache
 
@@ -141,8 +145,12 @@ def _produce(
         raise
 
 
-def open_member(verifiers: Verifiers, source: LayerSource, member: Member) -> Content:
-    """A regular file of ``layers/`` or ``rootfs/``, checked by the member's verifier."""
+def open_member(
+    verifiers: Verifiers, source: LayerSource, member: Member, lazy: bool = False
+) -> Content:
+    """A regular file of ``layers/`` or ``rootfs/``, checked by the member's verifier.
+    ``lazy``: the layer file is opened at the first read (none at all when the kernel serves
+    every read from its page cache), else now."""
     what = f"{source.what}: file {member.data_name!r:.200}"
     if member.typeflag != REGULAR:
         raise LayerUnavailable(f"{what}: not a regular file (unresolved hardlink?)")
@@ -155,8 +163,77 @@ def open_member(verifiers: Verifiers, source: LayerSource, member: Member) -> Co
     )
     if verifier.failure is not None:
         raise IntegrityError(verifier.failure)
-    fd = source.open_file(member.data_name, member.size) if member.size else None
-    return Streamed(VerifiedReader(FdRange(fd, member.size, what), verifier), page_cache=True)
+    file = MemberFile(source, member.data_name, member.size, what)
+    if not lazy and member.size:
+        file.open()
+    return Streamed(VerifiedReader(file, verifier), page_cache=True)
+
+
+# Reads of layer files up to this size may be tried inline (``read_nowait``): larger ones may
+# make the verifier check a long prefix first, which is no work for the requests' thread.
+INLINE_READ_MAX = 1 << 20
+# Only root opens layer files inline: another user's store may be rootless, whose files are
+# opened by a helper process (a round trip the requests' thread must not wait for).
+_INLINE_OPEN = os.geteuid() == 0
+_nowait = threading.local()  # .on: this thread's reads must not block (read_nowait)
+
+
+class MemberFile:
+    """One open handle's view of a layer member's file (a ``verify.RangeSource``): opened
+    through its ``LayerSource`` at ``open`` or the first read, size-checked reads, and in
+    ``read_nowait`` reads that raise ``BlockingIOError`` instead of waiting for the disk."""
+
+    def __init__(self, source: LayerSource, name: bytes, size: int, what: str) -> None:
+        self._source = source
+        self._name = name
+        self.size = size
+        self._what = what
+        self._fd: int | None = None
+        self._closed = False
+
+    def open(self) -> int:
+        if self._closed:
+            raise ValueError(f"{self._what}: read after close")
+        if self._fd is None:
+            if getattr(_nowait, "on", False) and not _INLINE_OPEN:
+                raise BlockingIOError(f"{self._what}: opened by a worker thread")
+            self._fd = self._source.open_file(self._name, self.size)
+        return self._fd
+
+    def read_raw(self, offset: int, n: int) -> bytes:
+        fd = self.open()
+        if not getattr(_nowait, "on", False):
+            return read_exact(fd, n, offset, self._what)
+        buf = bytearray(n)
+        try:
+            got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError as exc:  # EAGAIN (not cached), or a file system without RWF_NOWAIT
+            raise BlockingIOError(f"{self._what}: {exc}") from exc
+        if got != n:  # partly cached, or short: a worker thread's read_exact tells which
+            raise BlockingIOError(f"{self._what}: {got} of {n} bytes cached")
+        return bytes(buf)
+
+    def close(self) -> None:
+        fd, self._fd, self._closed = self._fd, None, True
+        if fd is not None:
+            os.close(fd)
+
+
+def read_nowait(content: Streamed, offset: int, n: int) -> bytes | None:
+    """``content.reader.read(offset, n)`` of a layer member if that needs no wait — the file
+    open (or opened without a store lock a writer holds), its pages in the page cache, at most
+    ``INLINE_READ_MAX`` bytes — so that the requests' thread serves it; else None (read it in a
+    worker thread). A failed check raises as ``read`` does."""
+    if not isinstance(content.reader, VerifiedReader) or content.reader.size > INLINE_READ_MAX:
+        return None
+    _nowait.on = True
+    try:
+        with locks.no_waiting():
+            return content.reader.read(offset, n)
+    except (BlockingIOError, LockBusy):
+        return None
+    finally:
+        _nowait.on = False
 
 
 def release(caches: Caches, content: Content) -> None:

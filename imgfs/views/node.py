@@ -1,7 +1,8 @@
 """What the mounted tree shows of one node, and who may open it.
 
 Owns: ``Node`` (kind, size, times, link target, xattrs, and for ``layers/``/``rootfs/`` the
-image's own mode and numeric owners) and ``Ownership``: imgfs's own modes (0500/0400 unless
+image's own mode and numeric owners, and for a regular file its ``Origin``: where its bytes
+are) and ``Ownership``: imgfs's own modes (0500/0400 unless
 ``uid=``/``gid=``/``umask=`` widen them) and the access rule of the image views, the one place
 that decides whether a caller may see into a ``layers/``/``rootfs/`` node -- on top of the
 kernel's check (``default_permissions``), or, for a rootless store mounted by its owner, as the
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import os
 import stat
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
+from imgfs.layer.tree import LayerTree
 from imgfs.views.keys import Key
 
 Kind = Literal["dir", "file", "link", "special"]
@@ -136,7 +139,18 @@ def _posix_allows(
     return bits & want == want
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a ``layers/``/``rootfs/`` regular file's bytes come from: member ``ref`` of the
+    image's layer ``layer`` (its place in the chain), whose tree is held weakly (a node never
+    keeps a tree that the tree caches dropped)."""
+
+    layer: int
+    tree: weakref.ReferenceType[LayerTree]
+    ref: int
+
+
+@dataclass(frozen=True, slots=True)
 class Node:
     key: Key
     kind: Kind
@@ -151,3 +165,4 @@ class Node:
     gid: int | None = None
     nlink: int = 0
     rdev: int = 0
+    origin: Origin | None = None  # a layers/ or rootfs/ regular file: what opens it

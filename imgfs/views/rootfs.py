@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from imgfs.budget import MERGED_ENTRY_BYTES, Budget
@@ -118,10 +118,15 @@ class RootFS:
             raise NotFound(f"{self.what}: {path!r:.200} is not a directory")
         self._check_budget(path, entry.sources)
         merged = self._merge(path, entry.sources)
-        for i, tree in enumerate(self.layers):
-            tree.prefetch(e.ref for e in merged.values() if e.layer == i)
         self._dirs.put((self._serial, path), merged)
         return merged
+
+    def prefetch(self, entries: Collection[Entry]) -> None:
+        """Parse the members ``entries`` show, each layer's in tar order (a listing's; not
+        done by every merge: a directory's st_nlink merges its subdirectories too, whose
+        members nothing may ask for)."""
+        for i, tree in enumerate(self.layers):
+            tree.prefetch(e.ref for e in entries if e.layer == i)
 
     def _check_budget(self, path: bytes, sources: tuple[int, ...]) -> None:
         """OverBudget when merging ``path`` alone could exceed the merged directories' bound."""

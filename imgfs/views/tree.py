@@ -4,8 +4,9 @@ Owns: one view of the store (its images, computed per image on first use), the d
 every request by the type of its key to the section that owns that part of the tree
 (``imgfs.views.sections``), and what sections share: an image's blob list and layer chain, its
 signatures and OCI manifest (computed apart, so bad signature metadata fails only
-``signatures/`` and a manifest that cannot be rewritten only ``oci/``), the nodes of
-``layers/``/``rootfs/`` already built, and the verifiers of the files being read.
+``signatures/`` and a manifest that cannot be rewritten only ``oci/``), the nodes and
+directory listings already built (each listing once per view), and the verifiers of the files
+being read.
 Must not know: pyfuse3, trio, inode numbers, errno values.
 
 A view is immutable; per-image content raises the core's errors for a broken image, which
@@ -20,25 +21,47 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from imgfs.budget import NODE_BYTES
+from imgfs.budget import LISTING_ENTRY_BYTES, NODE_BYTES
 from imgfs.errors import ImgfsError, NotFound
 from imgfs.layer.verify import Verifiers
 from imgfs.lru import LRU
 from imgfs.store.image import BlobInfo, Image
 from imgfs.store.source import LayerSource
+from imgfs.views import content as contents
 from imgfs.views import oci as ocilayout
 from imgfs.views.content import Caches, Content
-from imgfs.views.keys import ROOT, Key, child_key
+from imgfs.views.keys import (
+    ROOT,
+    Key,
+    LayerInodeKey,
+    LayerKey,
+    RootfsInodeKey,
+    RootfsKey,
+    child_key,
+)
 from imgfs.views.node import Node
 from imgfs.views.rootfs import RootFS
 from imgfs.views.sections import section_of
 from imgfs.views.sections.byname import NameTree
 
 log = logging.getLogger(__name__)
+_MEMBER_KEYS = (LayerKey, LayerInodeKey, RootfsKey, RootfsInodeKey)
+
+
+Listing = list[tuple[bytes, Node]]
+_Listed = tuple[Listing, dict[bytes, Node]]  # a listing and its nodes by name
 
 
 def _node_bytes(_node: Node) -> int:
     return NODE_BYTES
+
+
+def _listing_bytes(listing: Listing) -> int:
+    return (len(listing) + 1) * LISTING_ENTRY_BYTES
+
+
+def _listed_bytes(listed: _Listed) -> int:
+    return _listing_bytes(listed[0])
 
 
 @dataclass
@@ -66,6 +89,9 @@ class TreeView:
         self._signatures: dict[str, list[bytes]] = {}
         # every node computed, by key; bounded by the budget's share (NODE_BYTES each)
         self._nodes: LRU[Key, Node] = LRU(self.caches.budget.nodes, cost=_node_bytes)
+        # every directory listing built, by key (a view never changes: built once, not per
+        # opendir); bounded by the budget's share, a listing over it alone is not kept
+        self._listings: LRU[Key, _Listed] = LRU(self.caches.budget.listings, cost=_listed_bytes)
         self._lock = threading.Lock()
         self.names = NameTree(images)
 
@@ -81,13 +107,19 @@ class TreeView:
         return found
 
     def peek(self, key: Key) -> Node | None:
-        """The node of ``key`` if this view computed it already (no I/O, no parse)."""
-        return self._nodes.get(key)
+        """The node of ``key`` if this view computed it already (no I/O, no parse): remembered,
+        or in its directory's listing."""
+        found = self._nodes.get(key)
+        if found is None and isinstance(key, LayerKey | RootfsKey) and key.path:
+            listed = self._listings.get(key.parent())
+            if listed is not None:
+                found = listed[1].get(key.path.rpartition(b"/")[2])
+        return found
 
     def peek_child(self, parent: Key, name: bytes) -> Node | None:
         """``peek`` of the child ``name`` of ``parent``."""
         child = child_key(parent, name)
-        return None if child is None else self._nodes.get(child)
+        return None if child is None else self.peek(child)
 
     def lookup(self, parent: Key, name: bytes) -> Node:
         """The child ``name`` of directory ``parent`` (``.`` and ``..`` included)."""
@@ -99,13 +131,42 @@ class TreeView:
         self._nodes.put(found.key, found)
         return found
 
-    def children(self, key: Key) -> list[tuple[bytes, Node]]:
-        """The listing of directory ``key``, in readdir order."""
-        return section_of(key).children(self, key)
+    def children(self, key: Key) -> Listing:
+        """The listing of directory ``key``, in readdir order, built once per view (bounded:
+        a listing larger than the whole share is built again each time). Callers must not
+        change it."""
+        listed = self._listings.get(key)
+        if listed is not None:
+            return listed[0]
+        found = section_of(key).children(self, key)
+        if _listing_bytes(found) <= self._listings.max_cost:
+            self._listings.put(key, (found, dict(found)))
+        return found
+
+    def peek_children(self, key: Key) -> Listing | None:
+        """The listing of ``key`` if this view built it already (no I/O, no merge)."""
+        listed = self._listings.get(key)
+        return None if listed is None else listed[0]
 
     def open(self, key: Key) -> Content:
         """The content of file ``key`` (the caller gives it back with ``release``)."""
         return section_of(key).open(self, key)
+
+    def open_known(self, key: Key) -> Content | None:
+        """``open(key)`` without I/O, if this view knows the node of ``key`` (a ``layers/`` or
+        ``rootfs/`` regular file: its ``Origin``) and its layer's tree is in memory; the file
+        is opened at its first read. None: ask ``open``."""
+        node = self.peek(key)
+        where = None if node is None else node.origin
+        if where is None or not isinstance(key, _MEMBER_KEYS):
+            return None
+        tree = where.tree()
+        with self._lock:
+            content = self._content.get(key.image)
+        if tree is None or content is None:
+            return None
+        source = content.sources[where.layer]
+        return contents.open_member(self.verifiers, source, tree.member(where.ref), lazy=True)
 
     def resolve(self, path: bytes) -> Node:
         """The node at ``path`` below the root (lookups one name at a time; links not followed)."""

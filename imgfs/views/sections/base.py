@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import os
 import stat
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from imgfs.errors import NotFound
-from imgfs.layer.tarheader import BLOCKDEV, CHARDEV, DIRECTORY, FIFO, SYMLINK
-from imgfs.layer.tree import Member
+from imgfs.layer.tarheader import BLOCKDEV, CHARDEV, DIRECTORY, FIFO, REGULAR, SYMLINK
+from imgfs.layer.tree import LayerTree, Member
 from imgfs.store.image import BlobInfo
 from imgfs.views.content import Content
 from imgfs.views.keys import Key, SectionKey
-from imgfs.views.node import Kind, Node
+from imgfs.views.node import Kind, Node, Origin
 
 if TYPE_CHECKING:
     from imgfs.views.tree import TreeView
@@ -61,11 +62,19 @@ _MAX_TIME = (1 << 63) - 1
 ROOT_MODE = 0o555  # a layer root the tar does not name, as ``podman image mount`` shows it
 
 
-def member_node(key: Key, member: Member, nlink: int, created_ns: int = 0) -> Node:
+def origin(layer: int, tree: LayerTree, ref: int) -> Origin:
+    """Member ``ref`` of ``tree``, the image's layer number ``layer``."""
+    return Origin(layer, weakref.ref(tree), ref)
+
+
+def member_node(
+    key: Key, member: Member, nlink: int, created_ns: int = 0, source: Origin | None = None
+) -> Node:
     """A ``layers/`` or ``rootfs/`` node with the image's own attributes (numeric owners).
 
     ``nlink``: the paths showing a file, or 2 + the subdirectories of a directory. A layer
     root that the tar does not name shows mode 0555 and the layer's ``created_ns``.
+    ``source``: where ``member`` is (kept for a regular file: ``TreeView.open_known``).
     """
     flag = member.typeflag
     kind: Kind = "file"
@@ -87,6 +96,7 @@ def member_node(key: Key, member: Member, nlink: int, created_ns: int = 0) -> No
         key, kind, size, max(min(mtime, _MAX_TIME), -_MAX_TIME), target=target,
         stable=True, xattrs=member.xattrs, mode=mode, uid=min(member.uid, _MAX_ID),
         gid=min(member.gid, _MAX_ID), nlink=nlink, rdev=rdev,
+        origin=source if flag == REGULAR else None,
     )  # fmt: skip
 
 

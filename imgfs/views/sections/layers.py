@@ -16,7 +16,7 @@ from imgfs.views import content as contents
 from imgfs.views.content import Content
 from imgfs.views.keys import Key, LayerInodeKey, LayerKey, SectionKey, child_path
 from imgfs.views.node import Node
-from imgfs.views.sections.base import Section, digest_hex, member_node, usable_name
+from imgfs.views.sections.base import Section, digest_hex, member_node, origin, usable_name
 
 if TYPE_CHECKING:
     from imgfs.views.tree import TreeView
@@ -35,7 +35,8 @@ class Layers(Section):
         if isinstance(key, LayerInodeKey):
             if key.ref >= tree.member_count:
                 raise NotFound(f"{key!r:.100} is gone")
-            return member_node(key, tree.member(key.ref), tree.link_count(key.ref))
+            where = origin(key.number, tree, key.ref)
+            return member_node(key, tree.member(key.ref), tree.link_count(key.ref), 0, where)
         if not key.path:
             created = view.content(image).sources[key.number].created_ns
             return member_node(key, tree.root(), _dir_links(tree, b""), created)
@@ -124,7 +125,8 @@ def _path_node(view: TreeView, tree: LayerTree, ref: int, key: LayerKey) -> Node
     shown: Key = key
     if count > 1 and not tree.is_dir(ref):
         shown = LayerInodeKey(key.image, key.number, ref)
-    return view.remember(key, member_node(shown, tree.member(ref), count))
+    where = origin(key.number, tree, ref)
+    return view.remember(key, member_node(shown, tree.member(ref), count, 0, where))
 
 
 LAYERS = Layers()

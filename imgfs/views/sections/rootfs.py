@@ -14,7 +14,7 @@ from imgfs.views.content import Content
 from imgfs.views.keys import Key, RootfsInodeKey, RootfsKey, child_path
 from imgfs.views.node import Node
 from imgfs.views.rootfs import Entry, RootFS
-from imgfs.views.sections.base import Section, member_node, usable_name
+from imgfs.views.sections.base import Section, member_node, origin, usable_name
 
 if TYPE_CHECKING:
     from imgfs.views.tree import TreeView
@@ -27,16 +27,19 @@ class Rootfs(Section):
         fs = _rootfs(view, key.image)
         if isinstance(key, RootfsInodeKey):
             entry = _identity_entry(fs, key)
-            return member_node(key, fs.member(entry), fs.nlink(entry))
+            where = origin(entry.layer, fs.layers[entry.layer], entry.ref)
+            return member_node(key, fs.member(entry), fs.nlink(entry), 0, where)
         return _entry_node(view, fs, fs.entry(key.path), key)
 
     def children(self, view: TreeView, key: RootfsKeys) -> list[tuple[bytes, Node]]:
         if isinstance(key, RootfsInodeKey):
             return super().children(view, key)
         fs = _rootfs(view, key.image)
+        entries = fs.children(key.path)
+        fs.prefetch(entries.values())
         return [
             (name, _entry_node(view, fs, entry, RootfsKey(key.image, child_path(key.path, name))))
-            for name, entry in fs.children(key.path).items()
+            for name, entry in entries.items()
         ]
 
     def lookup(self, view: TreeView, key: RootfsKeys, name: bytes) -> Node:
@@ -75,7 +78,8 @@ def _entry_node(view: TreeView, fs: RootFS, entry: Entry, key: RootfsKey) -> Nod
     elif fs.hardlinked(entry):
         shown, nlink = RootfsInodeKey(key.image, entry.layer, entry.ref), fs.nlink(entry)
     created = view.content(view.image(key.image)).sources[entry.layer].created_ns
-    return view.remember(key, member_node(shown, fs.member(entry), nlink, created))
+    where = origin(entry.layer, tree, entry.ref)
+    return view.remember(key, member_node(shown, fs.member(entry), nlink, created, where))
 
 
 ROOTFS = Rootfs()
