@@ -14,7 +14,8 @@ import pytest
 
 from imgfs.errors import IntegrityError, LayerUnavailable, MalformedMetadata
 from imgfs.layer import assemble
-from imgfs.layer.assemble import generate
+from imgfs.layer.assemble import LayerReader, generate
+from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import FileEntry, Segment
 from imgfs.store.layerfiles import LayerFiles
 from tests.tarsplit_maker import make_tar
@@ -198,3 +199,28 @@ def test_a_tarsplit_error_comes_after_the_entries_before_it(tmp_path: Path) -> N
     assert [name for name, _ in files.opened] == [e.name for e in copied]  # all, no more
     assert _open_fds() == before
     assert _stage_threads() == []
+
+
+def test_a_direct_read_over_many_files_opens_them_ahead_and_leaks_nothing(
+    tmp_path: Path,
+) -> None:
+    """``LayerReader.read_raw`` of a range over many files opens them ahead (and asks the disk
+    for them at once); the bytes are the same, an error opening a later file surfaces only when
+    the read reaches it (nothing is opened past it), and no descriptor opened ahead stays open
+    past the reader."""
+    layer = make_layer(tmp_path, make_tar(_members(150)))
+    index = LayerIndex.build(iter(layer.entries), WHAT)
+    before = _open_fds()
+    files = Recording(layer.dir, frozenset({b"d/f90"}))
+    reader = LayerReader(index, files, layer.digest, WHAT)
+    bad_at = layer.tar.index(b"file 90\n")
+    assert reader.read_raw(0, bad_at) == layer.tar[:bad_at]  # ends where f90 starts
+    assert files.opened[-1][0] == b"d/f89"  # the range's files only
+    with pytest.raises(LayerUnavailable, match="f90"):  # raised at f90, opened ahead with f80..
+        reader.read_raw(bad_at - 10 * 1024, 20 * 1024)
+    assert files.opened[-1][0] == b"d/f90"  # nothing opened past the failure
+    rest = layer.tar.index(b"file 91\n") - 512
+    assert reader.read_raw(rest, len(layer.tar) - rest) == layer.tar[rest:]
+    reader.close()
+    files.close()
+    assert _open_fds() == before

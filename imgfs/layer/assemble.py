@@ -511,27 +511,66 @@ class LayerReader:
             return self.verifier.read(self, offset, n)
 
     def read_raw(self, offset: int, n: int) -> bytes:
-        """Bytes ``[offset, offset + n)`` (within the blob), size-checked only."""
+        """Bytes ``[offset, offset + n)`` (within the blob), size-checked only.
+
+        A range over several files opens the next of them (up to PREFETCH at a time) and asks
+        the disk for their bytes at once (``POSIX_FADV_WILLNEED``) before reading the first: a
+        cold store is read with many requests in flight. An error opening one of them is
+        raised when the read reaches that file, as if it had been opened then.
+        """
         parts: list[bytes] = []
         pos, end = offset, offset + n
-        while pos < end:
-            ext = self._index.extent_at(pos)
-            if isinstance(ext, SegmentExtent):
-                take = min(end, ext.start + ext.length) - pos
-                parts.append(self._index.read_segment(ext.seg_pos + pos - ext.start, take))
-            else:
-                take = min(end, ext.start + ext.size) - pos
-                what = f"{self._what}: file {ext.name!r:.200}"
-                parts.append(read_exact(self._fd(ext), take, pos - ext.start, what))
-            pos += take
+        ahead: dict[int, _Opened] = {}  # data file number -> its fd opened ahead (or error)
+        try:
+            while pos < end:
+                ext = self._index.extent_at(pos)
+                if isinstance(ext, SegmentExtent):
+                    take = min(end, ext.start + ext.length) - pos
+                    parts.append(self._index.read_segment(ext.seg_pos + pos - ext.start, take))
+                else:
+                    take = min(end, ext.start + ext.size) - pos
+                    if ext.index not in self._fds and not ahead and ext.start + ext.size < end:
+                        self._open_ahead(ext.index, end, ahead)
+                    fd = self._fd(ext, ahead.pop(ext.index, None))
+                    what = f"{self._what}: file {ext.name!r:.200}"
+                    parts.append(read_exact(fd, take, pos - ext.start, what))
+                pos += take
+        finally:
+            for opened in ahead.values():  # not reached (an error stopped the read)
+                if isinstance(opened, int):
+                    os.close(opened)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fd(self, ext: FileExtent) -> int:
+    def _open_ahead(self, first: int, end: int, ahead: dict[int, _Opened]) -> None:
+        """Open data files ``first``, ``first + 1``, ... that start before ``end`` (at most
+        PREFETCH, none already cached) and ask for their first READAHEAD bytes."""
+        last = min(self._index.data_file_count, first + PREFETCH)
+        for k in range(first, last):
+            ext = self._index.file(k)
+            if ext.start >= end:
+                break
+            if k in self._fds:
+                continue
+            try:
+                fd = self._files.open(ext.name, ext.size)
+            except Exception as exc:  # raised when the read reaches this file
+                ahead[k] = exc
+                break
+            ahead[k] = fd
+            _advise(fd, 0, min(ext.size, READAHEAD))
+
+    def _fd(self, ext: FileExtent, opened: _Opened = None) -> int:
+        """The cached fd of ``ext``'s file; else ``opened`` (an fd or error opened ahead) or a
+        new open, then cached."""
+        if isinstance(opened, Exception):
+            raise opened
         fd = self._fds.get(ext.index)
         if fd is not None:
+            if opened is not None:
+                os.close(opened)
             self._fds.move_to_end(ext.index)
             return fd
-        fd = self._files.open(ext.name, ext.size)
+        fd = self._files.open(ext.name, ext.size) if opened is None else opened
         self._fds[ext.index] = fd
         while len(self._fds) > _MAX_OPEN_FDS:
             os.close(self._fds.popitem(last=False)[1])
