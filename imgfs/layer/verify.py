@@ -125,7 +125,7 @@ class DigestChecker:
             )
 
 
-HASH_BEHIND = 16 << 20  # bytes fed to a _HashBehind and not hashed yet, at most
+HASH_BEHIND = 8 << 20  # bytes fed to a _HashBehind and not hashed yet, at most (2 windows)
 
 
 class _HashBehind:
