@@ -9,6 +9,8 @@ import io
 import os
 import random
 import tarfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,8 @@ from hypothesis import strategies as st
 
 from imgfs.cache import files as cachefiles
 from imgfs.errors import IntegrityError, LayerUnavailable, MalformedMetadata, UnsafePath
+from imgfs.layer import assemble, verify
 from imgfs.layer import index as layerindex
-from imgfs.layer import verify
 from imgfs.layer.assemble import BlobFile, LayerReader, generate
 from imgfs.layer.index import FileExtent, LayerIndex, SegmentExtent
 from imgfs.layer.tarsplit import FileEntry, Segment, iter_entries
@@ -532,7 +534,9 @@ def test_generation_stops_once_the_blob_exceeds_diff_size(tmp_path: Path) -> Non
     entries = (e for e in _bomb(seen) if type(e) is Segment)
     with LayerFiles([str(tmp_path)], WHAT) as files, pytest.raises(IntegrityError):
         generate(entries, files, RecordingSink(), "sha256:" + "0" * 64, 10 << 20, WHAT)
-    assert seen[0] <= 12
+    # 11 segments reach the check; the open-ahead thread decodes at most a batch (here: one
+    # 1 MiB segment) more than the AHEAD_BATCHES it keeps ready, and the one handed out.
+    assert seen[0] <= 11 + assemble.AHEAD_BATCHES + 2
 
 
 class MemoryFiles:
@@ -598,3 +602,33 @@ def test_generation_and_reads_through_an_in_memory_opener() -> None:
     fresh.close()
     with pytest.raises(IntegrityError, match="CRC-64"):
         generate(entries, files, RecordingSink(truth=tar), digest, len(tar), WHAT)
+
+
+@pytest.mark.parametrize("behind", [1, verify.HASH_BEHIND])
+def test_reader_hashes_behind_and_its_last_bytes_wait_for_the_digest(
+    layer: Layer, monkeypatch: pytest.MonkeyPatch, behind: int
+) -> None:
+    """``--direct``: the blob's sha256 runs in a helper thread while reads go on; the read
+    that completes the blob waits for it, a wrong digest fails that read and every later one,
+    and no hashing thread is left behind (``behind``: 1 byte makes every feed wait)."""
+    monkeypatch.setattr(verify, "HASH_BEHIND", behind)
+    size = len(layer.tar)
+    with layer.files() as files:
+        good = LayerReader(layer.index(), files, layer.digest, WHAT)
+        assert b"".join(good.read(off, 4096) for off in range(0, size, 4096)) == layer.tar
+        assert good.verifier.passed
+        wrong = LayerReader(layer.index(), files, "sha256:" + "0" * 64, WHAT)
+        assert wrong.read(0, size - 1) == layer.tar[:-1]  # all but the end: served
+        with pytest.raises(IntegrityError, match="digest"):
+            wrong.read(size - 1, 1)
+        with pytest.raises(IntegrityError, match="digest"):  # the failure sticks
+            wrong.read(0, 1)
+        abandoned = LayerReader(layer.index(), files, layer.digest, WHAT)
+        abandoned.read(0, size // 2)  # a reader that stops half way
+        for reader in (good, wrong, abandoned):
+            reader.close()
+    for _ in range(100):  # the helper exits once it has hashed what it was given
+        if not [t for t in threading.enumerate() if t.name == "imgfs-hash-behind"]:
+            break
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "imgfs-hash-behind"]

@@ -1,18 +1,22 @@
-"""Sequential generation through a ``BatchOpener`` (a rootless store's helper): the next files
-are opened ahead in one ``open_many`` call, the blob is the same, each error surfaces at its own
-file in tar order, and no descriptor opened ahead is left open."""
+"""Sequential generation opens files ahead in a helper thread: through a ``BatchOpener`` (a
+rootless store's helper) the next files in one ``open_many`` call, through a plain opener one
+by one; the blob is the same, each error surfaces at its own file in tar order, nothing is
+opened past a failure, and no descriptor opened ahead (nor any stage thread) is left."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from imgfs.errors import IntegrityError, LayerUnavailable
+from imgfs.errors import IntegrityError, LayerUnavailable, MalformedMetadata
 from imgfs.layer import assemble
-from imgfs.layer.assemble import generate
+from imgfs.layer.assemble import LayerReader, generate
+from imgfs.layer.index import LayerIndex
+from imgfs.layer.tarsplit import FileEntry, Segment
 from imgfs.store.layerfiles import LayerFiles
 from tests.tarsplit_maker import make_tar
 from tests.test_assemble import WHAT, RecordingSink, make_layer
@@ -106,5 +110,121 @@ def test_a_wrong_file_fails_its_check_when_opened_ahead(tmp_path: Path) -> None:
     files = Batching(layer.dir)
     with pytest.raises(IntegrityError, match="f3"):
         generate(layer.entries, files, RecordingSink(), layer.digest, len(layer.tar), WHAT)
+    files.close()
+    assert _open_fds() == before
+
+
+class Recording:
+    """A plain FileOpener (no ``open_many``): LayerFiles, recording which thread opened what
+    and failing the names in ``broken``."""
+
+    def __init__(self, directory: Path, broken: frozenset[bytes] = frozenset()) -> None:
+        self.files = LayerFiles([str(directory)], WHAT)
+        self.broken = broken
+        self.opened: list[tuple[bytes, str]] = []
+
+    def open(self, name: bytes, size: int) -> int:
+        self.opened.append((name, threading.current_thread().name))
+        if name in self.broken:
+            raise LayerUnavailable(f"{name!r} is broken")
+        return self.files.open(name, size)
+
+    def close(self) -> None:
+        self.files.close()
+
+
+def _stage_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("imgfs-")]
+
+
+def test_a_plain_opener_is_opened_ahead_in_a_helper_thread(tmp_path: Path) -> None:
+    layer = make_layer(tmp_path, make_tar(_members(150)))
+    before = _open_fds()
+    files = Recording(layer.dir)
+    sink = RecordingSink(truth=layer.tar)
+    generate(layer.entries, files, sink, layer.digest, len(layer.tar), WHAT)
+    files.close()
+    assert bytes(sink.data) == layer.tar
+    assert [name for name, _ in files.opened] == [f"d/f{i}".encode() for i in range(150)]
+    assert {thread for _, thread in files.opened} == {"imgfs-open-ahead"}
+    assert _open_fds() == before
+    assert _stage_threads() == []  # open-ahead, hash and write threads all joined
+
+
+@pytest.mark.parametrize("bad", [0, 70, 149])
+def test_a_plain_opener_error_stops_the_opening_ahead(tmp_path: Path, bad: int) -> None:
+    layer = make_layer(tmp_path, make_tar(_members(150)))
+    before = _open_fds()
+    files = Recording(layer.dir, frozenset({f"d/f{bad}".encode()}))
+    sink = RecordingSink(truth=layer.tar)
+    with pytest.raises(LayerUnavailable, match=f"d/f{bad}'"):
+        generate(layer.entries, files, sink, layer.digest, len(layer.tar), WHAT)
+    files.close()
+    assert files.opened[-1][0] == f"d/f{bad}".encode()  # nothing opened past the failure
+    assert sink.high <= layer.tar.index(f"file {bad}\n".encode())
+    assert _open_fds() == before
+    assert _stage_threads() == []
+
+
+def test_a_corrupt_file_in_the_middle_fails_with_nothing_wrong_published(tmp_path: Path) -> None:
+    """Through every stage (open-ahead, read + CRC, hash, write): the file's bytes are written
+    but its last byte, and nothing after it, is never published; no thread is left behind."""
+    big = [(f"d/big{i}", bytes([i]) * (3 << 20)) for i in range(4)]  # several buffers each
+    layer = make_layer(tmp_path, make_tar([("d", None), *big, *_members(100)[2:]]))
+    (layer.dir / "d" / "big2").write_bytes(b"\2" * ((3 << 20) - 1) + b"X")  # last byte wrong
+    before = _open_fds()
+    files = Recording(layer.dir)
+    sink = RecordingSink(truth=layer.tar)
+    with pytest.raises(IntegrityError, match="big2"):
+        generate(layer.entries, files, sink, layer.digest, len(layer.tar), WHAT)
+    files.close()
+    end_of_big2 = layer.tar.index(b"\3" * 4096) - 512 - (-(3 << 20) % 512)
+    assert sink.high < end_of_big2  # its last byte never served
+    assert sink.high > end_of_big2 - (4 << 20)  # (the check ran as the bytes streamed)
+    assert _open_fds() == before
+    assert _stage_threads() == []
+
+
+def test_a_tarsplit_error_comes_after_the_entries_before_it(tmp_path: Path) -> None:
+    layer = make_layer(tmp_path, make_tar(_members(150)))
+    cut = 2 * 40 + 7
+
+    def entries() -> Iterator[Segment | FileEntry]:
+        yield from layer.entries[:cut]
+        raise MalformedMetadata("tar-split line 88: broken")
+
+    before = _open_fds()
+    files = Recording(layer.dir)
+    sink = RecordingSink(truth=layer.tar)
+    with pytest.raises(MalformedMetadata, match="line 88"):
+        generate(entries(), files, sink, layer.digest, len(layer.tar), WHAT)
+    files.close()
+    copied = [e for e in layer.entries[:cut] if isinstance(e, FileEntry) and e.size]
+    assert [name for name, _ in files.opened] == [e.name for e in copied]  # all, no more
+    assert _open_fds() == before
+    assert _stage_threads() == []
+
+
+def test_a_direct_read_over_many_files_opens_them_ahead_and_leaks_nothing(
+    tmp_path: Path,
+) -> None:
+    """``LayerReader.read_raw`` of a range over many files opens them ahead (and asks the disk
+    for them at once); the bytes are the same, an error opening a later file surfaces only when
+    the read reaches it (nothing is opened past it), and no descriptor opened ahead stays open
+    past the reader."""
+    layer = make_layer(tmp_path, make_tar(_members(150)))
+    index = LayerIndex.build(iter(layer.entries), WHAT)
+    before = _open_fds()
+    files = Recording(layer.dir, frozenset({b"d/f90"}))
+    reader = LayerReader(index, files, layer.digest, WHAT)
+    bad_at = layer.tar.index(b"file 90\n")
+    assert reader.read_raw(0, bad_at) == layer.tar[:bad_at]  # ends where f90 starts
+    assert files.opened[-1][0] == b"d/f89"  # the range's files only
+    with pytest.raises(LayerUnavailable, match="f90"):  # raised at f90, opened ahead with f80..
+        reader.read_raw(bad_at - 10 * 1024, 20 * 1024)
+    assert files.opened[-1][0] == b"d/f90"  # nothing opened past the failure
+    rest = layer.tar.index(b"file 91\n") - 512
+    assert reader.read_raw(rest, len(layer.tar) - rest) == layer.tar[rest:]
+    reader.close()
     files.close()
     assert _open_fds() == before

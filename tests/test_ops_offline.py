@@ -11,6 +11,7 @@ import errno
 import io
 import os
 import tarfile
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -457,3 +458,69 @@ def _count_hops(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> list[object
 
     monkeypatch.setattr(ops, "_run", counting_run)
     return hops
+
+
+def test_a_snapshot_read_waits_for_the_producer_without_a_thread(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of a range not yet published waits in the event loop, woken by the producer, and
+    reads inline; a reader waiting on a generation that fails is woken and gets EIO."""
+    from imgfs.cache.snapshots import Sink, SnapshotCache
+    from imgfs.errors import IntegrityError
+
+    ops = _ops(made, tmp_path)
+    hops: list[object] = []
+    real_run = Operations._run
+
+    async def counted(self: Operations, fn: Callable[..., Any], *args: Any) -> Any:
+        hops.append(fn)
+        return await real_run(self, fn, *args)
+
+    monkeypatch.setattr(Operations, "_run", counted)
+    cache = SnapshotCache(str(tmp_path / "snaps"), max_bytes=1 << 20)
+    data = os.urandom(8192)
+    gates = {"publish": threading.Event(), "fail": threading.Event()}
+
+    def produce(sink: Sink) -> None:
+        gates["publish"].wait(10)
+        sink.write(data)
+        sink.publish(4096)
+        gates["fail"].wait(10)
+        raise IntegrityError("layer L: file 'x' fails its CRC-64")
+
+    snap = cache.acquire("k", len(data), produce)
+
+    async def main() -> tuple[bytes, int]:
+        got: list[bytes] = []
+
+        async def reader() -> None:
+            got.append(bytes(await ops._read_snapshot(snap, 0, 4096)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.2)
+            assert not got  # still waiting for the producer
+            gates["publish"].set()
+        assert hops == []  # waited in the event loop and read inline: no worker thread
+        code = 0
+        async with trio.open_nursery() as nursery:
+
+            async def late_reader() -> None:
+                nonlocal code
+                try:
+                    await ops._read_snapshot(snap, 4096, 4096)
+                except IntegrityError:
+                    code = errno.EIO
+
+            nursery.start_soon(late_reader)
+            await trio.sleep(0.2)
+            assert code == 0  # waits: the rest is not published
+            gates["fail"].set()
+        return got[0], code
+
+    first, code = trio.run(main)
+    assert first == data[:4096]
+    assert code == errno.EIO  # woken by the failure, not left waiting
+    assert hops == [snap.read]  # only the failed range, whose read raises the producer's error
+    cache.release(snap)
+    cache.close()

@@ -637,3 +637,64 @@ def test_many_threads_many_keys(cache_dir: Path) -> None:
     assert stats.bytes_cached <= 40_000
     cache.close()
     assert os.listdir(cache_dir) == []
+
+
+def test_waiters_are_woken_once_their_range_is_published_or_generation_fails(
+    cache: SnapshotCache,
+) -> None:
+    """The hook the FUSE adapter waits on (in its event loop, no thread): ``wake`` is called
+    once the range is published, or once generation failed; never before; withdrawn ones never."""
+    data = blob(16384, seed=9)
+    step, fail = threading.Event(), threading.Event()
+
+    def produce(sink: Sink) -> None:
+        sink.write(data[:4096])
+        sink.publish(4096)
+        wait_for(step)
+        sink.write(data[4096:8192])
+        sink.publish(8192)
+        wait_for(fail)
+        raise IntegrityError("layer L: CRC-64 mismatch in etc/passwd")
+
+    snap = cache.acquire("k", len(data), produce)
+    woken: dict[str, threading.Event] = {k: threading.Event() for k in ("8k", "end", "gone")}
+    assert snap.read(0, 4096, timeout=WAIT) == data[:4096]
+    assert snap.notify_when_published(4096, woken["8k"].set) is None  # published: no wait
+    withdraw_8k = snap.notify_when_published(8192, woken["8k"].set)
+    withdraw_end = snap.notify_when_published(len(data), woken["end"].set)
+    withdraw_gone = snap.notify_when_published(len(data), woken["gone"].set)
+    assert withdraw_8k is not None
+    assert withdraw_end is not None
+    assert withdraw_gone is not None
+    withdraw_gone()
+    assert not woken["8k"].wait(BLOCKED)  # 8192 not published yet
+    step.set()
+    wait_for(woken["8k"])
+    assert snap.published >= 8192
+    assert not woken["end"].wait(BLOCKED)
+    fail.set()
+    wait_for(woken["end"])  # the failure wakes the waiter of a range never published
+    assert snap.error is not None
+    assert not woken["gone"].is_set()
+    assert snap.notify_when_published(len(data), woken["gone"].set) is None  # failed: no wait
+    withdraw_end()  # after the wake-up: harmless
+    cache.release(snap)
+
+
+def test_closing_the_cache_wakes_waiters(cache_dir: Path) -> None:
+    cache = SnapshotCache(str(cache_dir), max_bytes=1 << 20)
+    stop = threading.Event()
+
+    def produce(sink: Sink) -> None:
+        while not sink.cancelled:
+            stop.wait(0.01)
+        raise SnapshotCancelled("abandoned")
+
+    snap = cache.acquire("k", 4096, produce)
+    woken = threading.Event()
+    assert snap.notify_when_published(4096, woken.set) is not None
+    cache.close()
+    wait_for(woken)
+    with pytest.raises(ImgfsError):
+        snap.read(0, 4096, timeout=WAIT)
+    cache.release(snap)

@@ -39,12 +39,17 @@ attribute compare, then ``os.pread``. The FUSE layer may go further and read ``S
 itself, without a thread hop, while it holds its reference::
 
     end = min(offset + size, snap.size)
+    if end > snap.published:
+        withdraw = snap.notify_when_published(end, wake)  # wake() from the producer's thread
+        ... wait for wake() in the event loop, then withdraw() ...
     if end <= snap.published:
         n = os.preadv(snap.fd, [buf], offset, os.RWF_NOWAIT)  # BlockingIOError: not in page cache
-    else:
-        data = await trio.to_thread.run_sync(snap.read, offset, size)  # waits for the producer
+    else:  # failed or stopped: snap.read raises why
+        data = await trio.to_thread.run_sync(snap.read, offset, size)
 
-(``preadv`` may return fewer bytes than asked when only part of the range is cached.)
+(``preadv`` may return fewer bytes than asked when only part of the range is cached.) A
+waiter's ``wake`` is called outside every lock, after the mark moved past its ``end`` or when
+generation failed or ended any other way.
 """
 
 from __future__ import annotations
@@ -139,6 +144,7 @@ class Snapshot:
         "_size",
         "_state",
         "_thread",
+        "_waiters",
     )
 
     def __init__(self, key: str, size: int, fd: int) -> None:
@@ -150,6 +156,7 @@ class Snapshot:
         self._published = 0
         self._state = _State.GENERATING
         self._error: ImgfsError | None = None
+        self._waiters: list[tuple[int, Callable[[], None]]] = []  # guarded by _cond
         # Set once, never cleared; read without a lock by the producer.
         self._cancelled = False
         # Guarded by the owning cache's lock.
@@ -218,6 +225,47 @@ class Snapshot:
             raise ImgfsError(f"snapshot of {self._key} was read after it was released")
         return self._pread(offset, end - offset)
 
+    def notify_when_published(
+        self, end: int, wake: Callable[[], None]
+    ) -> Callable[[], None] | None:
+        """Arrange one call of ``wake()`` once bytes up to ``end`` are published, or generation
+        failed or stopped; None (and no call) if that is so already. Returns a function that
+        withdraws the request (call it when done waiting; harmless after the wake-up).
+
+        ``wake`` runs in the producer's thread, outside every lock: it must be quick and never
+        raise (the FUSE adapter hands it to its event loop). A woken waiter re-checks
+        ``published`` and ``error`` itself: a wake-up is a hint, not a promise.
+        """
+        item = (min(end, self._size), wake)
+        with self._cond:
+            if self._published >= item[0] or self._state is not _State.GENERATING:
+                return None
+            self._waiters.append(item)
+
+        def withdraw() -> None:
+            with self._cond:
+                if item in self._waiters:
+                    self._waiters.remove(item)
+
+        return withdraw
+
+    def _take_waiters(self, upto: int | None) -> list[Callable[[], None]]:
+        """The waiters (all, or those waiting for at most ``upto``) removed; under ``_cond``."""
+        if not self._waiters:
+            return []
+        if upto is None:
+            woken, self._waiters = self._waiters, []
+        else:
+            woken = [w for w in self._waiters if w[0] <= upto]
+            self._waiters = [w for w in self._waiters if w[0] > upto]
+        return [wake for _, wake in woken]
+
+    def _wake_all(self) -> None:
+        """Generation ended (any outcome): wake every waiter left."""
+        with self._cond:
+            woken = self._take_waiters(None)
+        _call_all(woken)
+
     def _wait_published(self, end: int, timeout: float | None) -> None:
         with self._cond:
             self._cond.wait_for(lambda: self._published >= end or self._error is not None, timeout)
@@ -241,9 +289,12 @@ class Snapshot:
                 raise ValueError(
                     f"snapshot of {self._key}: publish({upto}) below {self._published}"
                 )
-            if upto > self._published:
-                self._published = upto
-                self._cond.notify_all()
+            if upto <= self._published:
+                return
+            self._published = upto
+            self._cond.notify_all()
+            woken = self._take_waiters(upto)
+        _call_all(woken)
 
     def _fail(self, error: ImgfsError) -> None:
         """Fail a generating snapshot and wake its readers; the first failure wins."""
@@ -253,6 +304,8 @@ class Snapshot:
             self._error = error
             self._state = _State.FAILED
             self._cond.notify_all()
+            woken = self._take_waiters(None)
+        _call_all(woken)
 
     def _mark_complete(self) -> None:
         with self._cond:
@@ -668,6 +721,7 @@ class SnapshotCache:
             if outcome is _Outcome.FAILED and snap._attached and snap._refs == 0:
                 self._detach(snap)
             fds = self._take_fds([snap])
+        snap._wake_all()  # a cancelled generation wakes its (unlikely) waiters too
         _close_fds(fds)
         self._log_outcome(snap, outcome, error, elapsed)
 
@@ -768,6 +822,14 @@ def _join_all(threads: list[threading.Thread], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _call_all(wakes: list[Callable[[], None]]) -> None:
+    for wake in wakes:
+        try:
+            wake()
+        except Exception:  # a waiter's bug must not stop the producer
+            _default_log.exception("snapshot waiter's wake-up failed")
 
 
 def _close_fds(fds: list[int]) -> None:

@@ -9,6 +9,7 @@ from, temp files, caches, the store layout, FUSE.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -57,7 +58,12 @@ class BatchOpener(Protocol):
         ...
 
 
-PREFETCH = 250  # files opened ahead in one open_many call during sequential generation
+PREFETCH = 64  # files opened ahead in one batch (one open_many call) during generation
+AHEAD_BATCHES = 2  # batches opened ahead of the one being copied
+READAHEAD = 16 << 20  # bytes of each file asked of the disk ahead of the copy (WILLNEED)
+READAHEAD_STEP = 8 << 20  # a big file's read-ahead window moves on in steps of this
+AHEAD_BYTES = 64 << 20  # a batch ends once its files' first READAHEAD bytes add up to this
+AHEAD_SEGMENT_BYTES = 1 << 20  # ... or its segments' bytes (held in memory) add up to this
 
 
 class Sink(Protocol):
@@ -92,10 +98,10 @@ def generate(
     """
     digest_hex = _sha256_hex(expected_digest, what)
     pipe = _Pipeline(sink, DigestChecker(digest_hex, what))
-    ahead = _OpenedAhead(entries, files) if isinstance(files, BatchOpener) else None
+    ahead = _OpenedAhead(entries, files)
     try:
         gen = _Generator(files, pipe, expected_size, what)
-        for entry, opened in ahead or ((e, None) for e in entries):
+        for entry, opened in ahead:
             if type(entry) is Segment:
                 gen.segment(entry.payload)
             else:
@@ -104,8 +110,7 @@ def generate(
                     gen.file(entry, opened)
         gen.finish(sink)
     finally:
-        if ahead is not None:
-            ahead.close()
+        ahead.close()  # joins its thread: nothing iterates ``entries`` any more
         close_iterable(entries)
         pipe.close()
 
@@ -114,41 +119,147 @@ _Opened = int | Exception | None  # a file's fd opened ahead, the error of openi
 
 
 class _OpenedAhead:
-    """The entries, each file with its fd opened ahead: the next PREFETCH files' in one
-    ``open_many`` call. Errors are handed out with their file, so they surface in tar order as
-    before; ``close`` closes the fds not handed out."""
+    """The entries, each file with its fd opened ahead by a helper thread (``imgfs-open-ahead``).
 
-    def __init__(self, entries: Iterable[Segment | FileEntry], files: BatchOpener) -> None:
+    The thread decodes the entries, opens the next PREFETCH files (in one ``open_many`` call for
+    a ``BatchOpener``), asks the disk for each file's first READAHEAD bytes
+    (``POSIX_FADV_WILLNEED``: a cold store is read with many requests in flight instead of one
+    at a time) and keeps up to AHEAD_BATCHES such batches ready. Errors are handed out in tar
+    order: an open's error with its file (the thread opens nothing past it), the entries'
+    own error after the entries before it. ``close`` stops and joins the thread and closes the
+    fds not handed out; only then may ``entries`` be closed.
+    """
+
+    def __init__(self, entries: Iterable[Segment | FileEntry], files: FileOpener) -> None:
         self._entries = iter(entries)
         self._files = files
-        self._queue: deque[tuple[Segment | FileEntry, _Opened]] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._ready: deque[deque[tuple[Segment | FileEntry, _Opened]]] = deque()
+        self._current: deque[tuple[Segment | FileEntry, _Opened]] = deque()
+        self._error: BaseException | None = None
+        self._done = False  # the thread delivers nothing more
+        self._stop = False
+        self._thread: threading.Thread | None = None
 
     def __iter__(self) -> Iterator[tuple[Segment | FileEntry, _Opened]]:
-        while self._queue or self._fill():
-            yield self._queue.popleft()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="imgfs-open-ahead", daemon=True)
+            self._thread.start()
+        while True:
+            current = self._current
+            while current:
+                yield current.popleft()
+            with self._cond:
+                while not self._ready and not self._done:
+                    self._cond.wait()
+                if not self._ready:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                self._current = self._ready.popleft()
+                self._cond.notify_all()
 
-    def _fill(self) -> bool:
+    def _run(self) -> None:
+        try:
+            more = True
+            while more:
+                batch, more = self._fill()
+                with self._cond:
+                    while len(self._ready) >= AHEAD_BATCHES and not self._stop:
+                        self._cond.wait()
+                    if self._stop:
+                        _close_opened(batch)
+                        return
+                    if batch:
+                        self._ready.append(batch)
+                        self._cond.notify_all()
+        except BaseException as exc:  # handed to the consumer after what came before it
+            with self._cond:
+                self._error = exc
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _fill(self) -> tuple[deque[tuple[Segment | FileEntry, _Opened]], bool]:
+        """The next batch (opened, read-ahead asked) and whether to go on after it."""
         batch: list[Segment | FileEntry] = []
         wanted: list[FileEntry] = []
-        for entry in self._entries:
-            batch.append(entry)
-            if isinstance(entry, FileEntry) and entry.size:
-                wanted.append(entry)
-                if len(wanted) == PREFETCH:
+        ahead = held = 0
+        failed: BaseException | None = None
+        try:
+            for entry in self._entries:
+                batch.append(entry)
+                if isinstance(entry, Segment):
+                    held += len(entry.payload)
+                    if held >= AHEAD_SEGMENT_BYTES:
+                        break
+                elif entry.size:
+                    wanted.append(entry)
+                    ahead += min(entry.size, READAHEAD)
+                    if len(wanted) == PREFETCH or ahead >= AHEAD_BYTES:
+                        break
+                if len(batch) >= 4 * PREFETCH:
                     break
-            elif len(batch) >= 4 * PREFETCH:
-                break
-        opened = iter(self._files.open_many([(e.name, e.size) for e in wanted]) if wanted else [])
+            else:
+                if not batch:
+                    return deque(), False
+        except BaseException as exc:  # the entries' own error: after the entries before it
+            failed = exc
+        opened = self._open(wanted)
+        out: deque[tuple[Segment | FileEntry, _Opened]] = deque()
+        handed = iter(opened)
         for entry in batch:
-            wants = isinstance(entry, FileEntry) and entry.size
-            self._queue.append((entry, next(opened) if wants else None))
-        return bool(batch)
+            wants = type(entry) is FileEntry and entry.size
+            out.append((entry, next(handed) if wants else None))
+        if failed is not None:
+            with self._cond:
+                self._error = failed
+            return out, False
+        return out, bool(batch) and not any(isinstance(o, Exception) for o in opened)
+
+    def _open(self, wanted: list[FileEntry]) -> list[_Opened]:
+        if not wanted:
+            return []
+        files = self._files
+        if isinstance(files, BatchOpener):
+            opened = files.open_many([(e.name, e.size) for e in wanted])
+        else:
+            opened = []
+            for entry in wanted:
+                try:
+                    opened.append(files.open(entry.name, entry.size))
+                except Exception as exc:  # raised at its file's turn; nothing opened past it
+                    opened.append(exc)
+                    break
+            opened += [None] * (len(wanted) - len(opened))
+        for entry, fd in zip(wanted, opened, strict=True):
+            if isinstance(fd, int):
+                _advise(fd, 0, min(entry.size, READAHEAD))
+        return opened
 
     def close(self) -> None:
-        while self._queue:
-            _, opened = self._queue.popleft()
-            if isinstance(opened, int):
-                os.close(opened)
+        """Stop the thread (after the batch it is opening), close every fd not handed out."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        _close_opened(self._current)
+        while self._ready:
+            _close_opened(self._ready.popleft())
+
+
+def _close_opened(batch: Iterable[tuple[Segment | FileEntry, _Opened]]) -> None:
+    for _, opened in batch:
+        if isinstance(opened, int):
+            os.close(opened)
+
+
+def _advise(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to read ``[offset, offset + length)`` of ``fd`` ahead (a hint)."""
+    with contextlib.suppress(OSError):  # not a regular file (a test's pipe): a hint only
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
 _BUFFERS = 8  # staging buffers of READ_CHUNK bytes in flight between reading and writing
@@ -319,7 +430,11 @@ class _Generator:
 
     def _copy(self, fd: int, entry: FileEntry, checker: CrcChecker) -> None:
         remaining = entry.size
+        advised = READAHEAD  # the open asked for the first READAHEAD bytes
         while remaining:
+            if entry.size - remaining + READAHEAD - READAHEAD_STEP >= advised < entry.size:
+                _advise(fd, advised, READAHEAD_STEP)  # keep a big file's window ahead
+                advised += READAHEAD_STEP
             room = self._room()
             n = os.readv(fd, [room[: min(remaining, len(room))]])
             if n == 0:
@@ -396,27 +511,66 @@ class LayerReader:
             return self.verifier.read(self, offset, n)
 
     def read_raw(self, offset: int, n: int) -> bytes:
-        """Bytes ``[offset, offset + n)`` (within the blob), size-checked only."""
+        """Bytes ``[offset, offset + n)`` (within the blob), size-checked only.
+
+        A range over several files opens the next of them (up to PREFETCH at a time) and asks
+        the disk for their bytes at once (``POSIX_FADV_WILLNEED``) before reading the first: a
+        cold store is read with many requests in flight. An error opening one of them is
+        raised when the read reaches that file, as if it had been opened then.
+        """
         parts: list[bytes] = []
         pos, end = offset, offset + n
-        while pos < end:
-            ext = self._index.extent_at(pos)
-            if isinstance(ext, SegmentExtent):
-                take = min(end, ext.start + ext.length) - pos
-                parts.append(self._index.read_segment(ext.seg_pos + pos - ext.start, take))
-            else:
-                take = min(end, ext.start + ext.size) - pos
-                what = f"{self._what}: file {ext.name!r:.200}"
-                parts.append(read_exact(self._fd(ext), take, pos - ext.start, what))
-            pos += take
+        ahead: dict[int, _Opened] = {}  # data file number -> its fd opened ahead (or error)
+        try:
+            while pos < end:
+                ext = self._index.extent_at(pos)
+                if isinstance(ext, SegmentExtent):
+                    take = min(end, ext.start + ext.length) - pos
+                    parts.append(self._index.read_segment(ext.seg_pos + pos - ext.start, take))
+                else:
+                    take = min(end, ext.start + ext.size) - pos
+                    if ext.index not in self._fds and not ahead and ext.start + ext.size < end:
+                        self._open_ahead(ext.index, end, ahead)
+                    fd = self._fd(ext, ahead.pop(ext.index, None))
+                    what = f"{self._what}: file {ext.name!r:.200}"
+                    parts.append(read_exact(fd, take, pos - ext.start, what))
+                pos += take
+        finally:
+            for opened in ahead.values():  # not reached (an error stopped the read)
+                if isinstance(opened, int):
+                    os.close(opened)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fd(self, ext: FileExtent) -> int:
+    def _open_ahead(self, first: int, end: int, ahead: dict[int, _Opened]) -> None:
+        """Open data files ``first``, ``first + 1``, ... that start before ``end`` (at most
+        PREFETCH, none already cached) and ask for their first READAHEAD bytes."""
+        last = min(self._index.data_file_count, first + PREFETCH)
+        for k in range(first, last):
+            ext = self._index.file(k)
+            if ext.start >= end:
+                break
+            if k in self._fds:
+                continue
+            try:
+                fd = self._files.open(ext.name, ext.size)
+            except Exception as exc:  # raised when the read reaches this file
+                ahead[k] = exc
+                break
+            ahead[k] = fd
+            _advise(fd, 0, min(ext.size, READAHEAD))
+
+    def _fd(self, ext: FileExtent, opened: _Opened = None) -> int:
+        """The cached fd of ``ext``'s file; else ``opened`` (an fd or error opened ahead) or a
+        new open, then cached."""
+        if isinstance(opened, Exception):
+            raise opened
         fd = self._fds.get(ext.index)
         if fd is not None:
+            if opened is not None:
+                os.close(opened)
             self._fds.move_to_end(ext.index)
             return fd
-        fd = self._files.open(ext.name, ext.size)
+        fd = self._files.open(ext.name, ext.size) if opened is None else opened
         self._fds[ext.index] = fd
         while len(self._fds) > _MAX_OPEN_FDS:
             os.close(self._fds.popitem(last=False)[1])

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
@@ -102,13 +103,20 @@ class CrcChecker:
 
 class DigestChecker:
     """A whole blob's sha256 (the hex of its name), or one file's (``label``: what the
-    digest is, in the error)."""
+    digest is, in the error).
 
-    def __init__(self, digest_hex: str, what: str, label: str = "blob digest") -> None:
+    ``behind``: hash in a helper thread (``_HashBehind``), so that the caller reads on while
+    the bytes are hashed; ``feed`` must then be given bytes that never change (the verifier's
+    ``read_raw`` results), and ``finish`` waits for the hash of everything fed.
+    """
+
+    def __init__(
+        self, digest_hex: str, what: str, label: str = "blob digest", behind: bool = False
+    ) -> None:
         self._digest_hex = digest_hex
         self._what = what
         self._label = label
-        self._hash = hashlib.sha256()
+        self._hash: _HashBehind | hashlib._Hash = _HashBehind() if behind else hashlib.sha256()
 
     def feed(self, pos: int, data: memoryview) -> None:
         self._hash.update(data)
@@ -119,6 +127,62 @@ class DigestChecker:
             raise IntegrityError(
                 f"{self._what}: {self._label} sha256:{got} does not match sha256:{self._digest_hex}"
             )
+
+
+HASH_BEHIND = 8 << 20  # bytes fed to a _HashBehind and not hashed yet, at most (2 windows)
+
+
+class _HashBehind:
+    """A sha256 computed in a helper thread (``imgfs-hash-behind``), in the order fed.
+
+    ``update`` queues the bytes (waiting while HASH_BEHIND bytes are queued) and starts the
+    thread if none runs; the thread exits once the queue is empty, so an abandoned hash leaves
+    no thread behind. ``hexdigest`` waits until everything queued is hashed. sha256 releases
+    the GIL for large buffers: the hashing overlaps the caller's reads.
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[memoryview] = deque()
+        self._queued = 0
+        self._running = False
+
+    def update(self, data: memoryview) -> None:
+        with self._cond:
+            while self._queued >= HASH_BEHIND:
+                self._cond.wait()
+            self._queue.append(data)
+            self._queued += len(data)
+            if self._running:
+                return
+            self._running = True
+        try:
+            threading.Thread(target=self._run, name="imgfs-hash-behind", daemon=True).start()
+        except BaseException:
+            self._run()  # no thread to be had: hash here
+            raise
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._running = False
+                    self._cond.notify_all()
+                    return
+                data = self._queue.popleft()
+            try:
+                self._hash.update(data)
+            finally:
+                with self._cond:
+                    self._queued -= len(data)
+                    self._cond.notify_all()
+
+    def hexdigest(self) -> str:
+        with self._cond:
+            while self._running:
+                self._cond.wait()
+        return self._hash.hexdigest()
 
 
 class Verifier:
@@ -219,7 +283,9 @@ class BlobChecker:
     def __init__(self, index: LayerIndex, digest_hex: str, what: str) -> None:
         self._index = index
         self._what = what
-        self._digest = DigestChecker(digest_hex, what)
+        # Fed the verifier's read_raw bytes (immutable): hashed behind, while reading goes on;
+        # ``finish`` (the read that completes the blob) waits for the digest.
+        self._digest = DigestChecker(digest_hex, what, behind=True)
         self._crc: CrcChecker | None = None  # of the file being fed
 
     def feed(self, pos: int, data: memoryview) -> None:
