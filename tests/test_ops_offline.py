@@ -180,8 +180,9 @@ def test_readdir_offsets_resume_and_lookup_counts(
         again = await ops.lookup(img.st_ino, b"blobs", ROOT_CTX)
         assert again.st_ino == blobs_ino  # one inode per key
         await ops.forget([(blobs_ino, 2)])  # readdir's reference and the lookup's
+        assert ops.inodes.key(blobs_ino) is None  # the forgotten key is not held
         fresh = await ops.lookup(img.st_ino, b"blobs", ROOT_CTX)
-        assert fresh.st_ino != blobs_ino  # forgotten inodes are never reused
+        assert fresh.st_ino == blobs_ino  # ... and keeps its number when looked up again
 
     _run(main)
 
@@ -524,3 +525,37 @@ def test_a_snapshot_read_waits_for_the_producer_without_a_thread(
     assert hops == [snap.read]  # only the failed range, whose read raises the producer's error
     cache.release(snap)
     cache.close()
+
+
+class _Colliding:
+    """A key whose hash is fixed: every instance collides with every other."""
+
+    def __init__(self, name: str, home: int) -> None:
+        self.name, self.home = name, home
+
+    def __hash__(self) -> int:
+        return self.home
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Colliding) and other.name == self.name
+
+
+def test_inode_numbers_survive_forget_and_collisions_probe_to_a_free_number() -> None:
+    from imgfs.fuse.inodes import InodeTable
+
+    table = InodeTable("root")
+    a, b, c = (_Colliding(n, 5000) for n in "abc")
+    ino_a, ino_b = table.remember(a), table.remember(b)
+    assert ino_a == 5000
+    assert ino_b == 5001  # b collides with a live key: the next number
+    table.forget(ino_a, 1)
+    assert table.key(ino_a) is None
+    assert len(table) == 2  # only live keys are held
+    assert table.remember(b) == ino_b  # a live key keeps its number
+    assert table.remember(a) == ino_a  # a forgotten key gets its own number back
+    assert table.remember(c) == 5002
+    assert table.ino(_Colliding("d", 1)) == 2  # never 0 or the root's number
+    table.forget(ino_b, 2)
+    assert table.ino(b) == ino_b  # computed, not held: a readdir entry the kernel did not take
+    assert table.key(ino_b) is None
+    assert table.remember(_Colliding("e", -3)) == (1 << 63) - 3  # sign bit cleared

@@ -1,10 +1,16 @@
 """The inode table: stable node keys ↔ inode numbers, with kernel lookup counts.
 
-Owns: inode allocation (monotonic, never reused within a mount, so generation 0 is valid),
-the kernel's lookup counts and ``forget``. Must not know: pyfuse3, trio, the store.
+Owns: inode numbering, the kernel's lookup counts and ``forget``. Must not know: pyfuse3, trio,
+the store.
 
-Policy: an inode is dropped when its lookup count returns to zero (the root never is); looking
-the same key up later allocates a fresh number. Nothing is ever unlinked, so that is all.
+Policy: a key's number is derived from the key's hash (probing past a number another live key
+holds), so a key keeps its number when the kernel forgets it and looks it up again: ``find``,
+``du``, ``tar`` and ``rsync -H`` see one ``st_ino`` per file (and hardlinks, which share a key,
+one number) for the whole walk, even on mounts with zero timeouts (rootless, ``allow_other``),
+whose dentries the kernel drops at any time. Only live keys (lookup count above zero) are
+held, so the table is bounded by what the kernel holds. A number is handed to another key only
+after its holder was forgotten and only on a 63-bit hash collision; generation 0 is kept: imgfs
+mounts are not NFS-exportable, where that would matter.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 ROOT_INODE = 1
+_MASK = (1 << 63) - 1  # st_ino is unsigned 64-bit; stay clear of the sign bit for every tool
 
 
 class InodeTable:
@@ -21,24 +28,26 @@ class InodeTable:
         self._by_key: dict[Hashable, int] = {root_key: ROOT_INODE}
         self._by_ino: dict[int, Hashable] = {ROOT_INODE: root_key}
         self._lookups: dict[int, int] = {}
-        self._next = ROOT_INODE + 1
 
     def key(self, ino: int) -> Hashable | None:
         return self._by_ino.get(ino)
 
     def ino(self, key: Hashable) -> int:
-        """The inode of ``key``, allocating one if the key has none (no lookup counted)."""
+        """The number of ``key``: its live one, else the first free one from its hash on (not
+        held until ``remember``: a readdir entry the kernel did not take costs nothing)."""
         ino = self._by_key.get(key)
-        if ino is None:
-            ino = self._next
-            self._next += 1
-            self._by_key[key] = ino
-            self._by_ino[ino] = key
+        if ino is not None:
+            return ino
+        ino = hash(key) & _MASK
+        while ino <= ROOT_INODE or ino in self._by_ino:
+            ino = (ino + 1) & _MASK
         return ino
 
     def remember(self, key: Hashable) -> int:
         """``ino(key)`` plus one kernel lookup reference."""
         ino = self.ino(key)
+        self._by_key[key] = ino
+        self._by_ino[ino] = key
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
         return ino
 
