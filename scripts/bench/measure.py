@@ -35,6 +35,15 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def drop_count() -> int:
+    """How often anyone dropped the page caches since boot (``/proc/vmstat``): a run during
+    which it grows was disturbed by another process's drop (the counter is machine-wide)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("drop_pagecache "):
+            return int(line.split()[1])
+    return 0
+
+
 def rss_bytes(pid: int) -> int:
     """Current resident set size of ``pid`` (0 once it is gone)."""
     try:
@@ -52,10 +61,12 @@ def used_bytes(path: Path) -> int:
 
 @dataclass
 class Peaks:
-    """Peak RSS of a process and peak extra used bytes of a filesystem during a run."""
+    """Peak RSS of a process and peak extra used bytes of a filesystem during a run, and how
+    often another process dropped the page caches meanwhile."""
 
     rss: int = 0
     disk: int = 0
+    foreign_drops: int = 0
 
 
 class Sampler:
@@ -65,6 +76,7 @@ class Sampler:
         self._pid = pid
         self._disk = disk
         self._base = used_bytes(disk)
+        self._drops = drop_count()
         self.peaks = Peaks()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -87,6 +99,7 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+        self.peaks.foreign_drops = drop_count() - self._drops
 
 
 def run(cmd: Sequence[str], **kw: object) -> float:

@@ -103,7 +103,12 @@ class Bench:
             st.root, st.runroot, self.work, direct=direct, fresh_cache=fresh, command=self.imgfs_cmd
         )
 
-    def add(self, row: Row) -> None:
+    def add(self, row: Row, samples: list[Sample] | None = None) -> None:
+        disturbed = sum(1 for x in samples or [] if x.peaks.foreign_drops)
+        if disturbed:
+            runs = f"{disturbed} of {len(samples or [])} runs"
+            warn = f"{runs} disturbed: another process dropped the page caches"
+            row.note = f"{row.note}; {warn}" if row.note else warn
         self.rows.append(row)
         print(_format_row(row), flush=True)
 
@@ -121,7 +126,7 @@ class Bench:
         ratio = f"{rate / ref:.2f}x" if ref else ""
         rss = max(x.peaks.rss for x in samples)
         disk = max(x.peaks.disk for x in samples)
-        self.add(Row(section, what, rate, "MiB/s", ratio, rss, disk, note))
+        self.add(Row(section, what, rate, "MiB/s", ratio, rss, disk, note), samples)
         return rate
 
     def time_row(
@@ -139,7 +144,7 @@ class Bench:
         rss = max(x.peaks.rss for x in samples)
         disk = max(x.peaks.disk for x in samples)
         ratio = f"{secs / ref[0]:.2f}x {ref[1]}" if ref else ""
-        self.add(Row(section, what, value, unit, ratio, rss, disk, note))
+        self.add(Row(section, what, value, unit, ratio, rss, disk, note), samples)
         return secs
 
     def sampled(self, pid: int | None, fn: Callable[[], object]) -> Sample:
@@ -710,6 +715,11 @@ def main() -> None:
         "--tree", type=Path, help="mount with the imgfs of this checkout (its .venv/bin/python)"
     )
     parser.add_argument(
+        "--runs-of",
+        default=DEFAULT_RUNS_OF,
+        help=f"runs of single sections, e.g. cat=3,ls=5 (default {DEFAULT_RUNS_OF}: at most)",
+    )
+    parser.add_argument(
         "--work",
         type=Path,
         help="scratch dir, emptied first (default BASE/work; one per concurrent run)",
@@ -723,17 +733,39 @@ def main() -> None:
     imgfs_cmd = _imgfs_command(args.imgfs_python, args.tree)
     stores = bench_stores.ensure_stores(args.base)
     bench = Bench(stores, args.runs, imgfs_cmd, args.work)
-    print(f"imgfs: {' '.join(imgfs_cmd)} ({_imgfs_source(imgfs_cmd)})", flush=True)
+    source = _imgfs_source(imgfs_cmd)
+    print(f"imgfs: {' '.join(imgfs_cmd)} ({source})", flush=True)
+    started_load = _load()
     print(HEADER)
     started = time.monotonic()
+    runs_of = _runs_of(args.runs_of, args.runs)
     for name in args.sections.split(","):
+        bench.runs = runs_of.get(name, args.runs)
         getattr(bench, f"section_{name}")()
     elapsed = time.monotonic() - started
     if args.out:
-        _write_markdown(args.out, bench.rows, args.runs, elapsed)
+        ran = set(args.sections.split(","))
+        fewer = ", ".join(f"{k}: {v}" for k, v in runs_of.items() if k in ran and v != args.runs)
+        runs = f"{args.runs} runs" + (f" ({fewer})" if fewer else "")
+        _write_markdown(args.out, bench.rows, runs, elapsed, started_load, source)
 
 
 SECTIONS = ("cp", "ttfb", "small", "many", "concurrent", "ls", "cat", "snapshot")
+
+
+DEFAULT_RUNS_OF = "cat=2"
+"""``cat`` at imgfs's speed of issue 13 takes 4-5 min per run; the default caps it at 2 runs."""
+
+
+def _runs_of(spec: str, runs: int) -> dict[str, int]:
+    """``SECTION=N,...`` as a dict; the default spec caps (never raises) ``--runs``."""
+    out: dict[str, int] = {}
+    for item in filter(None, spec.split(",")):
+        name, _, count = item.partition("=")
+        if name not in SECTIONS or not count.isdigit() or int(count) < 1:
+            sys.exit(f"--runs-of: {item!r} is not SECTION=N (sections: {','.join(SECTIONS)})")
+        out[name] = min(int(count), runs) if spec == DEFAULT_RUNS_OF else int(count)
+    return out
 
 
 def _imgfs_command(python: Path | None, tree: Path | None) -> tuple[str, ...]:
@@ -751,17 +783,31 @@ def _imgfs_source(cmd: tuple[str, ...]) -> str:
     python = cmd[0] if cmd != measure.IMGFS else sys.executable
     code = "import imgfs, os; print(os.path.dirname(os.path.dirname(imgfs.__file__)))"
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd="/")
-    return out.stdout.strip() or out.stderr.strip()
+    tree = out.stdout.strip()
+    if not tree:
+        return out.stderr.strip()
+    git = ["git", "-C", tree, "log", "-1", "--format=%h %s"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", tree, "status", "--porcelain", "imgfs"], capture_output=True, text=True
+    ).stdout
+    return f"{tree} at {commit[:60]}" + (" (imgfs/ modified)" if dirty.strip() else "")
 
 
-def _write_markdown(path: Path, rows: list[Row], runs: int, elapsed: float) -> None:
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _write_markdown(
+    path: Path, rows: list[Row], runs: str, elapsed: float, load: str, source: str
+) -> None:
     head = Path(__file__).with_name("BENCHMARKS.head.md").read_text()
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     table = "\n".join([HEADER, *(_format_row(r) for r in rows)])
     path.write_text(
-        f"{head}\n## Results\n\nMeasured {when} on {_machine()}; median of {runs} runs "
-        f"({elapsed / 60:.0f} min in all; load average at the end "
-        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}).\n\n{table}\n"
+        f"{head}\n## Results\n\nMeasured {when} on {_machine()}; imgfs from {source}; median of "
+        f"{runs} ({elapsed / 60:.0f} min in all; load average at the start {load}, at the end "
+        f"{_load()}).\n\n{table}\n"
     )
 
 
