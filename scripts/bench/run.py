@@ -427,7 +427,7 @@ class Bench:
 
     def section_cat(self) -> None:
         cmd = "find . -type f -print0 | xargs -0 cat > /dev/null"
-        self._rootfs("7 find rootfs -type f | xargs cat (100k files)", cmd, _CAT_REFS)
+        self._rootfs("7 find rootfs -type f \\| xargs cat (100k files)", cmd, _CAT_REFS)
 
     def _rootfs(self, sec: str, cmd: str, refs: tuple[str, str]) -> None:
         """``cmd`` (run in the tree's top directory) on each of the five trees: in a fresh
