@@ -1,7 +1,8 @@
 """Measuring tools for the benchmark: mounts, timed commands, RSS and disk samplers.
 
-Owns: starting and always stopping imgfs and ratarmount mounts, dropping page caches, timing a
-command, sampling a daemon's RSS and a filesystem's used bytes while a run lasts, medians.
+Owns: starting and always stopping imgfs, ratarmount, minimal pyfuse3 (``minimalfs.py``) and
+``podman image mount`` mounts, dropping page caches, timing a command, sampling a daemon's RSS
+and a filesystem's used bytes while a run lasts, medians.
 Must not know: what the stores hold or which figures the table shows.
 """
 
@@ -13,6 +14,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,12 +24,24 @@ from pathlib import Path
 MiB = 1 << 20
 SAMPLE_SECONDS = 0.02
 DAEMON_EXIT_SECONDS = 120.0
+IMGFS = ("imgfs",)
+"""The imgfs command (``--imgfs-python``: ``PYTHON -m imgfs``, another checkout's code)."""
+MINIMALFS = Path(__file__).with_name("minimalfs.py")
 
 
 def drop_caches() -> None:
     """Write back dirty pages and drop the page cache, dentries and inodes (root only)."""
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def drop_count() -> int:
+    """How often anyone dropped the page caches since boot (``/proc/vmstat``): a run during
+    which it grows was disturbed by another process's drop (the counter is machine-wide)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("drop_pagecache "):
+            return int(line.split()[1])
+    return 0
 
 
 def rss_bytes(pid: int) -> int:
@@ -47,10 +61,12 @@ def used_bytes(path: Path) -> int:
 
 @dataclass
 class Peaks:
-    """Peak RSS of a process and peak extra used bytes of a filesystem during a run."""
+    """Peak RSS of a process and peak extra used bytes of a filesystem during a run, and how
+    often another process dropped the page caches meanwhile."""
 
     rss: int = 0
     disk: int = 0
+    foreign_drops: int = 0
 
 
 class Sampler:
@@ -60,6 +76,7 @@ class Sampler:
         self._pid = pid
         self._disk = disk
         self._base = used_bytes(disk)
+        self._drops = drop_count()
         self.peaks = Peaks()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -82,6 +99,7 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+        self.peaks.foreign_drops = drop_count() - self._drops
 
 
 def run(cmd: Sequence[str], **kw: object) -> float:
@@ -116,6 +134,7 @@ def imgfs_mount(
     direct: bool = False,
     fresh_cache: bool = True,
     args: Sequence[str] = (),
+    command: Sequence[str] = IMGFS,
 ) -> Iterator[ImgfsMount]:
     """Mount ``store`` with imgfs (daemon) under ``work``; always unmounted on exit."""
     mnt, cache, log = work / "mnt", work / "cache", work / "imgfs.log"
@@ -124,7 +143,7 @@ def imgfs_mount(
         shutil.rmtree(cache, ignore_errors=True)
     log.unlink(missing_ok=True)
     cmd = [
-        "imgfs",
+        *command,
         "--driver",
         "overlay",
         "--runroot",
@@ -142,7 +161,7 @@ def imgfs_mount(
     try:
         yield ImgfsMount(mnt, _daemon_pid(log), ready, cache, log)
     finally:
-        _unmount_imgfs(mnt, log)
+        _unmount_imgfs(mnt, log, command)
 
 
 def _daemon_pid(log: Path) -> int:
@@ -154,9 +173,9 @@ def _daemon_pid(log: Path) -> int:
     raise RuntimeError(f"no daemon pid in {log}")
 
 
-def _unmount_imgfs(mnt: Path, log: Path) -> None:
+def _unmount_imgfs(mnt: Path, log: Path, command: Sequence[str]) -> None:
     pid = _daemon_pid(log)
-    subprocess.run(["imgfs", "-u", str(mnt)], check=False)
+    subprocess.run([*command, "-u", str(mnt)], check=False)
     started = time.monotonic()
     while time.monotonic() - started < DAEMON_EXIT_SECONDS:
         if not Path(f"/proc/{pid}").exists():
@@ -167,34 +186,67 @@ def _unmount_imgfs(mnt: Path, log: Path) -> None:
     raise RuntimeError(f"imgfs daemon {pid} did not exit after unmounting {mnt}")
 
 
+def ratarmount_index(tar: Path, work: Path) -> Path:
+    """Where ratarmount keeps its index of ``tar`` (one per tar, in ``work``)."""
+    return work / f"ratarmount-{tar.name[:16]}.index.sqlite"
+
+
 @contextlib.contextmanager
 def ratarmount_mount(tar: Path, work: Path) -> Iterator[tuple[Path, int]]:
     """Mount ``tar`` with ratarmount (index kept next to it in ``work``); yields (mnt, pid)."""
     mnt = work / "rmnt"
+    cmd = ["ratarmount", "-f", "--index-file", str(ratarmount_index(tar, work)), str(tar)]
+    with _fuse_process(cmd, mnt) as pid:
+        yield mnt, pid
+
+
+@contextlib.contextmanager
+def minimal_mount(
+    work: Path, *, tree: Path | None = None, file: Path | None = None, file_cache: bool = False
+) -> Iterator[tuple[Path, int]]:
+    """Mount ``minimalfs.py`` (``tree`` as ``rootfs/``, ``file`` as ``blob``); (mnt, pid)."""
+    cmd = [sys.executable, str(MINIMALFS)]
+    cmd += ["--tree", str(tree)] if tree is not None else []
+    cmd += ["--file", str(file)] if file is not None else []
+    cmd += ["--file-cache"] if file_cache else []
+    with _fuse_process(cmd, work / "minmnt") as pid:
+        yield work / "minmnt", pid
+
+
+@contextlib.contextmanager
+def _fuse_process(cmd: list[str], mnt: Path) -> Iterator[int]:
+    """Run a foreground FUSE daemon ``cmd + [mnt]`` until its mount exists; always unmounted
+    (and the process waited for) on exit. Yields its pid."""
     mnt.mkdir(parents=True, exist_ok=True)
-    index = work / "ratarmount.index.sqlite"
-    proc = subprocess.Popen(
-        ["ratarmount", "-f", "--index-file", str(index), str(tar), str(mnt)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen([*cmd, str(mnt)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_mounted(mnt, proc)
-        yield mnt, proc.pid
+        yield proc.pid
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=DAEMON_EXIT_SECONDS)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def podman_mount(podman: Callable[..., str], image: str) -> Iterator[Path]:
+    """``podman image mount IMAGE`` (``podman`` runs podman on the bench store and returns its
+    stdout); always ``podman image unmount`` on exit. Yields the merged directory."""
+    merged = Path(podman("image", "mount", image))
+    try:
+        yield merged
+    finally:
+        podman("image", "unmount", image)
 
 
 def _wait_mounted(mnt: Path, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 600
     while not os.path.ismount(mnt):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"ratarmount did not mount {mnt}")
+            raise RuntimeError(f"{proc.args!r} did not mount {mnt}")
         time.sleep(0.01)
 
 

@@ -1,7 +1,8 @@
 """Benchmark stores, built once with buildah from scratch (no network) and reused.
 
 Owns: the layout under the bench directory (default ``/var/tmp/imgfs-bench``), the content of
-the benchmark images and the ``skopeo copy ... dir:`` export of the big image. Must not know:
+the benchmark images and the ``skopeo copy ... dir:`` exports of the big and the 100k-file
+image (``export-big``, ``export-small``), and how podman is run on a store. Must not know:
 imgfs, mounting, timing.
 
 Stores (overlay driver, each with its own graph root and run root):
@@ -61,6 +62,11 @@ class BenchStore:
         ]
         return _run(cmd, conf)
 
+    def podman(self, conf: Path, *args: str) -> str:
+        """``podman`` (as root) on this store; its stdout."""
+        cmd = ["podman", "--root", str(self.root), "--runroot", str(self.runroot)]
+        return _run([*cmd, "--storage-driver", self.driver, *args], conf)
+
     def ref(self, image: str) -> str:
         return f"containers-storage:[{self.driver}@{self.root}+{self.runroot}]{image}"
 
@@ -72,6 +78,8 @@ class BenchStores:
     many: BenchStore
     export: Path
     """``skopeo copy containers-storage:localhost/big:v1 dir:`` of the big image."""
+    export_small: Path
+    """``skopeo copy containers-storage:localhost/small:v1 dir:`` of the 100k-file image."""
 
     @property
     def conf(self) -> Path:
@@ -210,6 +218,7 @@ def ensure_stores(base: Path, log: object = print) -> BenchStores:
         bench=BenchStore(base / "bench", base / "bench-run"),
         many=BenchStore(base / "many", base / "many-run"),
         export=base / "export-big",
+        export_small=base / "export-small",
     )
     if not (base / "bench" / ".complete").exists():
         log("building the bench store (1 GiB, 4x256 MiB, 100k-file layers) ...")
@@ -223,6 +232,10 @@ def ensure_stores(base: Path, log: object = print) -> BenchStores:
     if not (stores.export / ".complete").exists():
         stores.skopeo("copy", "-q", stores.bench.ref("localhost/big:v1"), f"dir:{stores.export}")
         (stores.export / ".complete").write_text("\n")
+    if not (stores.export_small / ".complete").exists():
+        ref = stores.bench.ref("localhost/small:v1")
+        stores.skopeo("copy", "-q", ref, f"dir:{stores.export_small}")
+        (stores.export_small / ".complete").write_text("\n")
     return stores
 
 
@@ -237,6 +250,10 @@ def image_info(stores: BenchStores, store: BenchStore, name: str) -> tuple[str, 
 
 def export_layer(stores: BenchStores) -> Path:
     """The big layer's file in the ``dir:`` export (an uncompressed tar)."""
-    manifest = json.loads((stores.export / "manifest.json").read_text())
-    digest = manifest["layers"][0]["digest"].removeprefix("sha256:")
-    return stores.export / digest
+    return export_layers(stores.export)[0]
+
+
+def export_layers(export: Path) -> list[Path]:
+    """The layer files of a ``dir:`` export (uncompressed tars), bottom layer first."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    return [export / layer["digest"].removeprefix("sha256:") for layer in manifest["layers"]]
