@@ -132,7 +132,7 @@ def opener(lock_path: str, dirs: list[str]) -> dict[str, Any]:
     if pause is not None and op.pid is not None:
         ns_of = [os.stat(f"/proc/{pid}/ns/user").st_ino for pid in (op.pid, pause)]
         out["in_pause_userns"] = ns_of[0] == ns_of[1]
-    files = userns.UsernsLayerFiles(dirs, "probe", lock_path, op)
+    files = userns.UsernsLayerFiles(dirs, "probe", [lock_path], op)
     reads = {}
     for name, size in json.loads(os.environ["PROBE_FILES"]):
         try:

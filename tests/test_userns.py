@@ -113,7 +113,7 @@ def test_root_keeps_plain_layerfiles(tmp_path: Path) -> None:
     lock = tmp_path / "layers" / "layers.lock"
     os.chown(tmp_path / "layers", 1000, 1000)  # a store owned by someone else, mounted by root
     assert not userns.is_rootless_store(str(tmp_path / "layers"))
-    files = userns.open_layer_files([str(tmp_path)], "layer x", str(lock))
+    files = userns.open_layer_files([str(tmp_path)], "layer x", [str(lock)])
     try:
         assert type(files) is LayerFiles
     finally:
@@ -171,3 +171,38 @@ def test_grow_fd_table_grows_the_table_before_threads_need_it() -> None:
     before, after = map(int, done.stdout.split())
     assert before < userns.FD_TABLE <= after
     assert userns.FD_TABLE >= 2 * userns.MAX_BATCH
+
+
+def test_the_helpers_directories_are_opened_under_every_layers_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An imagestore layer is read under the graph root's and the image store's layers.lock
+    (c/storage's order); the helper's directory opens hold both, not only the first."""
+    import contextlib
+    from collections.abc import Iterator, Sequence
+
+    held: list[list[str]] = []
+
+    @contextlib.contextmanager
+    def recording(paths: Sequence[str]) -> Iterator[None]:
+        held.append(list(paths))
+        yield
+
+    class _Opener:
+        identity = _identity()
+
+        def open_dirs(self, dirs: Sequence[str], what: str) -> str:
+            assert held, "directories opened without the locks"
+            return "remote"
+
+        def release(self, remote: object) -> None:
+            pass
+
+    monkeypatch.setattr(userns, "read_locked", recording)
+    locks = [str(tmp_path / "graph" / "layers.lock"), str(tmp_path / "images" / "layers.lock")]
+    files = userns.UsernsLayerFiles([str(tmp_path)], "layer x", locks, _Opener())  # type: ignore[arg-type]
+    try:
+        assert files._remote_handle(None, b"f") == "remote"
+    finally:
+        files.close()
+    assert held == [locks]

@@ -121,11 +121,6 @@ class LayerSource:
     def tarsplit_path(self) -> str:
         return self.tarsplit.path
 
-    @property
-    def lock(self) -> StoreFile:
-        """The ``layers.lock`` of the layer's own root (the user-namespace helper's)."""
-        return self.home.layers_file("layers.lock")
-
     def open_tarsplit(self) -> int:
         """The layer's tar-split file, opened under the layers lock (never a symlink or FIFO)."""
         with read_locked(self.locks):
@@ -158,7 +153,8 @@ class LayerSource:
     def _layer_files(self) -> FileOpener:
         dirs = _ChainDirs(self.chain, self.depth, self.what)
         if is_rootless_store(self.home.layers_dir):
-            return self._named(open_layer_files(dirs.paths(), self.what, self.lock.path))
+            paths = [lock.path for lock in self.locks]
+            return self._named(open_layer_files(dirs.paths(), self.what, paths))
         return self._named(LayerFiles(dirs, self.what))
 
     @contextlib.contextmanager

@@ -839,12 +839,12 @@ class UsernsLayerFiles:
         self,
         dirs: Sequence[str],
         what: str,
-        lock_path: str,
+        lock_paths: Sequence[str],
         opener: UserNamespaceOpener | None = None,
     ) -> None:
         self.what = what
         self._dirs = list(dirs)
-        self._lock_path = lock_path
+        self._lock_paths = list(lock_paths)  # the layers.lock files c/storage holds, in order
         self._opener = opener or shared_opener()
         self._lock = threading.Lock()
         self._remote: RemoteHandle | None = None
@@ -933,7 +933,7 @@ class UsernsLayerFiles:
             remote = self._remote
             if remote is None:
                 try:
-                    with read_locked([self._lock_path]):
+                    with read_locked(self._lock_paths):
                         remote = self._opener.open_dirs(self._dirs, self.what)
                 except LayerUnreadable as exc:
                     problem = self._opener.problem() or str(exc)
@@ -987,12 +987,14 @@ def prestart(store_root: str, wait: float = PRESTART_WAIT) -> None:
 
 
 def open_layer_files(
-    dirs: Sequence[str], what: str, lock_path: str
+    dirs: Sequence[str], what: str, lock_paths: Sequence[str]
 ) -> LayerFiles | UsernsLayerFiles:
     """The FileOpener for a layer: plain ``LayerFiles`` unless the store is rootless for us
-    (then ``UsernsLayerFiles``). ``lock_path`` is the store's ``layers.lock``."""
-    if is_rootless_store(os.path.dirname(lock_path)):
-        return UsernsLayerFiles(dirs, what, lock_path)
+    (then ``UsernsLayerFiles``). ``lock_paths``: the ``layers.lock`` files c/storage holds
+    while reading the layer, in its order (an imagestore layer: the graph root's, then the
+    image store's); the first one's directory decides whether the store is rootless."""
+    if is_rootless_store(os.path.dirname(lock_paths[0])):
+        return UsernsLayerFiles(dirs, what, lock_paths)
     return LayerFiles(list(dirs), what)
 
 
