@@ -6,7 +6,9 @@ in that round and passes with its fix.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -109,5 +111,71 @@ def test_an_inline_read_never_waits_for_a_reader_in_a_thread(
         _run(main)
     finally:
         writer_done.set()
+        safety.cancel()
+    assert served_while_held == [True], "the event loop waited for the writer"
+
+
+def _write_lock(path: Path) -> int:
+    """An fd holding a writer's lock on ``path`` (as podman's ``fcntl`` write lock would)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+    return fd
+
+
+def test_opening_a_toc_only_layers_file_never_waits_in_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 2: the open of a known ``rootfs/`` file is answered in the event loop
+    (``open_known``: "without I/O"), but for a layer known only by its TOC it looked the
+    file's sha256 up in the TOC: under layers.lock, waiting for a writer, and reading and
+    parsing the whole TOC the first time. A writer holding layers.lock froze every request
+    of the mount."""
+    from tests.test_toc_layers import BASE, DUP, TOP, _make_toc_only
+
+    maker = storemaker.StoreMaker(tmp_path / "store")
+    made = maker.add_image("localhost/toc:v1", [BASE, TOP])
+    root = maker.write()
+    _make_toc_only(root, made.layers[1], TOP, made.diff_ids[1])
+    lock = root / "overlay-layers" / "layers.lock"
+    lock.touch()
+    store = imgfs.Store.open(str(root), str(tmp_path / "run"), "overlay")
+    ops = Operations(store, Caches.build(str(tmp_path / "cache"), direct=True), Ownership(0, 0))
+    released = threading.Event()
+    held: list[int] = []
+
+    def release() -> None:
+        released.set()
+        if held:
+            os.close(held.pop())
+
+    safety = threading.Timer(SAFETY, release)
+    served_while_held: list[bool] = []
+
+    async def main() -> None:
+        attrs = await _lookup_path(ops, made.id.encode() + b"/rootfs/etc/c.conf")
+        info = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)  # the tree is in memory now
+        assert bytes(await ops.read(info.fh, 0, 1 << 16)) == DUP + b"!"
+        await ops.release(info.fh)
+        held.append(_write_lock(lock))
+        safety.start()
+        got: list[bytes] = []
+
+        async def cat() -> None:
+            fh = (await ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)).fh
+            got.append(bytes(await ops.read(fh, 0, 1 << 16)))
+            await ops.release(fh)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cat)
+            await trio.sleep(0.05)
+            await ops.getattr(ROOT_INODE, ROOT_CTX)  # another request of the mount
+            served_while_held.append(not released.is_set())
+            release()
+        assert got == [DUP + b"!"]
+
+    try:
+        _run(main)
+    finally:
+        release()
         safety.cancel()
     assert served_while_held == [True], "the event loop waited for the writer"
