@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import struct
 import threading
 from collections.abc import Awaitable, Callable
@@ -179,3 +180,26 @@ def test_opening_a_toc_only_layers_file_never_waits_in_the_event_loop(
         release()
         safety.cancel()
     assert served_while_held == [True], "the event loop waited for the writer"
+
+
+def test_growing_the_fd_table_keeps_every_open_descriptor() -> None:
+    """Finding 3: ``grow_fd_table`` (the daemon of a rootless store, at start) made the table
+    big by ``dup2(0, top - 1)`` and closing that: a descriptor the process had open at
+    ``top - 1`` (min(1024, RLIMIT_NOFILE) - 1: a low ``ulimit -n`` and a busy daemon) was
+    silently closed."""
+    from imgfs.store import userns
+
+    r, w = os.pipe()
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        top = min(1024, soft)
+        assert top > 8
+        os.dup2(r, top - 1)  # the daemon has a descriptor open at top - 1
+        before = os.fstat(top - 1)
+        userns.grow_fd_table(top)
+        after = os.fstat(top - 1)  # EBADF on the old code
+        assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+        os.close(top - 1)
+    finally:
+        os.close(r)
+        os.close(w)
