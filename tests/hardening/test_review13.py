@@ -203,3 +203,21 @@ def test_growing_the_fd_table_keeps_every_open_descriptor() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize("xattr", ["user.a=b", "user.a\0b", ""])
+def test_a_toc_xattr_name_a_pax_record_cannot_carry_is_refused(xattr: str) -> None:
+    """Finding 4: a TOC-only layer's xattrs become PAX records ``SCHILY.xattr.<name>=<value>``
+    for the one tree builder; a name with ``=`` was read back as another xattr (``user.a=b``
+    = ``c`` served as ``user.a`` = ``b=c``), one with NUL as a name listxattr splits in two,
+    an empty one dropped: metadata the TOC never said. Refused with the entry's name."""
+    import json
+
+    from imgfs.errors import MalformedMetadata
+    from imgfs.layer.tree import LayerTree
+    from imgfs.store.toc import toc_tar_entries
+
+    entry = {"type": "reg", "name": "f", "xattrs": {xattr: "Yw==", "user.ok": "Yw=="}}
+    toc = json.dumps({"version": 1, "entries": [entry]}).encode()
+    with pytest.raises(MalformedMetadata, match="'f': xattr name"):
+        LayerTree.build(toc_tar_entries(toc, "layer x"), "layer x")
