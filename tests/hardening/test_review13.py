@@ -221,3 +221,36 @@ def test_a_toc_xattr_name_a_pax_record_cannot_carry_is_refused(xattr: str) -> No
     toc = json.dumps({"version": 1, "entries": [entry]}).encode()
     with pytest.raises(MalformedMetadata, match="'f': xattr name"):
         LayerTree.build(toc_tar_entries(toc, "layer x"), "layer x")
+
+
+def test_generation_under_a_low_descriptor_limit_opens_at_each_files_turn(
+    tmp_path: Path,
+) -> None:
+    """Finding 5: generation's open-ahead holds up to PREFETCH x (AHEAD_BATCHES + 1) files
+    open; when the process ran out of descriptors (EMFILE) opening ahead, that error was handed
+    to the file and failed the whole generation (an EIO), where opening each file at its turn
+    (one descriptor at a time, as before open-ahead) works. Out of descriptors, open-ahead now
+    stops and leaves the files to their turn; ``--direct`` reads' open-ahead likewise."""
+    from imgfs.layer.assemble import LayerReader, generate
+    from tests.test_assemble import RecordingSink, make_layer
+
+    members: list[tuple[str | bytes, bytes | str | None]] = [("d", None)]
+    members += [(f"d/f{i:03d}", b"%d\n" % i * 50) for i in range(300)]
+    layer = make_layer(tmp_path, make_tar(members))
+    sink = RecordingSink(truth=layer.tar)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with layer.files() as files:
+        probe = os.open(os.devnull, os.O_RDONLY)
+        os.close(probe)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe + 24, hard))  # ~24 free descriptors
+        try:
+            generate(layer.entries, files, sink, layer.digest, len(layer.tar), "layer L")
+            reader = LayerReader(layer.index(), files, layer.digest, "layer L")  # --direct
+            try:
+                got = reader.read(0, len(layer.tar))
+            finally:
+                reader.close()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert bytes(sink.data) == layer.tar
+    assert got == layer.tar
