@@ -254,3 +254,39 @@ def test_generation_under_a_low_descriptor_limit_opens_at_each_files_turn(
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert bytes(sink.data) == layer.tar
     assert got == layer.tar
+
+
+def test_a_failed_file_drops_the_cached_pages_of_every_open_name_of_it(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 6: one layer file has several inodes (``rootfs/`` and ``layers/`` of each image
+    that has the layer) sharing one verifier. A failed check dropped the kernel's pages of the
+    inode read only: a process holding another name of the file open (``keep_cache``) went on
+    reading the pages cached before the failure, no EIO. Now every open name's are dropped."""
+    image = made.images[0]
+    invalidated: list[int] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, *a: invalidated.append(ino))
+    ops = _ops(made, tmp_path)
+
+    async def main() -> None:
+        rootfs = await _lookup_path(ops, image.id.encode() + b"/rootfs/dir/file")
+        layers = await _lookup_path(ops, image.id.encode() + b"/layers")
+        key = ops.inodes.key(layers.st_ino)
+        (name,) = [n for n, _ in ops.view.children(key) if n not in (b".", b"..")]
+        other = await _lookup_path(ops, image.id.encode() + b"/layers/" + name + b"/dir/file")
+        assert other.st_ino != rootfs.st_ino
+        held = await ops.open(other.st_ino, os.O_RDONLY, ROOT_CTX)
+        assert bytes(await ops.read(held.fh, 0, 4096)) == FILE[:4096]  # cached by the kernel
+        diff = made.root / "overlay" / image.layers[0] / "diff" / "dir" / "file"
+        data = bytearray(diff.read_bytes())
+        data[-5] ^= 0xFF
+        diff.write_bytes(data)
+        info = await ops.open(rootfs.st_ino, os.O_RDONLY, ROOT_CTX)
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.read(info.fh, 0, len(FILE))
+        await ops.release(info.fh)
+        await trio.sleep(0.2)  # the invalidations run in system tasks after the reply
+        assert set(invalidated) == {rootfs.st_ino, other.st_ino}
+        await ops.release(held.fh)
+
+    _run(main)
