@@ -159,8 +159,10 @@ class _HashBehind:
             self._running = True
         try:
             threading.Thread(target=self._run, name="imgfs-hash-behind", daemon=True).start()
+        except Exception:  # no thread to be had (the process's limit): hash here, go on
+            self._run()  # (raising now would make the caller feed these bytes twice)
         except BaseException:
-            self._run()  # no thread to be had: hash here
+            self._run()  # nothing left queued and not running: ``hexdigest`` cannot hang
             raise
 
     def _run(self) -> None:

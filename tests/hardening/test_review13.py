@@ -290,3 +290,40 @@ def test_a_failed_file_drops_the_cached_pages_of_every_open_name_of_it(
         await ops.release(held.fh)
 
     _run(main)
+
+
+def test_hash_behind_without_a_thread_hashes_inline_and_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finding 7: ``--direct`` hashes a blob behind the reads in a helper thread; when no
+    thread could be started (RuntimeError: the process is at its thread limit), it hashed the
+    bytes inline and then raised anyway: the read failed, and the next read fed the same bytes
+    again, so a good blob failed its digest for good (a sticky IntegrityError)."""
+    import hashlib
+
+    from imgfs.layer import verify
+
+    data = os.urandom(3 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+
+    class Source:
+        size = len(data)
+
+        def read_raw(self, offset: int, n: int) -> bytes:
+            return data[offset : offset + n]
+
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "imgfs-hash-behind":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    verifier = verify.Verifier(
+        len(data), lambda: verify.DigestChecker(digest, "blob b", behind=True), "blob b"
+    )
+    got = b"".join(verifier.read(Source(), k, 1 << 20) for k in range(0, len(data), 1 << 20))
+    assert got == data
+    assert verifier.passed
+    assert verifier.failure is None
