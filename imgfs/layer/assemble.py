@@ -146,8 +146,9 @@ class _OpenedAhead:
 
     def __iter__(self) -> Iterator[tuple[Segment | FileEntry, _Opened]]:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="imgfs-open-ahead", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="imgfs-open-ahead", daemon=True)
+            thread.start()  # (a thread that never started is not joined by ``close``)
+            self._thread = thread
         while True:
             current = self._current
             while current:

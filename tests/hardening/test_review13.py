@@ -11,7 +11,7 @@ import os
 import resource
 import struct
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TypeVar
@@ -23,6 +23,7 @@ import trio
 import imgfs
 from imgfs.fuse.inodes import ROOT_INODE
 from imgfs.fuse.ops import Operations
+from imgfs.layer.tarsplit import FileEntry, Segment
 from imgfs.store import locks
 from imgfs.store.source import LayerSource
 from imgfs.views.content import Caches
@@ -327,3 +328,36 @@ def test_hash_behind_without_a_thread_hashes_inline_and_passes(
     assert got == data
     assert verifier.passed
     assert verifier.failure is None
+
+
+def test_generation_without_an_open_ahead_thread_fails_with_its_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 8: when the ``imgfs-open-ahead`` thread could not start, generation's cleanup
+    joined the thread never started: "cannot join thread before it is started" replaced the
+    cause, and the rest of the cleanup (closing the entries and the write pipeline) was
+    skipped. Now the cause is raised and everything is closed."""
+    from imgfs.layer.assemble import generate
+    from tests.test_assemble import RecordingSink, make_layer
+
+    layer = make_layer(tmp_path, make_tar([("a", b"A" * 3000), ("b", b"B" * 10)]))
+    closed: list[bool] = []
+
+    class Entries:
+        def __iter__(self) -> Iterator[Segment | FileEntry]:
+            return iter(layer.entries)
+
+        def close(self) -> None:
+            closed.append(True)
+
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "imgfs-open-ahead":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with layer.files() as files, pytest.raises(RuntimeError, match="can't start new thread"):
+        generate(Entries(), files, RecordingSink(), layer.digest, len(layer.tar), "layer L")
+    assert closed == [True]
