@@ -399,8 +399,19 @@ class Operations(pyfuse3.Operations):
                 return data
             return cast(bytes, await self._read_direct(handle, content, off, size))
         except IntegrityError:
-            self._drop_cached_pages(handle.ino)
+            for ino in self._names_of(handle):
+                self._drop_cached_pages(ino)
             raise
+
+    def _names_of(self, handle: _Handle) -> set[int]:
+        """The inodes of ``handle``'s file that are open (its ``rootfs/`` and ``layers/`` names
+        in every image with the layer share one verifier): a failure must drop their pages."""
+        verifier = _verifier_of(handle.content)
+        return {handle.ino} | {
+            other.ino
+            for other in self.handles.values()
+            if verifier is not None and _verifier_of(other.content) is verifier
+        }
 
     def _drop_cached_pages(self, ino: int) -> None:
         """The file failed a check: drop whatever the kernel cached of it. In a thread, after
@@ -534,6 +545,11 @@ class Operations(pyfuse3.Operations):
                 contents.release(self.caches, handle.content)
         self.handles.clear()
         self.caches.close()
+
+
+def _verifier_of(content: Content | None) -> object:
+    """The shared verifier a streamed file is checked by (None for other contents)."""
+    return getattr(content.reader, "verifier", None) if isinstance(content, Streamed) else None
 
 
 async def _until_published(snap: Snapshot, end: int) -> None:

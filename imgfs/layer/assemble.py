@@ -10,6 +10,7 @@ from, temp files, caches, the store layout, FUSE.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import queue
@@ -19,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from imgfs.digest import check_digest
-from imgfs.errors import IntegrityError
+from imgfs.errors import IntegrityError, OutOfResources
 from imgfs.layer.index import FileExtent, LayerIndex, SegmentExtent, close_iterable
 from imgfs.layer.tarsplit import FileEntry, Segment
 from imgfs.layer.verify import CrcChecker, DigestChecker, Verifier, blob_verifier, read_exact
@@ -126,8 +127,9 @@ class _OpenedAhead:
     (``POSIX_FADV_WILLNEED``: a cold store is read with many requests in flight instead of one
     at a time) and keeps up to AHEAD_BATCHES such batches ready. Errors are handed out in tar
     order: an open's error with its file (the thread opens nothing past it), the entries'
-    own error after the entries before it. ``close`` stops and joins the thread and closes the
-    fds not handed out; only then may ``entries`` be closed.
+    own error after the entries before it. Out of descriptors (EMFILE), the thread opens
+    nothing more: every later file is opened at its turn, as without it. ``close`` stops and
+    joins the thread and closes the fds not handed out; only then may ``entries`` be closed.
     """
 
     def __init__(self, entries: Iterable[Segment | FileEntry], files: FileOpener) -> None:
@@ -139,12 +141,14 @@ class _OpenedAhead:
         self._error: BaseException | None = None
         self._done = False  # the thread delivers nothing more
         self._stop = False
+        self._exhausted = False  # out of descriptors once: every later file opens at its turn
         self._thread: threading.Thread | None = None
 
     def __iter__(self) -> Iterator[tuple[Segment | FileEntry, _Opened]]:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="imgfs-open-ahead", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="imgfs-open-ahead", daemon=True)
+            thread.start()  # (a thread that never started is not joined by ``close``)
+            self._thread = thread
         while True:
             current = self._current
             while current:
@@ -219,6 +223,8 @@ class _OpenedAhead:
         return out, bool(batch) and not any(isinstance(o, Exception) for o in opened)
 
     def _open(self, wanted: list[FileEntry]) -> list[_Opened]:
+        if self._exhausted:
+            return [None] * len(wanted)
         if not wanted:
             return []
         files = self._files
@@ -233,6 +239,10 @@ class _OpenedAhead:
                     opened.append(exc)
                     break
             opened += [None] * (len(wanted) - len(opened))
+        for k, fd in enumerate(opened):
+            if isinstance(fd, Exception) and out_of_descriptors(fd):
+                self._exhausted = True
+                opened[k] = None  # not the file's fault: opened at its turn, fds freed by then
         for entry, fd in zip(wanted, opened, strict=True):
             if isinstance(fd, int):
                 _advise(fd, 0, min(entry.size, READAHEAD))
@@ -248,6 +258,19 @@ class _OpenedAhead:
         _close_opened(self._current)
         while self._ready:
             _close_opened(self._ready.popleft())
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """``exc`` (or what caused it) says the process has no descriptor left (EMFILE, ENFILE):
+    opening ahead then must stop, not fail the file it was opening."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OutOfResources) or (
+            isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _close_opened(batch: Iterable[tuple[Segment | FileEntry, _Opened]]) -> None:
@@ -554,7 +577,8 @@ class LayerReader:
             try:
                 fd = self._files.open(ext.name, ext.size)
             except Exception as exc:  # raised when the read reaches this file
-                ahead[k] = exc
+                if not out_of_descriptors(exc):  # (else it is opened then, fds freed by then)
+                    ahead[k] = exc
                 break
             ahead[k] = fd
             _advise(fd, 0, min(ext.size, READAHEAD))

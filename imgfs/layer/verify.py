@@ -159,8 +159,10 @@ class _HashBehind:
             self._running = True
         try:
             threading.Thread(target=self._run, name="imgfs-hash-behind", daemon=True).start()
+        except Exception:  # no thread to be had (the process's limit): hash here, go on
+            self._run()  # (raising now would make the caller feed these bytes twice)
         except BaseException:
-            self._run()  # no thread to be had: hash here
+            self._run()  # nothing left queued and not running: ``hexdigest`` cannot hang
             raise
 
     def _run(self) -> None:
@@ -222,7 +224,9 @@ class Verifier:
         if self.on_fail is not None:
             self.on_fail(reason)
 
-    def read(self, source: RangeSource, offset: int, n: int) -> bytes:
+    def read(self, source: RangeSource, offset: int, n: int, wait: bool = True) -> bytes:
+        """``wait=False``: raise ``BlockingIOError`` instead of waiting for another reader
+        of the file (an inline read: that reader may wait for the disk or a store lock)."""
         if offset < 0 or n < 0:
             raise ValueError("offset and n must not be negative")
         end = min(offset + n, self.size)
@@ -231,13 +235,17 @@ class Verifier:
             return b""
         if self._passed:
             return source.read_raw(offset, end - offset)
-        with self._lock:
+        if not self._lock.acquire(blocking=wait):
+            raise BlockingIOError(f"{self.what}: being checked by another reader")
+        try:
             self._raise_if_failed()
             try:
                 return self._read_locked(source, offset, end)
             except IntegrityError as exc:
                 self._failure = str(exc)
                 failed = exc
+        finally:
+            self._lock.release()
         self._report(str(failed))
         raise failed
 
@@ -338,9 +346,14 @@ class VerifiedReader:
     def size(self) -> int:
         return self.verifier.size
 
-    def read(self, offset: int, n: int) -> bytes:
-        with self._lock:
-            return self.verifier.read(self._source, offset, n)
+    def read(self, offset: int, n: int, wait: bool = True) -> bytes:
+        """``wait=False``: ``BlockingIOError`` rather than wait for a lock (``Verifier.read``)."""
+        if not self._lock.acquire(blocking=wait):
+            raise BlockingIOError(f"{self.verifier.what}: read by another request")
+        try:
+            return self.verifier.read(self._source, offset, n, wait)
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:

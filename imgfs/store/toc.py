@@ -212,6 +212,8 @@ def _tar_info(entry: dict[str, object], name: str, kind: str, what: str) -> tarf
     if not isinstance(xattrs, dict):
         raise MalformedMetadata(f"{what}: TOC entry {name!r:.200}: xattrs {xattrs!r:.40}")
     for key, value in sorted(xattrs.items()):
+        if not key or "=" in key or "\0" in key:  # a PAX record would name another xattr
+            raise MalformedMetadata(f"{what}: TOC entry {name!r:.200}: xattr name {key!r:.80}")
         try:
             raw = base64.b64decode(str(value), validate=True)
         except (binascii.Error, ValueError) as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import pwd
@@ -963,8 +964,8 @@ def grow_fd_table(size: int = FD_TABLE) -> None:
     process does not wait."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     top = size if soft == resource.RLIM_INFINITY else min(size, soft)
-    with contextlib.suppress(OSError):
-        os.close(os.dup2(0, top - 1, inheritable=False))
+    with contextlib.suppress(OSError):  # F_DUPFD: the first free number from top - 1 on
+        os.close(fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, top - 1))  # (dup2 closed one in use)
 
 
 def prestart(store_root: str, wait: float = PRESTART_WAIT) -> None:

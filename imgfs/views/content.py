@@ -221,7 +221,8 @@ class MemberFile:
 
 def read_nowait(content: Streamed, offset: int, n: int) -> bytes | None:
     """``content.reader.read(offset, n)`` of a layer member if that needs no wait — the file
-    open (or opened without a store lock a writer holds), its pages in the page cache, at most
+    open (or opened without a store lock a writer holds), no other reader holding its check
+    (``wait=False``), its pages in the page cache, at most
     ``INLINE_READ_MAX`` bytes — so that the requests' thread serves it; else None (read it in a
     worker thread). A failed check raises as ``read`` does."""
     if not isinstance(content.reader, VerifiedReader) or content.reader.size > INLINE_READ_MAX:
@@ -229,7 +230,7 @@ def read_nowait(content: Streamed, offset: int, n: int) -> bytes | None:
     _nowait.on = True
     try:
         with locks.no_waiting():
-            return content.reader.read(offset, n)
+            return content.reader.read(offset, n, wait=False)  # no wait for another reader
     except (BlockingIOError, LockBusy):
         return None
     finally:

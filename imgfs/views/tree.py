@@ -166,6 +166,8 @@ class TreeView:
         if tree is None or content is None:
             return None
         source = content.sources[where.layer]
+        if source.toc_tree:  # its sha256 is looked up in the TOC: under layers.lock (I/O)
+            return None
         return contents.open_member(self.verifiers, source, tree.member(where.ref), lazy=True)
 
     def resolve(self, path: bytes) -> Node:
