@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import fcntl
+import gc
 import logging
 import os
 import pwd
@@ -410,6 +411,10 @@ def _fork_helper(sock_fd: int, ns_fd: int) -> _Forked:
     if pid:
         return _Forked(pid)
     try:  # the child: never returns
+        # The daemon's uncollected garbage came along: a file object collected here would
+        # close its old fd number, by then another descriptor (a layer file being sent).
+        gc.disable()
+        gc.freeze()
         signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the daemon blocks its stop signals
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
