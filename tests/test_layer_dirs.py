@@ -5,6 +5,7 @@ tokens, bounded in fds and closed (never under a reader)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,14 +49,14 @@ def _read(source: LayerSource, name: bytes, size: int) -> bytes:
 
 
 @pytest.fixture
-def dir_opens(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def dir_opens(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Each open of a layer's directory below the store root, and a cache of our own."""
     opened: list[int] = []
     real = source_module._ChainDirs.open
 
-    def counting(self: object, i: int) -> int:
+    def counting(self: source_module._ChainDirs, i: int) -> int:
         opened.append(i)
-        return real(self, i)  # type: ignore[arg-type]
+        return real(self, i)
 
     monkeypatch.setattr(source_module._ChainDirs, "open", counting)
     cache = LayerDirsCache(source_module.LAYER_DIRS_MAX_FDS)

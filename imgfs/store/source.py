@@ -8,7 +8,9 @@ reads that follow), every path opened
 below its store root without following symlinks (``files.StoreRoot``; the files inside a
 layer directory by ``layerfiles``). ``LayerChain``: an image's chain of layer IDs, shared by the
 chain's sources, so that describing a chain of depth N costs O(N), and a layer's overlay lower
-directories are found (and opened) only when a file is not in its own. Other modules never
+directories are found (and opened) only when a file is not in its own. ``LayerDirsCache``:
+the directory fds of recently used layers, kept (bounded in fds) while the store's write
+tokens stay, closed by their last user once dropped. Other modules never
 open layer files themselves: they ask a LayerSource. A flat-layout (composefs) layer's names go
 through its TOC's name map (``toc.FlatNames``) in front of the same opener; a layer the records
 already show to be unreproducible (``refused``) fails before anything is opened; one known
