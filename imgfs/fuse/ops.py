@@ -380,9 +380,13 @@ class Operations(pyfuse3.Operations):
             # producer publishes the last byte only after them), so its pages may stay in the
             # kernel's cache across opens, as a plain file's do. One still generating keeps
             # direct I/O: a reader must never get pages of a blob that later fails. A snapshot
-            # evicted and generated again under the same inode has the same bytes (its name is
-            # the blob's digest, which both generations were checked against), so pages the
-            # kernel kept of the old file are still right.
+            # evicted and generated again under the same inode: the open that starts the new
+            # generation has no keep_cache, so the kernel drops the inode's pages there, and
+            # they were of the same bytes anyway (the node is named by the blob's digest, which
+            # both generations were checked against). Measured, cp of a complete 1 GiB
+            # snapshot (medians of 3, load 3-5): page cache dropped 2.23 s, again 0.73 s;
+            # minimal pyfuse3 fs with keep_cache 2.39 s / 0.77 s; direct_io (before) 3.26 s /
+            # 1.44 s.
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         # Layer blobs use direct I/O: a reader's 1 MiB reads (st_blksize) reach us as 1 MiB
         # requests instead of 128 KiB page-cache ones, a fraction of the Python round trips.
