@@ -62,10 +62,13 @@ class LRU(Generic[K, V]):
             self._total -= item[1]
             return item[0]
 
-    def clear(self) -> None:
+    def clear(self) -> list[V]:
+        """Drop every entry; return their values (for a caller that must close them)."""
         with self._lock:
+            values = [value for value, _ in self._items.values()]
             self._items.clear()
             self._total = 0
+            return values
 
     @property
     def total(self) -> int:

@@ -19,13 +19,17 @@ MODES = [True, False]  # openat2, component walk
 def mode(request: pytest.FixtureRequest) -> bool:
     use = bool(request.param)
     if use:
-        fd = os.open("/", os.O_PATH)
-        try:
-            if not openat2_available(fd):
-                pytest.skip("openat2 unavailable here")
-        finally:
-            os.close(fd)
+        _need_openat2()
     return use
+
+
+def _need_openat2() -> None:
+    fd = os.open("/", os.O_PATH)
+    try:
+        if not openat2_available(fd):
+            pytest.skip("openat2 unavailable here")
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -167,3 +171,46 @@ def test_no_fd_leak(files: LayerFiles) -> None:
         with pytest.raises((LayerUnavailable, IntegrityError)):
             files.open(name, size)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_file_opens_with_one_openat2_and_a_swap_after_the_stat_is_refused(
+    layer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-file open is one openat2 (the safety rules), not an O_PATH probe and a reopen;
+    a regular file replaced by a FIFO or a symlink between the pre-check and that openat2 is
+    still refused (the fstat checks the fd actually opened; openat2 never follows the link)."""
+    _need_openat2()
+    from imgfs.store import layerfiles
+
+    calls: list[bytes] = []
+    real = layerfiles._openat2
+
+    def counting(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+        calls.append(path)
+        return real(dirfd, path, flags, resolve)
+
+    monkeypatch.setattr(layerfiles, "_openat2", counting)
+    with LayerFiles([str(layer)], "layer L", use_openat2=True) as lf:
+        assert read_fd(lf.open(b"dir/sub/b", 3)) == b"bee"
+        assert calls == [b"dir/sub/b"]
+
+        def swap_to(make: str) -> object:
+            def swapped(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+                (layer / "top").unlink()
+                if make == "fifo":
+                    os.mkfifo(layer / "top")
+                else:
+                    (layer / "top").symlink_to("dir/a.txt")
+                monkeypatch.setattr(layerfiles, "_openat2", real)
+                return real(dirfd, path, flags, resolve)
+
+            return swapped
+
+        monkeypatch.setattr(layerfiles, "_openat2", swap_to("fifo"))
+        with pytest.raises(IntegrityError, match="FIFO"):
+            lf.open(b"top", 4)
+        (layer / "top").unlink()
+        (layer / "top").write_bytes(b"top!")
+        monkeypatch.setattr(layerfiles, "_openat2", swap_to("link"))
+        with pytest.raises(LayerUnavailable, match="not found"):
+            lf.open(b"top", 4)

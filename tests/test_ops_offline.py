@@ -204,10 +204,7 @@ def test_reads_equal_the_layer_and_a_corrupt_file_fails_every_reader(
         assert await _read_all(ops, blob.st_ino, 1 << 20) == LAYER
 
     _run(main)
-    diff = made.root / "overlay" / image.layers[0] / "diff" / "dir" / "file"
-    data = bytearray(diff.read_bytes())
-    data[1000] ^= 0xFF
-    diff.write_bytes(data)
+    _flip_a_byte_of_dir_file(made)
     ops = _ops(made, tmp_path / "again", direct=direct)
 
     async def corrupt() -> None:
@@ -222,6 +219,13 @@ def test_reads_equal_the_layer_and_a_corrupt_file_fails_every_reader(
         assert await _errno_of(ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)) == errno.EIO
 
     _run(corrupt)
+
+
+def _flip_a_byte_of_dir_file(made: storemaker.StoreMaker) -> None:
+    diff = made.root / "overlay" / made.images[0].layers[0] / "diff" / "dir" / "file"
+    data = bytearray(diff.read_bytes())
+    data[1000] ^= 0xFF
+    diff.write_bytes(data)
 
 
 def _tar_with_modes() -> bytes:
@@ -559,3 +563,52 @@ def test_inode_numbers_survive_forget_and_collisions_probe_to_a_free_number() ->
     assert table.ino(b) == ino_b  # computed, not held: a readdir entry the kernel did not take
     assert table.key(ino_b) is None
     assert table.remember(_Colliding("e", -3)) == (1 << 63) - 3  # sign bit cleared
+
+
+def test_a_complete_snapshot_keeps_the_page_cache_one_in_progress_uses_direct_io(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob opened while its snapshot generates is direct I/O (no kernel pages of a blob that
+    may still fail); opened once the snapshot is complete (whole check passed), keep_cache and
+    no direct I/O; a failed generation never gets there (EIO, nothing kept)."""
+    from imgfs.views import content as content_module
+
+    image = made.images[0]
+    ops = _ops(made, tmp_path, direct=False)
+    gate = threading.Event()
+    real = content_module._produce
+
+    def gated(*args: Any) -> None:
+        gate.wait(10)
+        real(*args)
+
+    monkeypatch.setattr(content_module, "_produce", gated)
+
+    async def main() -> None:
+        blob = await _lookup_path(ops, f"{image.id}/blobs/{image.diff_ids[0]}".encode())
+        first = await ops.open(blob.st_ino, os.O_RDONLY, ROOT_CTX)
+        assert (first.direct_io, first.keep_cache) == (True, False)  # still generating
+        gate.set()
+        out = bytearray()
+        while chunk := await ops.read(first.fh, len(out), 1 << 20):
+            out += chunk
+        assert bytes(out) == LAYER
+        again = await ops.open(blob.st_ino, os.O_RDONLY, ROOT_CTX)
+        assert (again.direct_io, again.keep_cache) == (False, True)  # complete and checked
+        assert await ops.read(again.fh, 0, 512) == LAYER[:512]
+        await ops.release(again.fh)
+        await ops.release(first.fh)
+
+    _run(main)
+    _flip_a_byte_of_dir_file(made)
+    ops = _ops(made, tmp_path / "again", direct=False)
+
+    async def corrupt() -> None:
+        blob = await _lookup_path(ops, f"{image.id}/blobs/{image.diff_ids[0]}".encode())
+        info = await ops.open(blob.st_ino, os.O_RDONLY, ROOT_CTX)
+        assert info.direct_io
+        assert await _errno_of(ops.read(info.fh, 0, len(LAYER))) == errno.EIO
+        await ops.release(info.fh)
+        assert await _errno_of(ops.open(blob.st_ino, os.O_RDONLY, ROOT_CTX)) == errno.EIO
+
+    _run(corrupt)

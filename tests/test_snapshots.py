@@ -698,3 +698,46 @@ def test_closing_the_cache_wakes_waiters(cache_dir: Path) -> None:
     with pytest.raises(ImgfsError):
         snap.read(0, 4096, timeout=WAIT)
     cache.release(snap)
+
+
+def test_a_read_with_ahead_advises_only_published_bytes_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Snapshot.read(ahead=)``: POSIX_FADV_WILLNEED of what follows the range, never past
+    the published mark, and none at all without ``ahead`` or at the mark."""
+    advised: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def recording(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append((offset, length))
+        real(fd, offset, length, advice)
+
+    cache = SnapshotCache(str(tmp_path / "snaps"), max_bytes=1 << 20)
+    data = os.urandom(10000)
+    gate = threading.Event()
+
+    def produce(sink: Sink) -> None:
+        sink.write(data)
+        sink.publish(6000)
+        gate.wait(10)
+        sink.publish(len(data))
+
+    snap = cache.acquire("k", len(data), produce)
+    try:
+        assert snap.read(0, 1000, timeout=10) == data[:1000]
+        monkeypatch.setattr(os, "posix_fadvise", recording)
+        assert snap.read(0, 1000) == data[:1000]
+        assert advised == []  # no ahead asked
+        assert snap.read(1000, 1000, ahead=1 << 20) == data[1000:2000]
+        assert advised == [(2000, 4000)]  # up to the published mark only
+        assert snap.read(5000, 1000, ahead=1 << 20) == data[5000:6000]
+        assert advised == [(2000, 4000)]  # at the mark: nothing to advise
+        gate.set()
+        assert snap.read(9000, 1000, timeout=10, ahead=100) == data[9000:]
+        assert snap.read(2000, 1000, ahead=100) == data[2000:3000]
+        assert advised == [(2000, 4000), (3000, 100)]
+    finally:
+        gate.set()
+        cache.release(snap)
+        cache.close()

@@ -207,12 +207,16 @@ class Snapshot:
         """True once the temp file was closed (evicted or dropped)."""
         return self._fd_closed
 
-    def read(self, offset: int, n: int, timeout: float | None = None) -> bytes:
+    def read(
+        self, offset: int, n: int, timeout: float | None = None, ahead: int = 0
+    ) -> bytes:
         """Return bytes ``[offset, offset + n)``, fewer only at EOF.
 
         Waits until the range is published; a published range never waits. Raises the
         producer's error (an ``ImgfsError``) if generation failed before publishing the range,
-        and ``TimeoutError`` if ``timeout`` seconds pass first.
+        and ``TimeoutError`` if ``timeout`` seconds pass first. ``ahead``: also ask the kernel
+        to read up to that many published bytes after the range into its cache
+        (``POSIX_FADV_WILLNEED``, no waiting), so that the reads which follow find them there.
         """
         if offset < 0 or n < 0:
             raise ValueError(f"snapshot of {self._key}: bad read ({offset}, {n})")
@@ -223,6 +227,10 @@ class Snapshot:
             self._wait_published(end, timeout)
         if self._fd_closed:
             raise ImgfsError(f"snapshot of {self._key} was read after it was released")
+        if ahead > 0 and self._published > end:
+            os.posix_fadvise(
+                self._fd, end, min(ahead, self._published - end), os.POSIX_FADV_WILLNEED
+            )
         return self._pread(offset, end - offset)
 
     def notify_when_published(

@@ -49,6 +49,7 @@ NAME_TIMEOUT = 1.0  # names (images, tags) follow the store within the poll peri
 POLL_SECONDS = 1.0
 BLOCK_SIZE = 1 << 20
 READ_AHEAD = 4 << 20
+SNAPSHOT_AHEAD = 16 << 20  # advised after a snapshot read that missed the page cache
 READ_AHEAD_WINDOWS = 2  # per --direct handle: the one being served and one more
 _QUIET_NAMESPACES = (b"security.", b"system.")  # xattrs imgfs only has where the tar has them
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
@@ -374,6 +375,19 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=node.stable)
         if isinstance(content, Streamed) and content.page_cache:
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if isinstance(content, Snapshotted) and content.snapshot.complete and node.stable:
+            # A complete snapshot passed its whole check (every CRC and the blob's digest: the
+            # producer publishes the last byte only after them), so its pages may stay in the
+            # kernel's cache across opens, as a plain file's do. One still generating keeps
+            # direct I/O: a reader must never get pages of a blob that later fails. A snapshot
+            # evicted and generated again under the same inode: the open that starts the new
+            # generation has no keep_cache, so the kernel drops the inode's pages there, and
+            # they were of the same bytes anyway (the node is named by the blob's digest, which
+            # both generations were checked against). Measured, cp of a complete 1 GiB
+            # snapshot (medians of 3, load 3-5): page cache dropped 2.23 s, again 0.73 s;
+            # minimal pyfuse3 fs with keep_cache 2.39 s / 0.77 s; direct_io (before) 3.26 s /
+            # 1.44 s.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         # Layer blobs use direct I/O: a reader's 1 MiB reads (st_blksize) reach us as 1 MiB
         # requests instead of 128 KiB page-cache ones, a fraction of the Python round trips.
         # Measured here, cp of a 1 GiB blob: cold 3.9-6.2 s -> 2.1-2.6 s; from a complete
@@ -446,9 +460,11 @@ class Operations(pyfuse3.Operations):
                 got = os.preadv(snap.fd, [buf], off)
             if got == len(buf):
                 return memoryview(buf)
-        # Not in the page cache (a thread reads it from disk), or generation failed or stopped
-        # before the range (Snapshot.read raises its error).
-        data: bytes = await self._run(snap.read, off, size)
+        # Not in the page cache (a thread reads it from disk, and asks for the next
+        # SNAPSHOT_AHEAD bytes at once, so the requests that follow are served inline: a
+        # complete snapshot read through the kernel's page cache comes as 128 KiB requests),
+        # or generation failed or stopped before the range (Snapshot.read raises its error).
+        data: bytes = await self._run(snap.read, off, size, None, SNAPSHOT_AHEAD)
         return data
 
     async def _read_direct(

@@ -55,25 +55,36 @@ class _OpenHow(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+# syscall(2) through a prototype of its own (prebuilt argtypes: no ctypes wrapper objects per
+# call; the shared ``_libc.syscall`` stays untouched), and one ``open_how`` per (flags, resolve),
+# built once and never written again (so threads share it): the per-file open is the hot loop
+# of generating a many-file layer blob.
+_syscall = ctypes.CFUNCTYPE(
+    ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
+    use_errno=True,
+)(("syscall", _libc))
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+_hows: dict[tuple[int, int], tuple[_OpenHow, int]] = {}
 _openat2_works: bool | None = None
+
+
+def _how(flags: int, resolve: int) -> int:
+    """The address of the shared, read-only ``open_how`` for (flags, resolve)."""
+    got = _hows.get((flags, resolve))
+    if got is None:  # a few distinct combinations per process; a race builds one twice
+        how = _OpenHow(flags, 0, resolve)
+        got = _hows.setdefault((flags, resolve), (how, ctypes.addressof(how)))
+    return got[1]
 
 
 def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     """openat2(2); raises OSError. Retries EINTR and EAGAIN (concurrent rename)."""
-    how = _OpenHow(flags, 0, resolve)
+    how = _how(flags, resolve)
     err = errno.EAGAIN
     for _ in range(_RETRIES):
-        fd = _syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_int(dirfd),
-            ctypes.c_char_p(path),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
+        fd: int = _syscall(_SYS_OPENAT2, dirfd, path, how, _HOW_SIZE)
         if fd >= 0:
-            return int(fd)
+            return fd
         err = ctypes.get_errno()
         if err not in (errno.EINTR, errno.EAGAIN):
             break

@@ -40,7 +40,7 @@ from imgfs.store.files import (
 
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # "Not in this directory": try the next one.
 _MISSING = frozenset({errno.ENOENT, errno.ELOOP, errno.EXDEV, errno.ENOTDIR})
@@ -219,18 +219,20 @@ def _open_layer_dir(path: str) -> int:
 
 
 def _open_beneath(dirfd: int, cleaned: bytes) -> int:
-    """O_PATH first so a device node is never opened for reading, then the real open."""
-    probe = _openat2(dirfd, cleaned, _PATH_FLAGS, _RESOLVE)
-    try:
-        first = os.fstat(probe)
-    finally:
-        os.close(probe)
-    if stat.S_ISLNK(first.st_mode):  # O_PATH|O_NOFOLLOW yields the link itself
+    """One ``openat2`` (the safety rules: no symlink in any component, beneath ``dirfd``, no
+    mount crossed), after a plain ``fstatat`` that keeps a device node from being opened for
+    reading (a FIFO could not hang it anyway: O_NONBLOCK); ``LayerFiles._check`` then checks
+    the fd actually opened (one fstat: regular, the recorded size), so a file swapped between
+    the two calls is still refused. The ``fstatat`` is no safety check (it follows symlinks in
+    the leading components, as ``os.open(dir_fd=) + O_NOFOLLOW`` would: which is why the open
+    itself goes through openat2): it only spares the open of what is plainly not a file.
+    Measured: 3 syscalls per file instead of 6 (two openat2, three fstat, a close)."""
+    first = os.stat(cleaned, dir_fd=dirfd, follow_symlinks=False)
+    if stat.S_ISLNK(first.st_mode):
         raise OSError(errno.ELOOP, "is a symlink", cleaned)
     if not stat.S_ISREG(first.st_mode):
         return _openat2(dirfd, cleaned, _PATH_FLAGS, _RESOLVE)  # reported by _check
-    fd = noatime(lambda flags: _openat2(dirfd, cleaned, flags, _RESOLVE), _READ_FLAGS)
-    return _same_or_path(fd, first)
+    return noatime(lambda flags: _openat2(dirfd, cleaned, flags, _RESOLVE), _READ_FLAGS)
 
 
 def _same_or_path(fd: int, first: os.stat_result) -> int:

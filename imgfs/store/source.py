@@ -8,7 +8,9 @@ reads that follow), every path opened
 below its store root without following symlinks (``files.StoreRoot``; the files inside a
 layer directory by ``layerfiles``). ``LayerChain``: an image's chain of layer IDs, shared by the
 chain's sources, so that describing a chain of depth N costs O(N), and a layer's overlay lower
-directories are found (and opened) only when a file is not in its own. Other modules never
+directories are found (and opened) only when a file is not in its own. ``LayerDirsCache``:
+the directory fds of recently used layers, kept (bounded in fds) while the store's write
+tokens stay, closed by their last user once dropped. Other modules never
 open layer files themselves: they ask a LayerSource. A flat-layout (composefs) layer's names go
 through its TOC's name map (``toc.FlatNames``) in front of the same opener; a layer the records
 already show to be unreproducible (``refused``) fails before anything is opened; one known
@@ -21,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
@@ -29,6 +32,7 @@ from imgfs.errors import IntegrityError, LayerUnavailable
 from imgfs.layer.assemble import BlobFile, FileOpener, LayerReader
 from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import iter_entries
+from imgfs.lru import LRU
 from imgfs.store.files import RootLayout, StoreFile
 from imgfs.store.layerfiles import LayerFiles
 from imgfs.store.locks import read_locked
@@ -142,13 +146,30 @@ class LayerSource:
             return toc_digest(self.home, self.layer_id, name, self.what)
 
     def open_file(self, name: bytes, size: int) -> int:
-        """One content file of the layer (a regular file of ``size`` bytes), under the lock."""
-        with read_locked(self.locks):
-            files = self._layer_files()
+        """One content file of the layer (a regular file of ``size`` bytes), under the lock.
+        The layer's directory fds are kept (``LAYER_DIRS``) while the store's write tokens
+        stay the same."""
+        if self.toc_names or is_rootless_store(self.home.layers_dir):
+            with read_locked(self.locks):
+                files = self._layer_files()
+            try:
+                return files.open(name, size)
+            finally:
+                files.close()
+        with read_locked(self.locks) as tokens:
+            held = LAYER_DIRS.hold(self._dirs_key(), tokens, self._own_files)
         try:
-            return files.open(name, size)
+            return held.files.open(name, size)
         finally:
-            files.close()
+            LAYER_DIRS.let_go(held)
+
+    def _dirs_key(self) -> tuple[object, ...]:
+        chain = self.chain
+        return (chain.roots, chain.ids[: self.depth + 1], chain.lowers, self.what)
+
+    def _own_files(self) -> tuple[LayerFiles, int]:
+        dirs = _ChainDirs(self.chain, self.depth, self.what)
+        return LayerFiles(dirs, self.what), len(dirs)
 
     def _layer_files(self) -> FileOpener:
         dirs = _ChainDirs(self.chain, self.depth, self.what)
@@ -203,6 +224,87 @@ class LayerSource:
             ) from exc
         except OSError as exc:
             raise LayerUnavailable(f"{self.what}: tar-split: {exc.strerror}") from exc
+
+
+class _Held:
+    """One kept ``LayerFiles``: the write tokens it was opened under, who uses it right now,
+    and whether it left the cache (closed once nobody uses it: never under a reader)."""
+
+    __slots__ = ("fds", "files", "refs", "retired", "tokens")
+
+    def __init__(self, files: LayerFiles, tokens: tuple[bytes, ...], fds: int) -> None:
+        self.files, self.tokens, self.fds = files, tokens, fds
+        self.refs = 1
+        self.retired = False
+
+
+class LayerDirsCache:
+    """The directory fds of recently opened layers (a ``LayerFiles`` per layer and image),
+    so that a small file's open is one ``openat2`` and not also the opens of its layer's
+    directories below the store root (measured ~42 us a file). Bounded in fds (each entry
+    counts its whole chain of directories, opened or not). An entry is used only while the
+    store's write tokens (the ``layers.lock`` files the open is made under) are the ones it
+    was opened under: a store change (a layer removed, re-pulled) opens the directories again,
+    and a store without tokens (no lock file) gets no kept directories at all."""
+
+    def __init__(self, max_fds: int) -> None:
+        self._lru: LRU[tuple[object, ...], _Held] = LRU(max_fds, lambda held: held.fds)
+        self._lock = threading.Lock()
+
+    def hold(
+        self,
+        key: tuple[object, ...],
+        tokens: tuple[bytes, ...],
+        make: Callable[[], tuple[LayerFiles, int]],
+    ) -> _Held:
+        """The kept entry for ``key`` if its tokens are ``tokens``, else a new one (kept when
+        every token is known); ``let_go`` it after use."""
+        with self._lock:
+            held = self._lru.get(key)
+            if held is not None and held.tokens == tokens:
+                held.refs += 1
+                return held
+            stale = [] if held is None else [self._lru.pop(key)]
+        self._retire(stale)
+        files, fds = make()
+        held = _Held(files, tokens, fds)
+        if not tokens or not all(tokens):
+            held.retired = True  # nothing tells a change: used once
+            return held
+        with self._lock:
+            gone = [self._lru.pop(key)]
+            gone += self._lru.put(key, held)
+        self._retire(gone)
+        return held
+
+    def let_go(self, held: _Held) -> None:
+        with self._lock:
+            held.refs -= 1
+            done = held.retired and held.refs == 0
+        if done:
+            held.files.close()
+
+    def close(self) -> None:
+        """Drop every entry (each closed now, or by its last user)."""
+        with self._lock:
+            gone = self._lru.clear()
+        self._retire(gone)
+
+    def _retire(self, held: Sequence[_Held | None]) -> None:
+        to_close = []
+        with self._lock:
+            for one in held:
+                if one is None or one.retired:
+                    continue
+                one.retired = True
+                if one.refs == 0:
+                    to_close.append(one.files)
+        for files in to_close:
+            files.close()
+
+
+LAYER_DIRS_MAX_FDS = 256
+LAYER_DIRS = LayerDirsCache(LAYER_DIRS_MAX_FDS)
 
 
 def build_index(source: LayerSource, gz: BinaryIO) -> LayerIndex:
