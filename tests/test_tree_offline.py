@@ -15,8 +15,9 @@ import pytest
 
 import imgfs
 from imgfs.views.content import Caches, Inline, Streamed, release
-from imgfs.views.keys import ROOT, ImageKey, Key
+from imgfs.views.keys import ROOT, ImageKey, Key, RootfsKey
 from imgfs.views.node import Node
+from imgfs.views.rootfs import RootFS
 from imgfs.views.tree import TreeView, build_view
 from tests import storemaker
 from tests.tarsplit_maker import make_tar
@@ -170,20 +171,46 @@ def test_unique_prefix_is_a_link_and_unknown_names_are_not_found(
 def test_directory_links_and_the_roots_the_tars_do_not_name(
     view: TreeView, made: storemaker.StoreMaker
 ) -> None:
-    """Directories count 2 + their subdirectories; a layer root no tar names shows 0555 and
-    the layer's creation time, as ``podman image mount`` does."""
+    """``layers/`` directories count 2 + their subdirectories, ``rootfs/`` directories show 1
+    (subdirectories not counted: no merge of each subdirectory of a listing); a layer root no
+    tar names shows 0555 and the layer's creation time, as ``podman image mount`` does."""
     app, _ = made.images
     created = datetime.fromisoformat(storemaker.CREATED.replace("Z", "+00:00").replace(
         ".123456789", ".123456"
     ))  # fmt: skip
-    for path in (
-        f"{app.id}/rootfs",
-        f"{app.id}/layers/{_names(view, f'{app.id}/layers')[0].decode()}",
+    for path, nlink in (
+        (f"{app.id}/rootfs", 1),
+        (f"{app.id}/layers/{_names(view, f'{app.id}/layers')[0].decode()}", 2 + 2),  # etc/, opt/
     ):
         root = view.resolve(path.encode())
         assert root.mode == stat.S_IFDIR | 0o555, path
         assert abs(root.mtime_ns - created.timestamp() * 1e9) < 1e6, path
-        assert root.nlink == 2 + 2, path  # etc/ and opt/
-    assert view.resolve(f"{app.id}/rootfs/etc".encode()).nlink == 2
+        assert root.nlink == nlink, path
+    assert view.resolve(f"{app.id}/rootfs/etc".encode()).nlink == 1
     assert view.resolve(f"{app.id}/rootfs/etc/hostname".encode()).nlink == 2  # + etc/hard
     assert view.resolve(f"{app.id}/rootfs/big".encode()).nlink == 1
+
+
+def test_listings_merge_only_the_directory_listed(
+    view: TreeView, made: storemaker.StoreMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image directory's listing merges nothing (its ``rootfs/`` entry needs no merged
+    root), and a ``rootfs/`` listing merges that directory, not each of its subdirectories."""
+    app, _ = made.images
+    merged: list[bytes] = []
+    merge = RootFS._merge
+
+    def counted(fs: RootFS, path: bytes, sources: tuple[int, ...]) -> dict[bytes, object]:
+        merged.append(path)
+        return merge(fs, path, sources)  # type: ignore[return-value]
+
+    monkeypatch.setattr(RootFS, "_merge", counted)
+    names = [name for name, _ in view.children(ImageKey(app.id))]
+    assert b"rootfs" in names
+    assert merged == []
+    listing = dict(view.children(RootfsKey(app.id, b"")))
+    assert {b"etc", b"opt"} <= set(listing)
+    assert listing[b"etc"].kind == "dir"
+    assert merged == [b""]
+    view.children(RootfsKey(app.id, b"etc"))
+    assert merged == [b"", b"etc"]

@@ -71,6 +71,50 @@ def test_pax_fractional_mtime_and_long_names() -> None:
         parse_header(header[:-512], "t")
 
 
+_FIELDS = {"mode": (100, 8), "uid": (108, 8), "size": (124, 12), "mtime": (136, 12)}
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "want"),
+    [
+        ("uid", b"0001750\x00", 1000),
+        ("uid", b"  1750  ", 1000),  # spaces and NULs around the digits are trimmed
+        ("uid", b"\x00\x00\x00\x00\x00\x00\x00\x00", 0),
+        ("uid", b"       \x00", 0),
+        ("size", b"\x80" + b"\x00" * 6 + (1 << 33).to_bytes(5, "big"), 1 << 33),  # GNU base-256
+        ("mtime", b"\xff" * 11 + b"\xfe", -2),  # negative base-256: only mtime
+        ("mode", b"0000755\x00", 0o755),
+        # Python's int() takes these, Go's parseNumeric does not:
+        ("uid", b"000_750\x00", None),
+        ("uid", b"0o00750\x00", None),
+        ("uid", b"  +1750 ", None),
+        ("uid", b"\t001750\x00", None),
+        ("uid", b"0017 50\x00", None),  # a space between digits
+        ("uid", b"0017\x0050\x00", None),
+        ("size", b"00000000008\x00", None),
+        ("uid", b"\xff" * 8, None),  # negative base-256 elsewhere
+    ],
+)
+def test_numeric_fields_parse_as_go_does(field: str, raw: bytes, want: int | None) -> None:
+    """The plain-octal fast path and the field-by-field rules give the same numbers and the
+    same errors (each case would differ if the fast path took what int() takes)."""
+    info = tarfile.TarInfo("f")
+    info.mtime, info.uid, info.mode = 7, 5, 0o644
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    pos, length = _FIELDS[field]
+    assert len(raw) == length
+    block[pos : pos + length] = raw
+    if want is None:
+        with pytest.raises(MalformedMetadata):
+            parse_header(bytes(block), "t")
+        return
+    header = parse_header(bytes(block), "t")
+    got = {"mode": header.mode, "uid": header.uid, "size": header.size}
+    got["mtime"] = header.mtime_ns // 10**9
+    assert got[field] == want
+    assert (header.uid if field != "uid" else header.mode) == (5 if field != "uid" else 0o644)
+
+
 def test_persisted_tree_round_trips_and_rejects_corruption(tmp_path: Path) -> None:
     tree = _tree(awkward_tar())
     copy = LayerTree.from_bytes(tree.to_bytes(), "copy")

@@ -30,6 +30,7 @@ _BLOCK = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 _USTAR = (b"ustar\x00", b"00")
 _GNU = (b"ustar ", b" \x00")
 _OCTAL = frozenset(b"01234567")
+_OCTAL_FIELD = b"01234567 \x00"  # what a plain octal field holds
 _EXTENSIONS = frozenset(b"xLK")
 
 REGULAR = "0"
@@ -104,37 +105,76 @@ def _block(data: bytes, pos: int, what: str) -> Header:
         uname, gname, devmajor, devminor, prefix,
     ) = _BLOCK.unpack_from(data, pos)  # fmt: skip
     del uname, gname
-    name = _cstr(name)
+    name = name.partition(b"\x00")[0]
     major = minor = 0
-    if (magic, version) == _USTAR or (magic, version) == _GNU:
-        major = _number(devmajor, what)
-        minor = _number(devminor, what)
-    if (magic, version) == _USTAR:
+    ustar = (magic, version) == _USTAR
+    if ustar or (magic, version) == _GNU:
+        devices = _plain_devices(data[pos + 329 : pos + 345])
+        if devices is None:
+            devices = (_number(devmajor, what), _number(devminor, what))
+        major, minor = devices
+    if ustar:
         star = data[pos + 508 : pos + 512] == b"tar\x00"
-        head = _cstr(prefix[:131] if star else prefix)
+        head = (prefix[:131] if star else prefix).partition(b"\x00")[0]
         if head:
             name = head + b"/" + name
     typeflag = flag.decode("latin-1")
     if typeflag in _REGULAR_FLAGS:
         typeflag = DIRECTORY if typeflag == "\x00" and name.endswith(b"/") else REGULAR
+    numbers = _plain_numbers(data[pos + 100 : pos + 148])
+    if numbers is None:
+        numbers = (
+            _number(mode, what), _number(uid, what), _number(gid, what), _number(size, what),
+            _number(mtime, what, signed=True),
+        )  # fmt: skip
     return Header(
         name=name,
         typeflag=typeflag,
-        mode=_number(mode, what) & 0o7777,
-        uid=_number(uid, what),
-        gid=_number(gid, what),
-        size=_number(size, what),
-        mtime_ns=_number(mtime, what, signed=True) * 1_000_000_000,
-        linkname=_cstr(linkname),
+        mode=numbers[0] & 0o7777,
+        uid=numbers[1],
+        gid=numbers[2],
+        size=numbers[3],
+        mtime_ns=numbers[4] * 1_000_000_000,
+        linkname=linkname.partition(b"\x00")[0],
         devmajor=major,
         devminor=minor,
         xattrs=(),
     )
 
 
+def _plain_numbers(fields: bytes) -> tuple[int, int, int, int, int] | None:
+    """mode, uid, gid, size, mtime (bytes 100-148 of the block) when all five are plain octal,
+    as nearly every tar writes them; None: let ``_number`` decide each (base-256, stray
+    characters, and its error messages)."""
+    if fields.translate(None, _OCTAL_FIELD):  # a byte that is no octal digit, space or NUL
+        return None
+    try:
+        return (
+            int(fields[0:8].strip(b" \x00") or b"0", 8),
+            int(fields[8:16].strip(b" \x00") or b"0", 8),
+            int(fields[16:24].strip(b" \x00") or b"0", 8),
+            int(fields[24:36].strip(b" \x00") or b"0", 8),
+            int(fields[36:48].strip(b" \x00") or b"0", 8),
+        )
+    except ValueError:  # a space or NUL between digits
+        return None
+
+
+def _plain_devices(fields: bytes) -> tuple[int, int] | None:
+    """devmajor, devminor (bytes 329-345) as ``_plain_numbers`` reads its fields."""
+    if fields.translate(None, _OCTAL_FIELD):
+        return None
+    try:
+        return (
+            int(fields[0:8].strip(b" \x00") or b"0", 8),
+            int(fields[8:16].strip(b" \x00") or b"0", 8),
+        )
+    except ValueError:
+        return None
+
+
 def _cstr(field: bytes) -> bytes:
-    cut = field.find(b"\x00")
-    return field if cut < 0 else field[:cut]
+    return field.partition(b"\x00")[0]
 
 
 def _number(field: bytes, what: str, signed: bool = False) -> int:

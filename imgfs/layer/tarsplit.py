@@ -84,6 +84,16 @@ def clean_name(name: bytes) -> bytes:
     goes; the root itself is ``b"."``. An absolute name stays inside the layer root, as Go's
     ``filepath.Join(root, name)`` keeps it. Any ``..`` component or NUL raises ``UnsafePath``.
     """
+    body = name[2:] if name.startswith(b"./") else name
+    if (
+        body
+        and body[0] not in b"./"
+        and body[-1] != 47
+        and b"//" not in body
+        and b"/." not in body
+        and b"\x00" not in body
+    ):
+        return body  # nearly every name: already clean (no "." or ".." component)
     if b"\x00" in name:
         raise UnsafePath(f"member name {name!r:.200} contains NUL")
     parts = [p for p in name.split(b"/") if p and p != b"."]

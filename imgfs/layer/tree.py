@@ -276,21 +276,29 @@ class LayerTree:
 
     def prefetch(self, refs: Iterable[int]) -> None:
         """Parse the members ``refs`` in tar order (each header chunk decompressed once)."""
-        for ref in sorted(r for r in refs if r >= 0 and r not in self._members):
-            self.member(ref)
+        members = self._members
+        for ref in sorted(r for r in refs if r >= 0 and r not in members):
+            members.put(ref, self._parse(ref))
 
     def _parse(self, ref: int) -> Member:
         cols = self._cols
         name = cols.names[cols.name_pos[ref] : cols.name_pos[ref + 1]]
-        what = f"{self.what}: member {name!r:.200}"
-        header = parse_header(cols.headers.read(cols.head_pos[ref], cols.head_len[ref]), what)
+        data = cols.headers.read(cols.head_pos[ref], cols.head_len[ref])
+        try:
+            header = parse_header(data, self.what)
+        except MalformedMetadata:  # again, to name the member (not formatted for every member)
+            header = parse_header(data, self._member_what(name))
         if header.name != name:
-            raise MalformedMetadata(f"{what}: the tar header names {header.name!r:.200}")
+            raise MalformedMetadata(
+                f"{self._member_what(name)}: the tar header names {header.name!r:.200}"
+            )
         flag, size = header.typeflag, cols.sizes[ref]
         if flag not in KNOWN_TYPES or (flag != REGULAR and size):
-            raise MalformedMetadata(f"{what}: unsupported tar member type {flag!r}")
+            raise MalformedMetadata(
+                f"{self._member_what(name)}: unsupported tar member type {flag!r}"
+            )
         if flag == REGULAR and header.size != size:
-            raise MalformedMetadata(f"{what}: header and tar-split sizes differ")
+            raise MalformedMetadata(f"{self._member_what(name)}: header and tar-split sizes differ")
         path = clean_name(name)
         link = clean_name(header.linkname) if flag == HARDLINK else header.linkname
         return Member(
@@ -298,6 +306,9 @@ class LayerTree:
             header.mtime_ns, link, header.devmajor, header.devminor, header.xattrs,
             cols.crcs[ref] if size else None, name, ref,
         )  # fmt: skip
+
+    def _member_what(self, name: bytes) -> str:
+        return f"{self.what}: member {name!r:.200}"
 
     def link_target(self, ref: int) -> int | None:
         """The ref a hardlink shares its inode with (an earlier non-link member), else None."""

@@ -123,8 +123,8 @@ class RootFS:
 
     def prefetch(self, entries: Collection[Entry]) -> None:
         """Parse the members ``entries`` show, each layer's in tar order (a listing's; not
-        done by every merge: a directory's st_nlink merges its subdirectories too, whose
-        members nothing may ask for)."""
+        done by every merge: a lookup merges the directories above it, whose members nothing
+        may ask for)."""
         for i, tree in enumerate(self.layers):
             tree.prefetch(e.ref for e in entries if e.layer == i)
 

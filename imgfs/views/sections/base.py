@@ -72,8 +72,9 @@ def member_node(
 ) -> Node:
     """A ``layers/`` or ``rootfs/`` node with the image's own attributes (numeric owners).
 
-    ``nlink``: the paths showing a file, or 2 + the subdirectories of a directory. A layer
-    root that the tar does not name shows mode 0555 and the layer's ``created_ns``.
+    ``nlink``: the paths showing a file; for a directory 2 + its subdirectories (``layers/``)
+    or 1 (``rootfs/``: not counted). A layer root that the tar does not name shows mode 0555
+    and the layer's ``created_ns``.
     ``source``: where ``member`` is (kept for a regular file: ``TreeView.open_known``).
     """
     flag = member.typeflag

@@ -1,7 +1,10 @@
 """``<image-id>/rootfs/…``: the merged filesystem of the image (``imgfs.views.rootfs``).
 
 Hardlinked files share one inode (a ``RootfsInodeKey``) with the count of paths still showing
-it. Must not know: pyfuse3, trio, inode numbers, errno values.
+it. A directory shows ``st_nlink`` 1, as btrfs and many FUSE filesystems do ("subdirectories
+not counted": GNU find and fts then skip their leaf optimisation): counting them would merge
+every subdirectory of a directory being listed, and the image directory's ``rootfs/`` entry
+would merge the image's root. Must not know: pyfuse3, trio, inode numbers, errno values.
 """
 
 from __future__ import annotations
@@ -70,12 +73,9 @@ def _identity_entry(fs: RootFS, key: RootfsInodeKey) -> Entry:
 
 def _entry_node(view: TreeView, fs: RootFS, entry: Entry, key: RootfsKey) -> Node:
     shown: Key = key
-    nlink = 1
+    nlink = 1  # a directory too: its subdirectories are not counted (see the module's text)
     tree = fs.layers[entry.layer]
-    if tree.is_dir(entry.ref):
-        children = fs.children(key.path).values()
-        nlink = 2 + sum(1 for e in children if fs.layers[e.layer].is_dir(e.ref))
-    elif fs.hardlinked(entry):
+    if not tree.is_dir(entry.ref) and fs.hardlinked(entry):
         shown, nlink = RootfsInodeKey(key.image, entry.layer, entry.ref), fs.nlink(entry)
     created = view.content(view.image(key.image)).sources[entry.layer].created_ns
     where = origin(entry.layer, tree, entry.ref)
