@@ -375,24 +375,14 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=node.stable)
         if isinstance(content, Streamed) and content.page_cache:
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-        if isinstance(content, Snapshotted) and content.snapshot.complete and node.stable:
-            # A complete snapshot passed its whole check (every CRC and the blob's digest: the
-            # producer publishes the last byte only after them), so its pages may stay in the
-            # kernel's cache across opens, as a plain file's do. One still generating keeps
-            # direct I/O: a reader must never get pages of a blob that later fails. A snapshot
-            # evicted and generated again under the same inode: the open that starts the new
-            # generation has no keep_cache, so the kernel drops the inode's pages there, and
-            # they were of the same bytes anyway (the node is named by the blob's digest, which
-            # both generations were checked against). Measured, cp of a complete 1 GiB
-            # snapshot (medians of 3, load 3-5): page cache dropped 2.23 s, again 0.73 s;
-            # minimal pyfuse3 fs with keep_cache 2.39 s / 0.77 s; direct_io (before) 3.26 s /
-            # 1.44 s.
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         # Layer blobs use direct I/O: a reader's 1 MiB reads (st_blksize) reach us as 1 MiB
         # requests instead of 128 KiB page-cache ones, a fraction of the Python round trips.
         # Measured here, cp of a 1 GiB blob: cold 3.9-6.2 s -> 2.1-2.6 s; from a complete
         # snapshot with the kernel's cache cold 3.8 s -> about 0.9 s (page cache warm: 0.55 s).
-        # The price: no shared mmap of layer blobs (the README says so).
+        # The price: no shared mmap of layer blobs (the README says so). Complete snapshots
+        # were served with keep_cache for a while: a cp of the blob right after its first cp
+        # (the snapshot file in the page cache) then took 7.4 s against 2.3 s for the cold
+        # one, load ~1 (reads through the page cache come as 128 KiB requests), so not.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
 
     @_boundary
