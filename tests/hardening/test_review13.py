@@ -11,10 +11,9 @@ import os
 import resource
 import struct
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TypeVar
 
 import pyfuse3
 import pytest
@@ -30,8 +29,8 @@ from imgfs.views.content import Caches
 from imgfs.views.node import Ownership
 from tests import storemaker
 from tests.tarsplit_maker import make_tar
+from tests.test_ops_offline import _lookup_path, _ops, _run
 
-T = TypeVar("T")
 FILE = bytes(range(256)) * 256
 LAYER = make_tar([("dir", None), ("dir/file", FILE)])
 ROOT_CTX = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
@@ -44,22 +43,6 @@ def made(tmp_path: Path) -> storemaker.StoreMaker:
     maker.add_image("localhost/app:v1", [LAYER])
     maker.write()
     return maker
-
-
-def _ops(made: storemaker.StoreMaker, tmp: Path) -> Operations:
-    store = imgfs.Store.open(str(made.root), str(tmp / "run"), storemaker.DRIVER)
-    return Operations(store, Caches.build(str(tmp / "cache"), direct=True), Ownership(0, 0))
-
-
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    return trio.run(fn)
-
-
-async def _lookup_path(ops: Operations, path: bytes) -> pyfuse3.EntryAttributes:
-    attrs = await ops.getattr(ROOT_INODE, ROOT_CTX)
-    for name in filter(None, path.split(b"/")):
-        attrs = await ops.lookup(attrs.st_ino, name, ROOT_CTX)
-    return attrs
 
 
 def test_an_inline_read_never_waits_for_a_reader_in_a_thread(
