@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -47,12 +47,43 @@ class LRU(Generic[K, V]):
                 self._total -= old[1]
             self._items[key] = (value, cost)
             self._total += cost
-            evicted = []
-            while self._total > self.max_cost and len(self._items) > 1:
-                _, (gone, gone_cost) = self._items.popitem(last=False)
-                self._total -= gone_cost
-                evicted.append(gone)
-            return evicted
+            return self._evict()
+
+    def _evict(self) -> list[V]:
+        """Drop the oldest entries down to the bound (the newest stays); lock held."""
+        evicted = []
+        while self._total > self.max_cost and len(self._items) > 1:
+            _, (gone, gone_cost) = self._items.popitem(last=False)
+            self._total -= gone_cost
+            evicted.append(gone)
+        return evicted
+
+    def get_many(self, keys: Iterable[K]) -> dict[K, V]:
+        """``get`` of each of ``keys`` under one lock: the ones cached."""
+        found: dict[K, V] = {}
+        with self._lock:
+            items = self._items
+            for key in keys:
+                item = items.get(key)
+                if item is not None:
+                    items.move_to_end(key)
+                    found[key] = item[0]
+        return found
+
+    def put_many(self, pairs: Iterable[tuple[K, V]]) -> list[V]:
+        """``put`` of each pair under one lock (a listing's nodes); the values evicted."""
+        cost_of = self._cost
+        with self._lock:
+            items = self._items
+            for key, value in pairs:
+                cost = cost_of(value)
+                old = items.get(key)
+                if old is not None:
+                    self._total -= old[1]
+                    items.move_to_end(key)
+                items[key] = (value, cost)
+                self._total += cost
+            return self._evict()
 
     def pop(self, key: K) -> V | None:
         with self._lock:

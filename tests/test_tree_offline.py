@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import imgfs
+from imgfs.layer import tree as layer_tree
 from imgfs.views.content import Caches, Inline, Streamed, release
 from imgfs.views.keys import ROOT, ImageKey, Key, RootfsKey
 from imgfs.views.node import Node
@@ -214,3 +215,54 @@ def test_listings_merge_only_the_directory_listed(
     assert merged == [b""]
     view.children(RootfsKey(app.id, b"etc"))
     assert merged == [b"", b"etc"]
+
+
+def _listed(view: TreeView, path: bytes, out: dict[bytes, Node]) -> None:
+    for name, child in view.children(view.resolve(path).key):
+        out[path + b"/" + name] = child
+        if child.kind == "dir":
+            _listed(view, path + b"/" + name, out)
+
+
+def _shown(node: Node) -> tuple[object, ...]:
+    where = node.origin
+    return (
+        node.key, node.kind, node.size, node.mtime_ns, node.target, node.stable, node.xattrs,
+        node.mode, node.uid, node.gid, node.nlink, node.rdev,
+        None if where is None else (where.layer, where.ref, where.tree() is not None),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("span", [1, 700, 1 << 20])
+def test_listed_nodes_equal_the_nodes_of_lookups(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, span: int
+) -> None:
+    """A listing builds its nodes in one pass (members parsed in tar order, their headers read
+    in spans of SPAN_BYTES): each equals the node a lookup of its path builds in a new view."""
+    monkeypatch.setattr(layer_tree, "SPAN_BYTES", span)
+    store = imgfs.Store.open(str(made.root), str(tmp_path / "run"), storemaker.DRIVER)
+    app, _ = made.images
+    listed: dict[bytes, Node] = {}
+    for section in (b"rootfs", b"layers"):
+        _listed(build_view(store.images, 0, Caches.build(None)), f"{app.id}/".encode() + section,
+                listed)  # fmt: skip
+    assert len(listed) > 20
+    assert any(node.nlink == 2 for node in listed.values())  # the hardlink pair
+    assert any(node.origin is not None for node in listed.values())
+    for path, node in listed.items():
+        looked_up = build_view(store.images, 0, Caches.build(None)).resolve(path)
+        assert _shown(looked_up) == _shown(node), path
+
+
+def test_members_of_a_listing_equal_members_parsed_one_by_one(
+    view: TreeView, made: storemaker.StoreMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, _ = made.images
+    tree = view.rootfs(view.image(app.id)).layers[0]
+    refs = [ref for children in tree.dirs.values() for ref in children.values()]
+    assert any(ref < 0 for ref in [*refs, tree.root_ref()]) or refs
+    monkeypatch.setattr(layer_tree, "SPAN_BYTES", 900)
+    batch = tree.members([*reversed(refs), refs[0]])  # any order, repeats: each once
+    assert sorted(batch) == sorted(set(refs))
+    for ref in refs:
+        assert batch[ref] == tree._parse(ref) if ref >= 0 else batch[ref] == tree.member(ref)

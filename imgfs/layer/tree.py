@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 import threading
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import zstandard
@@ -49,6 +49,7 @@ ROOT_REF = -(1 << 62)  # the ref of a layer root the tar does not list
 CHUNK = 32 << 10  # small: a directory's members may be spread over the whole tar
 _CHUNK_CACHE = 64
 MEMBER_CACHE = 32_768  # parsed members kept per tree (~300 B each)
+SPAN_BYTES = 1 << 20  # a listing reads its members' headers in spans of at most this
 _MAGIC = b"IMGFSTRE"
 _VERSION = 2
 _HEADER = struct.Struct("<8sI")  # magic, version (integrity: the cache files' envelope)
@@ -274,16 +275,43 @@ class LayerTree:
             self._members.put(ref, found)
         return found
 
-    def prefetch(self, refs: Iterable[int]) -> None:
-        """Parse the members ``refs`` in tar order (each header chunk decompressed once)."""
-        members = self._members
-        for ref in sorted(r for r in refs if r >= 0 and r not in members):
-            members.put(ref, self._parse(ref))
+    def members(self, refs: Iterable[int]) -> dict[int, Member]:
+        """ref → member of each of ``refs`` (a listing's): the ones not cached are parsed in
+        tar order, their headers read in spans of up to SPAN_BYTES, and cached."""
+        wanted = set(refs)
+        found = self._members.get_many(r for r in wanted if r >= 0)
+        missing = sorted(r for r in wanted if r >= 0 and r not in found)
+        parsed = list(self._parse_in_order(missing))
+        self._members.put_many(parsed)
+        found.update(parsed)
+        for ref in wanted:
+            if ref < 0:
+                found[ref] = self.member(ref)
+        return found
 
-    def _parse(self, ref: int) -> Member:
+    def _parse_in_order(self, refs: list[int]) -> Iterator[tuple[int, Member]]:
+        """(ref, member) of ascending ``refs``, one header read per span of neighbours."""
+        cols = self._cols
+        pos, length = cols.head_pos, cols.head_len
+        i = 0
+        while i < len(refs):
+            start = pos[refs[i]]
+            j = i + 1
+            while j < len(refs) and 0 <= pos[refs[j]] - start <= SPAN_BYTES - length[refs[j]]:
+                j += 1
+            end = max(pos[r] + length[r] for r in refs[i:j])
+            span = cols.headers.read(start, end - start)
+            for ref in refs[i:j]:
+                at = pos[ref] - start
+                yield ref, self._parse(ref, span[at : at + length[ref]])
+            i = j
+
+    def _parse(self, ref: int, data: bytes | None = None) -> Member:
+        """Member ``ref`` from its header bytes ``data`` (read here when None)."""
         cols = self._cols
         name = cols.names[cols.name_pos[ref] : cols.name_pos[ref + 1]]
-        data = cols.headers.read(cols.head_pos[ref], cols.head_len[ref])
+        if data is None:
+            data = cols.headers.read(cols.head_pos[ref], cols.head_len[ref])
         try:
             header = parse_header(data, self.what)
         except MalformedMetadata:  # again, to name the member (not formatted for every member)

@@ -121,12 +121,15 @@ class RootFS:
         self._dirs.put((self._serial, path), merged)
         return merged
 
-    def prefetch(self, entries: Collection[Entry]) -> None:
-        """Parse the members ``entries`` show, each layer's in tar order (a listing's; not
-        done by every merge: a lookup merges the directories above it, whose members nothing
-        may ask for)."""
-        for i, tree in enumerate(self.layers):
-            tree.prefetch(e.ref for e in entries if e.layer == i)
+    def members(self, entries: Collection[Entry]) -> list[Member]:
+        """The members ``entries`` show, in their order, each layer's parsed in tar order (a
+        listing's; not done by every merge: a lookup merges the directories above it, whose
+        members nothing may ask for)."""
+        by_layer: dict[int, list[int]] = {}
+        for entry in entries:
+            by_layer.setdefault(entry.layer, []).append(entry.ref)
+        parsed = {i: self.layers[i].members(refs) for i, refs in by_layer.items()}
+        return [parsed[entry.layer][entry.ref] for entry in entries]
 
     def _check_budget(self, path: bytes, sources: tuple[int, ...]) -> None:
         """OverBudget when merging ``path`` alone could exceed the merged directories' bound."""
@@ -141,7 +144,8 @@ class RootFS:
 
     def hardlinked(self, entry: Entry) -> bool:
         """Whether some hardlink member of the image resolves to ``entry``'s inode."""
-        return not entry.is_dir and entry.identity in self._link_groups()
+        groups = self._groups if self._groups is not None else self._link_groups()
+        return bool(groups) and not entry.sources and (entry.layer, entry.ref) in groups
 
     def nlink(self, entry: Entry) -> int:
         """How many paths of the merged tree show ``entry``'s inode."""

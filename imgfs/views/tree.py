@@ -247,6 +247,11 @@ class TreeView:
             key, f"image {image.id[:12]}", lambda: [trees.layer_tree(s) for s in sources]
         )
 
+    def remember_many(self, pairs: list[tuple[Key, Node]]) -> None:
+        """``remember`` of a listing's nodes: (key, node) pairs, each under every key that
+        ``remember`` would keep it under."""
+        self._nodes.put_many(pairs)
+
     def remember(self, path_key: Key, node: Node) -> Node:
         """Keep a ``layers/``/``rootfs/`` node for ``peek`` under its path and its own key."""
         self._nodes.put(path_key, node)

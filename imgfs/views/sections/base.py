@@ -78,6 +78,12 @@ def member_node(
     ``source``: where ``member`` is (kept for a regular file: ``TreeView.open_known``).
     """
     flag = member.typeflag
+    if flag == REGULAR:  # most members: quickly (an implied member is a directory)
+        return Node(
+            key, "file", member.size, max(min(member.mtime_ns, _MAX_TIME), -_MAX_TIME), b"",
+            True, member.xattrs, stat.S_IFREG | member.mode, min(member.uid, _MAX_ID),
+            min(member.gid, _MAX_ID), nlink, 0, source,
+        )  # fmt: skip
     kind: Kind = "file"
     file_type, size, target, rdev = stat.S_IFREG, member.size, b"", 0
     if flag == DIRECTORY:

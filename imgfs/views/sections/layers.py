@@ -56,7 +56,7 @@ class Layers(Section):
             return super().children(view, key)
         tree = _tree(view, image, key.number)
         refs = tree.child_refs(key.path)
-        tree.prefetch(refs.values())
+        tree.members(refs.values())  # parsed in tar order, for _path_node's member()
         return [
             (name, _path_node(view, tree, ref, LayerKey(key.image, key.number, child)))
             for name, ref in sorted(refs.items())

@@ -9,13 +9,14 @@ would merge the image's root. Must not know: pyfuse3, trio, inode numbers, errno
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 from imgfs.errors import NotFound
 from imgfs.views import content as contents
 from imgfs.views.content import Content
 from imgfs.views.keys import Key, RootfsInodeKey, RootfsKey, child_path
-from imgfs.views.node import Node
+from imgfs.views.node import Node, Origin
 from imgfs.views.rootfs import Entry, RootFS
 from imgfs.views.sections.base import Section, member_node, origin, usable_name
 
@@ -39,11 +40,25 @@ class Rootfs(Section):
             return super().children(view, key)
         fs = _rootfs(view, key.image)
         entries = fs.children(key.path)
-        fs.prefetch(entries.values())
-        return [
-            (name, _entry_node(view, fs, entry, RootfsKey(key.image, child_path(key.path, name))))
-            for name, entry in entries.items()
-        ]
+        members = fs.members(entries.values())
+        sources = view.content(view.image(key.image)).sources
+        trees = zip(sources, fs.layers, strict=True)
+        layers = [(source.created_ns, weakref.ref(tree)) for source, tree in trees]
+        prefix = key.path + b"/" if key.path else b""
+        listing: list[tuple[bytes, Node]] = []
+        remembered: list[tuple[Key, Node]] = []
+        for (name, entry), member in zip(entries.items(), members, strict=True):
+            path_key = RootfsKey(key.image, prefix + name)
+            shown, nlink = _shown(fs, entry, path_key)
+            created, tree = layers[entry.layer]
+            where = Origin(entry.layer, tree, entry.ref)
+            node = member_node(shown, member, nlink, created, where)
+            listing.append((name, node))
+            remembered.append((path_key, node))
+            if shown is not path_key:
+                remembered.append((shown, node))
+        view.remember_many(remembered)
+        return listing
 
     def lookup(self, view: TreeView, key: RootfsKeys, name: bytes) -> Node:
         if isinstance(key, RootfsInodeKey):
@@ -72,14 +87,19 @@ def _identity_entry(fs: RootFS, key: RootfsInodeKey) -> Entry:
 
 
 def _entry_node(view: TreeView, fs: RootFS, entry: Entry, key: RootfsKey) -> Node:
-    shown: Key = key
-    nlink = 1  # a directory too: its subdirectories are not counted (see the module's text)
+    shown, nlink = _shown(fs, entry, key)
     tree = fs.layers[entry.layer]
-    if not tree.is_dir(entry.ref) and fs.hardlinked(entry):
-        shown, nlink = RootfsInodeKey(key.image, entry.layer, entry.ref), fs.nlink(entry)
     created = view.content(view.image(key.image)).sources[entry.layer].created_ns
     where = origin(entry.layer, tree, entry.ref)
     return view.remember(key, member_node(shown, fs.member(entry), nlink, created, where))
+
+
+def _shown(fs: RootFS, entry: Entry, key: RootfsKey) -> tuple[Key, int]:
+    """The key and link count ``entry`` shows at ``key``: a hardlinked file's own inode key,
+    else the path's key with 1 (a directory too: its subdirectories are not counted)."""
+    if fs.hardlinked(entry) and not fs.layers[entry.layer].is_dir(entry.ref):
+        return RootfsInodeKey(key.image, entry.layer, entry.ref), fs.nlink(entry)
+    return key, 1
 
 
 ROOTFS = Rootfs()
