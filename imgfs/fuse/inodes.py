@@ -43,12 +43,15 @@ class InodeTable:
             ino = (ino + 1) & _MASK
         return ino
 
-    def remember(self, key: Hashable) -> int:
-        """``ino(key)`` plus one kernel lookup reference."""
-        ino = self.ino(key)
+    def remember(self, key: Hashable, ino: int | None = None) -> int:
+        """``ino(key)`` plus one kernel lookup reference (``ino``: what ``ino(key)`` returned
+        just before, with no other call in between: a readdir entry the kernel took)."""
+        if ino is None:
+            ino = self.ino(key)
         self._by_key[key] = ino
         self._by_ino[ino] = key
-        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+        lookups = self._lookups
+        lookups[ino] = lookups.get(ino, 0) + 1
         return ino
 
     def forget(self, ino: int, count: int) -> None:

@@ -284,12 +284,14 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self.handles[fh].listing
+        inodes, reply, attrs = self.inodes, pyfuse3.readdir_reply, self._attrs
         for index in range(start_id, len(listing)):
             name, node = listing[index]
-            ino = self.inodes.ino(node.key)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(node, ino), index + 1):
+            key = node.key
+            ino = inodes.ino(key)
+            if not reply(token, name, attrs(node, ino), index + 1):
                 break
-            self.inodes.remember(node.key)
+            inodes.remember(key, ino)
 
     @_boundary
     async def releasedir(self, fh: int) -> None:
