@@ -382,9 +382,15 @@ class Operations(pyfuse3.Operations):
         # Measured here, cp of a 1 GiB blob: cold 3.9-6.2 s -> 2.1-2.6 s; from a complete
         # snapshot with the kernel's cache cold 3.8 s -> about 0.9 s (page cache warm: 0.55 s).
         # The price: no shared mmap of layer blobs (the README says so). Complete snapshots
-        # were served with keep_cache for a while: a cp of the blob right after its first cp
-        # (the snapshot file in the page cache) then took 7.4 s against 2.3 s for the cold
-        # one, load ~1 (reads through the page cache come as 128 KiB requests), so not.
+        # stay direct I/O too. With keep_cache (measured again, fresh daemon each, medians of
+        # 3, load 5.2-5.6, 1 GiB blob): a cp right after the generating cp 2.42 s vs 0.94 s,
+        # daemon CPU 1.03 vs 0.40 s; cp after drop_caches 2.58 vs 1.83 s (CPU 0.95 vs 0.60);
+        # cat after drop_caches 1.97 vs 1.20 s; only a repeat read whose pages the kernel still
+        # holds wins (cat 0.34 vs 0.72 s, CPU 0.00 vs 0.48). Filling the kernel's cache costs
+        # the daemon more per byte: ~4,360 requests of ~240 KiB instead of 1,090 of 1 MiB (the
+        # FUSE mount's 128 KiB read-ahead), and the page-cache reply path spins in
+        # fuse_copy_fill (12.6 % of the daemon's samples, perf) where direct I/O copies
+        # straight to the reader; a 4 MiB read_ahead_kb gave 1 MiB requests but no less CPU.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
 
     @_boundary
