@@ -612,3 +612,31 @@ def test_snapshot_blobs_use_direct_io_generating_or_complete(
         assert await _errno_of(ops.open(blob.st_ino, os.O_RDONLY, ROOT_CTX)) == errno.EIO
 
     _run(corrupt)
+
+
+def test_complete_snapshot_reads_fill_one_reused_buffer_with_the_right_bytes(
+    made: storemaker.StoreMaker, tmp_path: Path
+) -> None:
+    """Inline reads of a published snapshot range go into the adapter's one scratch buffer
+    (pyfuse3 copies the reply before another request runs), not a fresh zeroed buffer per
+    request; each read has the right bytes, and a read larger than the buffer gets its own."""
+    image = made.images[0]
+    ops = _ops(made, tmp_path, direct=False)
+    ops._scratch = bytearray(4096)
+
+    async def main() -> None:
+        blob = await _lookup_path(ops, f"{image.id}/blobs/{image.diff_ids[0]}".encode())
+        assert await _read_all(ops, blob.st_ino, 1 << 20) == LAYER  # generates
+        info = await ops.open(blob.st_ino, os.O_RDONLY, ROOT_CTX)
+        views = []
+        for off in (0, 4096, 512, len(LAYER) - 100):
+            got = await ops.read(info.fh, off, 4096)
+            assert bytes(got) == LAYER[off : off + 4096]
+            views.append(got)
+        assert all(isinstance(v, memoryview) and v.obj is ops._scratch for v in views)
+        big = await ops.read(info.fh, 0, 8192)
+        assert bytes(big) == LAYER[:8192]
+        assert not (isinstance(big, memoryview) and big.obj is ops._scratch)
+        await ops.release(info.fh)
+
+    _run(main)

@@ -145,6 +145,8 @@ class Operations(pyfuse3.Operations):
         # a writer holding layers.lock never takes the slots of requests that need no lock.
         self.lock_waits = trio.CapacityLimiter(8)
         self._nowait_flag = os.RWF_NOWAIT  # 0 once the cache's file system refused it
+        # The buffer inline snapshot reads fill (see _read_snapshot): one, reused.
+        self._scratch = bytearray(BLOCK_SIZE)
         self.view = build_view(store.images, _now_ns(), caches)
         self._listing_failed = False
 
@@ -382,9 +384,15 @@ class Operations(pyfuse3.Operations):
         # Measured here, cp of a 1 GiB blob: cold 3.9-6.2 s -> 2.1-2.6 s; from a complete
         # snapshot with the kernel's cache cold 3.8 s -> about 0.9 s (page cache warm: 0.55 s).
         # The price: no shared mmap of layer blobs (the README says so). Complete snapshots
-        # were served with keep_cache for a while: a cp of the blob right after its first cp
-        # (the snapshot file in the page cache) then took 7.4 s against 2.3 s for the cold
-        # one, load ~1 (reads through the page cache come as 128 KiB requests), so not.
+        # stay direct I/O too. With keep_cache (measured again, fresh daemon each, medians of
+        # 3, load 5.2-5.6, 1 GiB blob): a cp right after the generating cp 2.42 s vs 0.94 s,
+        # daemon CPU 1.03 vs 0.40 s; cp after drop_caches 2.58 vs 1.83 s (CPU 0.95 vs 0.60);
+        # cat after drop_caches 1.97 vs 1.20 s; only a repeat read whose pages the kernel still
+        # holds wins (cat 0.34 vs 0.72 s, CPU 0.00 vs 0.48). Filling the kernel's cache costs
+        # the daemon more per byte: ~4,360 requests of ~240 KiB instead of 1,090 of 1 MiB (the
+        # FUSE mount's 128 KiB read-ahead), and the page-cache reply path spins in
+        # fuse_copy_fill (12.6 % of the daemon's samples, perf) where direct I/O copies
+        # straight to the reader; a 4 MiB read_ahead_kb gave 1 MiB requests but no less CPU.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
 
     @_boundary
@@ -437,7 +445,13 @@ class Operations(pyfuse3.Operations):
         if end > snap.published and snap.error is None:
             await _until_published(snap, end)  # woken by the producer: no thread waits
         if end <= snap.published:
-            buf = bytearray(end - off)
+            # Read into the one scratch buffer: pyfuse3 copies the reply to the kernel
+            # (fuse_reply_buf, a writev) as soon as this handler returns, before the event loop
+            # runs any other request, and nothing awaits between here and there. A fresh
+            # bytearray per 1 MiB request was ~50 us of memset each, the largest per-read cost
+            # above the minimal fs's pread (py-spy of the daemon during cat, page cache warm).
+            n = end - off
+            buf = memoryview(self._scratch)[:n] if n <= len(self._scratch) else bytearray(n)
             try:
                 got = os.preadv(snap.fd, [buf], off, self._nowait_flag)
             except BlockingIOError:
@@ -450,7 +464,7 @@ class Operations(pyfuse3.Operations):
                 log.info("cache file system lacks RWF_NOWAIT; reading snapshots inline")
                 self._nowait_flag = 0
                 got = os.preadv(snap.fd, [buf], off)
-            if got == len(buf):
+            if got == n:
                 return memoryview(buf)
         # Not in the page cache (a thread reads it from disk, and asks for the next
         # SNAPSHOT_AHEAD bytes at once, so the requests that follow are served inline: a
