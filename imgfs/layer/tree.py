@@ -13,14 +13,20 @@ leading ``./`` or ``/``, no trailing ``/``); hardlink targets are cleaned the sa
 targets are kept verbatim. A *ref* is a member's position in the tar (>= 0) or, for an implied
 directory, a negative number. Building reads only each member's name and type byte; the header
 blocks are kept zstd-compressed in chunks and parsed when a member is first asked for.
+
+Speed: a member whose header is one plain block (nearly all) is parsed by the compiled
+``imgfs.layer._fastparse`` when it is built (setup.py); it returns None for anything else and
+this module's Python code, the reference and the only one that raises, decides.
+``IMGFS_PURE_PYTHON=1`` in the environment (for tests only) turns the extension off.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import zstandard
@@ -82,6 +88,24 @@ class Member:
     @property
     def is_dir(self) -> bool:
         return self.typeflag == DIRECTORY
+
+
+_FastMember = Callable[[bytes, bytes, int, "int | None", int], "Member | None"]
+
+
+def _load_fast() -> _FastMember | None:
+    """The compiled ``_fastparse.member`` bound to Member, or None (not built, or turned off)."""
+    if os.environ.get("IMGFS_PURE_PYTHON"):
+        return None
+    try:
+        from imgfs.layer import _fastparse
+    except ImportError:
+        return None
+    _fastparse.bind(Member)
+    return _fastparse.member
+
+
+FAST_MEMBER = _load_fast()
 
 
 @dataclass(frozen=True)
@@ -284,6 +308,11 @@ class LayerTree:
         cols = self._cols
         name = cols.names[cols.name_pos[ref] : cols.name_pos[ref + 1]]
         data = cols.headers.read(cols.head_pos[ref], cols.head_len[ref])
+        if FAST_MEMBER is not None:
+            size = cols.sizes[ref]
+            found = FAST_MEMBER(data, name, size, cols.crcs[ref] if size else None, ref)
+            if found is not None:
+                return found
         try:
             header = parse_header(data, self.what)
         except MalformedMetadata:  # again, to name the member (not formatted for every member)

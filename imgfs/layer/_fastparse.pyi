@@ -1,0 +1,6 @@
+"""Types of the compiled imgfs.layer._fastparse (imgfs/layer/_fastparse.c)."""
+
+from typing import Any
+
+def bind(cls: type, /) -> None: ...
+def member(data: bytes, name: bytes, size: int, crc: int | None, ref: int, /) -> Any: ...
