@@ -316,13 +316,13 @@ bind(PyObject *module, PyObject *cls)
     /* exactly these slots, in this order */
     slots = PyObject_GetAttrString(cls, "__slots__");
     if (slots == NULL)
-        return NULL;
-    ok = PyTuple_Check(slots) && PyTuple_GET_SIZE(slots) == N_FIELDS;
+        PyErr_Clear();
+    ok = slots != NULL && PyTuple_Check(slots) && PyTuple_GET_SIZE(slots) == N_FIELDS;
     for (int i = 0; ok && i < N_FIELDS; i++) {
         PyObject *slot = PyTuple_GET_ITEM(slots, i);
         ok = PyUnicode_Check(slot) && PyUnicode_CompareWithASCIIString(slot, FIELD_NAMES[i]) == 0;
     }
-    Py_DECREF(slots);
+    Py_XDECREF(slots);
     if (!ok) {
         PyErr_SetString(PyExc_TypeError, "bind(): the class's __slots__ are not Member's fields");
         return NULL;

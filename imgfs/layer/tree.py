@@ -308,36 +308,13 @@ class LayerTree:
         cols = self._cols
         name = cols.names[cols.name_pos[ref] : cols.name_pos[ref + 1]]
         data = cols.headers.read(cols.head_pos[ref], cols.head_len[ref])
+        size = cols.sizes[ref]
+        crc = cols.crcs[ref] if size else None
         if FAST_MEMBER is not None:
-            size = cols.sizes[ref]
-            found = FAST_MEMBER(data, name, size, cols.crcs[ref] if size else None, ref)
+            found = FAST_MEMBER(data, name, size, crc, ref)
             if found is not None:
                 return found
-        try:
-            header = parse_header(data, self.what)
-        except MalformedMetadata:  # again, to name the member (not formatted for every member)
-            header = parse_header(data, self._member_what(name))
-        if header.name != name:
-            raise MalformedMetadata(
-                f"{self._member_what(name)}: the tar header names {header.name!r:.200}"
-            )
-        flag, size = header.typeflag, cols.sizes[ref]
-        if flag not in KNOWN_TYPES or (flag != REGULAR and size):
-            raise MalformedMetadata(
-                f"{self._member_what(name)}: unsupported tar member type {flag!r}"
-            )
-        if flag == REGULAR and header.size != size:
-            raise MalformedMetadata(f"{self._member_what(name)}: header and tar-split sizes differ")
-        path = clean_name(name)
-        link = clean_name(header.linkname) if flag == HARDLINK else header.linkname
-        return Member(
-            b"" if path == b"." else path, flag, header.mode, header.uid, header.gid, size,
-            header.mtime_ns, link, header.devmajor, header.devminor, header.xattrs,
-            cols.crcs[ref] if size else None, name, ref,
-        )  # fmt: skip
-
-    def _member_what(self, name: bytes) -> str:
-        return f"{self.what}: member {name!r:.200}"
+        return parse_member(data, name, size, crc, ref, self.what)
 
     def link_target(self, ref: int) -> int | None:
         """The ref a hardlink shares its inode with (an earlier non-link member), else None."""
@@ -391,6 +368,37 @@ class LayerTree:
         """Load what :meth:`to_bytes` wrote; anything off raises ``MalformedMetadata``, a
         tree over ``max_bytes`` ``OverBudget``."""
         return cls(_load_columns(data, what), what, max_bytes)
+
+
+def parse_member(
+    data: bytes, name: bytes, size: int, crc: int | None, ref: int, what: str
+) -> Member:
+    """Member ``ref`` of layer ``what`` from its header bytes ``data`` (the previous member's
+    padding, then its header blocks), tar-split ``name``, ``size`` and ``crc``: the reference
+    that ``FAST_MEMBER`` must equal wherever it returns a member."""
+    try:
+        header = parse_header(data, what)
+    except MalformedMetadata:  # again, to name the member (not formatted for every member)
+        header = parse_header(data, _member_what(what, name))
+    if header.name != name:
+        raise MalformedMetadata(
+            f"{_member_what(what, name)}: the tar header names {header.name!r:.200}"
+        )
+    flag = header.typeflag
+    if flag not in KNOWN_TYPES or (flag != REGULAR and size):
+        raise MalformedMetadata(f"{_member_what(what, name)}: unsupported tar member type {flag!r}")
+    if flag == REGULAR and header.size != size:
+        raise MalformedMetadata(f"{_member_what(what, name)}: header and tar-split sizes differ")
+    path = clean_name(name)
+    link = clean_name(header.linkname) if flag == HARDLINK else header.linkname
+    return Member(
+        b"" if path == b"." else path, flag, header.mode, header.uid, header.gid, size,
+        header.mtime_ns, link, header.devmajor, header.devminor, header.xattrs, crc, name, ref,
+    )  # fmt: skip
+
+
+def _member_what(what: str, name: bytes) -> str:
+    return f"{what}: member {name!r:.200}"
 
 
 def _estimate(members: int, name_bytes: int) -> int:
