@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgfs.errors import MalformedMetadata, UnsafePath
-from imgfs.layer import tree
+from imgfs.layer import tarsplit, tree
 from imgfs.layer.tarsplit import FileEntry, Segment, iter_entries
 from imgfs.layer.tree import LayerTree, Member, parse_member
 from tests.realstores import awkward_tar
@@ -359,3 +359,161 @@ def test_mutated_headers_equal_python_or_decline(
         name = name_edit + name if name_edit in (b"./", b"/") else name + name_edit
     size = max(0, min(_size_of(bytes(block)) + size_edit, (1 << 64) - 1))
     _same_or_none(data, name, size, 5 if size else None, 11)
+
+
+# -- tar-split lines: the extension's entry() equals the Python decoder or declines --------------
+
+
+def _decode(data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> list[object] | str:
+    """The entries the decoder yields for ``data`` (whole lines), or its error's type."""
+    monkeypatch.setattr(tarsplit, "FAST_ENTRY", _ext().entry if fast else None)
+    try:
+        return list(tarsplit._decode_chunk(data, 1, tarsplit._State("t")))
+    except (MalformedMetadata, UnsafePath) as exc:
+        return type(exc).__name__ + str(exc)
+
+
+def _check_line(line: bytes, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """True when the extension took ``line``; either way the decoder's results are equal.
+    (The decoder calls the extension only for valid UTF-8, as entry() requires.)"""
+    got = _ext().entry(line)
+    want = _decode(line, False, monkeypatch)
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        got = None
+    if got is not None:
+        assert isinstance(want, list), f"the extension accepted what Python rejects: {got}"
+        assert want == [got]
+        assert [type(e) for e in want] == [type(got)]
+        fields = [f.name for f in dataclasses.fields(got)]
+        assert [type(getattr(got, f)) for f in fields] == [
+            type(getattr(want[0], f)) for f in fields
+        ]
+    assert _decode(line, True, monkeypatch) == want
+    return got is not None
+
+
+def _lines() -> list[bytes]:
+    tars = [awkward_tar(tarfile.PAX_FORMAT), awkward_tar(tarfile.GNU_FORMAT, b"\0" * 3000)]
+    return [line for tar in tars for line in disassemble(tar).ndjson().split(b"\n") if line]
+
+
+_LINES = _lines()
+
+
+@needs_ext
+def test_tar_split_lines_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = sum(_check_line(line, monkeypatch) for line in _LINES)
+    assert taken >= len(_LINES) * 9 // 10  # not vacuous: nearly every line Go writes
+
+
+_LINE_CASES = [
+    (b'{"type":2,"payload":"","position":0}', True),
+    (b'{"type":2,"payload":"QQ==","position":0}', True),
+    (b'{"type":2,"payload":"QR==","position":0}', False),  # unused bits set: not canonical
+    (b'{"type":2,"payload":"QUI=","position":1}', True),
+    (b'{"type":2,"payload":"QUJ=","position":1}', False),
+    (b'{"type":2,"payload":"QQ=","position":0}', False),
+    (b'{"type":2,"payload":"Q===","position":0}', False),
+    (b'{"type":2,"payload":"QQ==QQ==","position":0}', False),
+    (b'{"type":2,"payload":"QU I","position":0}', False),
+    (b'{"type":2,"payload":"-_-_","position":0}', False),  # url-safe alphabet
+    (b'{"type":2,"payload":"QUJD\\n","position":0}', False),  # an escape
+    (b'{"type":2,"payload":"QUJD","position":1234567890123456789}', True),  # 19 digits
+    (b'{"type":2,"payload":"QUJD","position":12345678901234567890}', False),
+    (b'{"type":2,"payload":"QUJD","position":}', False),
+    (b'{"type":2,"payload":"QUJD","position":1} ', False),
+    (b'{"type":2,"payload":"QUJD","position":1}}', False),
+    (b'{"type":2, "payload":"QUJD","position":1}', False),
+    (b'{"type":2,"payload":null,"position":1}', False),
+    (b'{"type":1,"name":"a/b","payload":null,"position":1}', True),
+    (b'{"type":1,"name":"a/b","payload":"junk","position":1}', True),  # no size: CRC ignored
+    (b'{"type":1,"name":"a","size":5,"payload":"AAAAAAAAAAE=","position":1}', True),
+    (b'{"type":1,"name":"a","size":5,"payload":"AAAAAAAAAAF=","position":1}', False),
+    (b'{"type":1,"name":"a","size":5,"payload":"AAAAAAAAAA==","position":1}', False),  # 7 bytes
+    (b'{"type":1,"name":"a","size":5,"payload":null,"position":1}', False),
+    (b'{"type":1,"name":"a","size":0,"payload":null,"position":1}', False),
+    (b'{"type":1,"name":"a","size":05,"payload":"AAAAAAAAAAE=","position":1}', False),
+    (b'{"type":1,"name":"a","size":999999999999999,"payload":"AAAAAAAAAAE=","position":1}', True),
+    (b'{"type":1,"name":"a","size":1000000000000000,"payload":"AAAAAAAAAAE=","position":1}', False),
+    (b'{"type":1,"name":"a","size":-5,"payload":"AAAAAAAAAAE=","position":1}', False),
+    (b'{"type":1,"name":"","payload":null,"position":1}', False),
+    (b'{"type":1,"name":"a\\"b","payload":null,"position":1}', False),
+    (b'{"type":1,"name":"a\\u0000b","payload":null,"position":1}', False),
+    (b'{"type":1,"name":"a\tb","payload":null,"position":1}', False),
+    (b'{"type":1,"name":"a\x7fb","payload":null,"position":1}', True),
+    ('{"type":1,"name":"\u00fc/\u65e5","payload":null,"position":1}'.encode(), True),
+    (b'{"type":1,"name":"../x","payload":null,"position":1}', True),  # go_clean: still one name
+    (b'{"type":1,"name":"a","payload":nul,"position":1}', False),
+    (b'{"type":1,"name":"a","position":1,"payload":null}', False),
+    (b'{"type":1,"name_raw":"YQ==","payload":null,"position":1}', False),
+    (b'{"type":3,"payload":"","position":0}', False),
+    (b"", False),
+    (b"\xff\xfe", False),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize(("line", "fast"), _LINE_CASES)
+def test_tar_split_line_shapes(line: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _check_line(line, monkeypatch) == fast
+
+
+@needs_ext
+def test_duplicates_and_bounds_stay_with_the_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder's running checks still apply to the entries the extension builds."""
+    twice = b'{"type":1,"name":"a/b","payload":null,"position":1}\n' * 2
+    assert "duplicate path" in str(_decode(twice, True, monkeypatch))
+    cleaned = twice.replace(b'"a/b"', b'"./a//b"', 1)
+    assert "duplicate path" in str(_decode(cleaned, True, monkeypatch))
+    monkeypatch.setattr(tarsplit, "MAX_SEGMENT_BYTES", 2)
+    segments = b'{"type":2,"payload":"QUI=","position":0}\n' * 2
+    assert "segments exceed" in str(_decode(segments, True, monkeypatch))
+
+
+@needs_ext
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.sampled_from(_LINES + [c for c, _ in _LINE_CASES]),
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, 2000),
+            st.integers(0, 3),
+            st.sampled_from(
+                [
+                    b"",
+                    b'"',
+                    b"\\",
+                    b"=",
+                    b"==",
+                    b"A",
+                    b"/",
+                    b"+",
+                    b"-",
+                    b"0",
+                    b"9",
+                    b" ",
+                    b",",
+                    b"}",
+                    b"\x00",
+                    b"\x1f",
+                    b"\xc3\xbc",
+                    b"\xff",
+                    b"null",
+                    b'"size":1,',
+                ]
+            ),
+        ),
+        max_size=3,
+    ),
+)
+def test_mutated_lines_equal_python_or_decline(
+    base: bytes, edits: list[tuple[int, int, bytes]]
+) -> None:
+    line = bytearray(base)
+    for at, cut, value in edits:
+        at = min(at, len(line))
+        line[at : at + cut] = value
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _check_line(bytes(line).replace(b"\n", b""), monkeypatch)

@@ -1,16 +1,18 @@
-/* imgfs.layer._fastparse: the compiled fast path of LayerTree._parse (imgfs/layer/tree.py).
+/* imgfs.layer._fastparse: compiled fast paths of the two per-entry loops of a layer's metadata.
  *
- * Owns: turning the header bytes of one tar member -- the previous member's padding (less than
- * 512 bytes) followed by exactly ONE plain ustar / GNU / v7 header block -- into the tree's
- * Member, when every field is in the plain form nearly every tar writes. Must not know: PAX
- * records, GNU long names, base-256 numbers, error messages, anything else.
+ * Owns: member() -- LayerTree._parse (imgfs/layer/tree.py) for header bytes that are the
+ * previous member's padding (less than 512 bytes) followed by exactly ONE plain ustar / GNU / v7
+ * header block whose fields are in the plain form nearly every tar writes; entry() -- one
+ * tar-split line (imgfs/layer/tarsplit.py) of the exact shapes Go writes, with canonical base64.
+ * Must not know: PAX records, GNU long names, base-256 numbers, JSON beyond those shapes, the
+ * decoder's running state (counts, duplicates), error messages.
  *
- * The Python code (tarheader.parse_header + LayerTree._parse) is the reference and the only code
+ * The Python code (tree.parse_member, tarsplit._decode_chunk) is the reference and the only code
  * that raises errors. This module returns None for anything it does not handle exactly as that
  * code would (extension headers, a field that is not plain octal, a name that needs an error or
- * is not already the tar-split's name, sizes that differ, unknown types, ...), and the Python
- * code then decides. It never raises for bad input, only for a caller's programming error
- * (wrong argument types, an unbound Member type).
+ * is not already the tar-split's name, sizes that differ, unknown types, escapes in a line,
+ * base64 that is not canonical, ...), and the Python code then decides. It never raises for
+ * bad input, only for a caller's programming error (wrong argument types, an unbound type).
  *
  * Safety: the input is untrusted store bytes. Every read is inside the 512-byte block, which is
  * checked to lie inside the bytes object first; no field is assumed to be NUL-terminated
@@ -18,9 +20,10 @@
  * at compile time to fit 64 bits) and mtime * 10**9 is only computed below INT64_MAX; the GIL is
  * held throughout (a call is a few hundred nanoseconds).
  *
- * Members are built without calling Member.__init__: the instance is made by object.__new__
- * and each slot is set through its member descriptor, which is what the frozen dataclass's
- * generated __init__ does with object.__setattr__ (bind() checks the type is such a class).
+ * Results are built without calling the frozen dataclasses' __init__: the instance is made by
+ * object.__new__ and each slot is set through its member descriptor, which is what the
+ * generated __init__ does with object.__setattr__ (bind() checks the class has exactly the
+ * expected slots, no __new__ and no __post_init__).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,18 +37,32 @@ _Static_assert(3 * OCTAL_DIGITS_MAX < 64, "a 12-digit octal field fits 64 bits")
 #define MAX_NAME_BYTES (155 + 1 + 100) /* ustar prefix "/" name */
 
 /* Member's fields, in its declaration order (tree.Member). */
-static const char *const FIELD_NAMES[] = {
+static const char *const MEMBER_FIELDS[] = {
     "path", "typeflag", "mode", "uid", "gid", "size", "mtime_ns", "linkname",
     "devmajor", "devminor", "xattrs", "crc", "data_name", "ref", "implied",
 };
 enum {
     F_PATH, F_TYPEFLAG, F_MODE, F_UID, F_GID, F_SIZE, F_MTIME, F_LINKNAME,
-    F_DEVMAJOR, F_DEVMINOR, F_XATTRS, F_CRC, F_DATA_NAME, F_REF, F_IMPLIED, N_FIELDS
+    F_DEVMAJOR, F_DEVMINOR, F_XATTRS, F_CRC, F_DATA_NAME, F_REF, F_IMPLIED, N_MEMBER_FIELDS
 };
-_Static_assert(sizeof(FIELD_NAMES) / sizeof(FIELD_NAMES[0]) == N_FIELDS, "one name per field");
+static const char *const SEGMENT_FIELDS[] = {"payload"};          /* tarsplit.Segment */
+static const char *const FILE_ENTRY_FIELDS[] = {"name", "size", "crc"}; /* tarsplit.FileEntry */
+#define MAX_FIELDS N_MEMBER_FIELDS
 
-static PyTypeObject *member_type;     /* strong reference, set by bind() */
-static PyObject *descriptors[N_FIELDS]; /* strong references */
+/* A frozen slots dataclass this module builds: its field names, and once bound, the class
+ * and its slots' member descriptors (strong references). */
+struct shape {
+    const char *const *names;
+    int n;
+    PyTypeObject *type;
+    PyObject *descr[MAX_FIELDS];
+};
+static struct shape MEMBER = {MEMBER_FIELDS, N_MEMBER_FIELDS, NULL, {NULL}};
+static struct shape SEGMENT = {SEGMENT_FIELDS, 1, NULL, {NULL}};
+static struct shape FILE_ENTRY = {FILE_ENTRY_FIELDS, 3, NULL, {NULL}};
+static struct shape *const SHAPES[] = {&MEMBER, &SEGMENT, &FILE_ENTRY};
+_Static_assert(sizeof(MEMBER_FIELDS) / sizeof(MEMBER_FIELDS[0]) == N_MEMBER_FIELDS, "names");
+
 static PyObject *empty_tuple;
 
 /* One plain octal field as tarheader._plain_numbers reads it: only "01234567", " " and NUL,
@@ -133,11 +150,12 @@ cleaned(const unsigned char *name, size_t len, PyObject *same)
     return PyBytes_FromStringAndSize((const char *)buf, n);
 }
 
-/* Set slot `field` of obj to value (a new reference, consumed; NULL: an allocation failed). */
+/* Set slot `field` of obj (an instance of shape's class) to value (a new reference, consumed;
+ * NULL: an allocation failed). */
 static int
-set_field(PyObject *obj, int field, PyObject *value)
+set_field(struct shape *shape, PyObject *obj, int field, PyObject *value)
 {
-    PyObject *descr = descriptors[field];
+    PyObject *descr = shape->descr[field];
     int rc;
 
     if (value == NULL)
@@ -145,6 +163,13 @@ set_field(PyObject *obj, int field, PyObject *value)
     rc = Py_TYPE(descr)->tp_descr_set(descr, obj, value);
     Py_DECREF(value);
     return rc;
+}
+
+/* A new, empty instance of shape's class. */
+static PyObject *
+new_instance(struct shape *shape)
+{
+    return PyBaseObject_Type.tp_new(shape->type, empty_tuple, NULL);
 }
 
 /* The fields of one member, C values first. */
@@ -232,7 +257,7 @@ member(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "member() wants bytes, bytes, int, ...");
         return NULL;
     }
-    if (member_type == NULL) {
+    if (MEMBER.type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "member(): bind() the Member type first");
         return NULL;
     }
@@ -273,39 +298,290 @@ member(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
 
-    obj = PyBaseObject_Type.tp_new(member_type, empty_tuple, NULL);
+    obj = new_instance(&MEMBER);
     if (obj != NULL
-        && (set_field(obj, F_PATH, Py_NewRef(path)) < 0
-            || set_field(obj, F_TYPEFLAG, PyUnicode_FromStringAndSize(&p.typeflag, 1)) < 0
-            || set_field(obj, F_MODE, PyLong_FromUnsignedLongLong(p.mode & 07777)) < 0
-            || set_field(obj, F_UID, PyLong_FromUnsignedLongLong(p.uid)) < 0
-            || set_field(obj, F_GID, PyLong_FromUnsignedLongLong(p.gid)) < 0
-            || set_field(obj, F_SIZE, Py_NewRef(size_obj)) < 0
-            || set_field(obj, F_MTIME, PyLong_FromLongLong((long long)p.mtime * NS_PER_S)) < 0
-            || set_field(obj, F_LINKNAME, Py_NewRef(link)) < 0
-            || set_field(obj, F_DEVMAJOR, PyLong_FromUnsignedLongLong(p.devmajor)) < 0
-            || set_field(obj, F_DEVMINOR, PyLong_FromUnsignedLongLong(p.devminor)) < 0
-            || set_field(obj, F_XATTRS, Py_NewRef(empty_tuple)) < 0
-            || set_field(obj, F_CRC, Py_NewRef(crc)) < 0
-            || set_field(obj, F_DATA_NAME, Py_NewRef(name)) < 0
-            || set_field(obj, F_REF, Py_NewRef(ref)) < 0
-            || set_field(obj, F_IMPLIED, Py_NewRef(Py_False)) < 0))
+        && (set_field(&MEMBER, obj, F_PATH, Py_NewRef(path)) < 0
+            || set_field(&MEMBER, obj, F_TYPEFLAG, PyUnicode_FromStringAndSize(&p.typeflag, 1)) < 0
+            || set_field(&MEMBER, obj, F_MODE, PyLong_FromUnsignedLongLong(p.mode & 07777)) < 0
+            || set_field(&MEMBER, obj, F_UID, PyLong_FromUnsignedLongLong(p.uid)) < 0
+            || set_field(&MEMBER, obj, F_GID, PyLong_FromUnsignedLongLong(p.gid)) < 0
+            || set_field(&MEMBER, obj, F_SIZE, Py_NewRef(size_obj)) < 0
+            || set_field(&MEMBER, obj, F_MTIME, PyLong_FromLongLong((long long)p.mtime * NS_PER_S)) < 0
+            || set_field(&MEMBER, obj, F_LINKNAME, Py_NewRef(link)) < 0
+            || set_field(&MEMBER, obj, F_DEVMAJOR, PyLong_FromUnsignedLongLong(p.devmajor)) < 0
+            || set_field(&MEMBER, obj, F_DEVMINOR, PyLong_FromUnsignedLongLong(p.devminor)) < 0
+            || set_field(&MEMBER, obj, F_XATTRS, Py_NewRef(empty_tuple)) < 0
+            || set_field(&MEMBER, obj, F_CRC, Py_NewRef(crc)) < 0
+            || set_field(&MEMBER, obj, F_DATA_NAME, Py_NewRef(name)) < 0
+            || set_field(&MEMBER, obj, F_REF, Py_NewRef(ref)) < 0
+            || set_field(&MEMBER, obj, F_IMPLIED, Py_NewRef(Py_False)) < 0))
         Py_CLEAR(obj);
     Py_DECREF(path);
     Py_DECREF(link);
     return obj;
 }
 
+/* -- tar-split lines ---------------------------------------------------------------------- */
+
+#define SEGMENT_HEAD "{\"type\":2,\"payload\":\""
+#define FILE_HEAD "{\"type\":1,\"name\":\""
+#define CRC_LEN 8
+
+static int
+starts(const unsigned char *p, size_t len, const char *text)
+{
+    size_t n = strlen(text);
+    return len >= n && memcmp(p, text, n) == 0;
+}
+
+/* The value of each base64 character; 0x80 for every other byte. */
+static unsigned char B64[256];
+
+static void
+init_b64(void)
+{
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    memset(B64, 0x80, sizeof(B64));
+    for (unsigned i = 0; i < 64; i++)
+        B64[(unsigned char)alphabet[i]] = (unsigned char)i;
+}
+
+/* Canonical base64 (length a multiple of 4, "=" only as the last one or two characters, unused
+ * bits zero) decoded into a new bytes object; NULL without an exception when the text is not
+ * canonical (the Python code decides), NULL with one when memory ran out. */
+static PyObject *
+b64_decode(const unsigned char *text, size_t len)
+{
+    size_t pad = 0, full, out_len, o = 0;
+    PyObject *out;
+    unsigned char *dst;
+    unsigned bad = 0;
+
+    if (len % 4 != 0)
+        return NULL;
+    if (len > 0 && text[len - 1] == '=')
+        pad = text[len - 2] == '=' ? 2 : 1; /* len >= 4 here */
+    full = pad ? len - 4 : len; /* the quanta without padding */
+    out_len = len / 4 * 3 - pad;
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_len);
+    if (out == NULL)
+        return NULL;
+    dst = (unsigned char *)PyBytes_AS_STRING(out);
+    for (size_t i = 0; i < full; i += 4) {
+        unsigned a = B64[text[i]], b = B64[text[i + 1]], c = B64[text[i + 2]], d = B64[text[i + 3]];
+        bad |= a | b | c | d;
+        uint32_t q = a << 18 | b << 12 | c << 6 | d;
+        dst[o++] = (unsigned char)(q >> 16);
+        dst[o++] = (unsigned char)(q >> 8);
+        dst[o++] = (unsigned char)q;
+    }
+    if (pad) {
+        const unsigned char *t = text + full;
+        unsigned a = B64[t[0]], b = B64[t[1]], c = pad == 2 ? 0 : B64[t[2]];
+        bad |= a | b | c;
+        uint32_t q = a << 18 | b << 12 | c << 6;
+        if (pad == 2 ? (q & 0xFFFF) != 0 : (q & 0xFF) != 0)
+            bad |= 0x80; /* unused bits set: not canonical */
+        dst[o++] = (unsigned char)(q >> 16);
+        if (pad == 1)
+            dst[o++] = (unsigned char)(q >> 8);
+    }
+    if ((bad & 0x80) || o != out_len) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* `"position":[0-9]{1,19}}` from p to exactly the end: 1, else 0. */
+static int
+position_tail(const unsigned char *p, size_t len)
+{
+    static const char key[] = "\"position\":";
+    size_t n = sizeof(key) - 1, digits = 0;
+
+    if (len < n + 2 || memcmp(p, key, n) != 0 || p[len - 1] != '}')
+        return 0;
+    for (size_t i = n; i < len - 1; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return 0;
+        digits++;
+    }
+    return digits >= 1 && digits <= 19;
+}
+
+/* {"type":2,"payload":"<base64>","position":N} -> Segment */
+static PyObject *
+segment_line(const unsigned char *line, size_t len)
+{
+    size_t head = strlen(SEGMENT_HEAD);
+    const unsigned char *quote = memchr(line + head, '"', len - head);
+    PyObject *payload, *obj;
+
+    if (quote == NULL)
+        return NULL;
+    size_t end = (size_t)(quote - line);
+    /* after the payload: `","position":N}` */
+    if (len - end < 2 || quote[1] != ',' || !position_tail(quote + 2, len - end - 2))
+        return NULL;
+    payload = b64_decode(line + head, end - head);
+    if (payload == NULL)
+        return NULL;
+    obj = new_instance(&SEGMENT);
+    if (obj != NULL && set_field(&SEGMENT, obj, 0, Py_NewRef(payload)) < 0)
+        Py_CLEAR(obj);
+    Py_DECREF(payload);
+    return obj;
+}
+
+/* {"type":1,"name":"<name>",["size":N,]"payload":("<base64>"|null),"position":N} -> FileEntry
+ * (the name without escapes, NUL or control characters; size 1-15 digits; a size needs an
+ * 8-byte CRC payload; without a size the payload is ignored, as the Python code does). */
+static PyObject *
+file_line(const unsigned char *line, size_t len)
+{
+    size_t i = strlen(FILE_HEAD), name_start = i, name_end, crc_start = 0, crc_end = 0;
+    long long size = 0;
+    int has_size = 0, has_crc = 0;
+    PyObject *name = NULL, *size_obj = NULL, *crc = NULL, *obj = NULL;
+
+    while (i < len && line[i] != '"' && line[i] != '\\' && line[i] >= 0x20)
+        i++;
+    name_end = i;
+    if (name_end == name_start || !starts(line + i, len - i, "\","))
+        return NULL;
+    i += 2;
+    if (starts(line + i, len - i, "\"size\":")) {
+        size_t digits = 0;
+        i += strlen("\"size\":");
+        if (i >= len || line[i] < '1' || line[i] > '9')
+            return NULL;
+        while (i < len && line[i] >= '0' && line[i] <= '9') {
+            if (++digits > 16)
+                return NULL;
+            size = size * 10 + (line[i] - '0'); /* at most 16 digits: < 2**63 */
+            i++;
+        }
+        if (digits >= 16 || i >= len || line[i] != ',')
+            return NULL; /* 16 digits: the Python code's general path */
+        i++;
+        has_size = 1;
+    }
+    if (!starts(line + i, len - i, "\"payload\":"))
+        return NULL;
+    i += strlen("\"payload\":");
+    if (starts(line + i, len - i, "null")) {
+        i += 4;
+    } else if (i < len && line[i] == '"') {
+        crc_start = ++i;
+        while (i < len && line[i] != '"' && line[i] != '\\')
+            i++;
+        if (i >= len || line[i] != '"')
+            return NULL;
+        crc_end = i++;
+        has_crc = 1;
+    } else {
+        return NULL;
+    }
+    if (i >= len || line[i] != ',' || !position_tail(line + i + 1, len - i - 1))
+        return NULL;
+    if (has_size && !has_crc)
+        return NULL; /* a size without a CRC: the general path (an error) */
+    if (has_size) {
+        crc = b64_decode(line + crc_start, crc_end - crc_start);
+        if (crc == NULL)
+            return NULL;
+        if (PyBytes_GET_SIZE(crc) != CRC_LEN) {
+            Py_DECREF(crc);
+            return NULL;
+        }
+    } else {
+        crc = Py_NewRef(Py_None);
+        size = 0;
+    }
+    name = PyBytes_FromStringAndSize((const char *)line + name_start,
+                                     (Py_ssize_t)(name_end - name_start));
+    size_obj = PyLong_FromLongLong(size);
+    if (name != NULL && size_obj != NULL) {
+        obj = new_instance(&FILE_ENTRY);
+        if (obj != NULL
+            && (set_field(&FILE_ENTRY, obj, 0, Py_NewRef(name)) < 0
+                || set_field(&FILE_ENTRY, obj, 1, Py_NewRef(size_obj)) < 0
+                || set_field(&FILE_ENTRY, obj, 2, Py_NewRef(crc)) < 0))
+            Py_CLEAR(obj);
+    }
+    Py_XDECREF(name);
+    Py_XDECREF(size_obj);
+    Py_DECREF(crc);
+    return obj;
+}
+
+PyDoc_STRVAR(entry_doc,
+"entry(line, /) -> Segment | FileEntry | None\n\n"
+"The entry of one tar-split line (no newline) of the shapes Go writes, or None when the\n"
+"Python code must decide. The caller has checked the line is valid UTF-8.");
+
+static PyObject *
+entry(PyObject *module, PyObject *line_obj)
+{
+    const unsigned char *line;
+    size_t len;
+    PyObject *found;
+
+    (void)module;
+    if (!PyBytes_Check(line_obj)) {
+        PyErr_SetString(PyExc_TypeError, "entry() wants bytes");
+        return NULL;
+    }
+    if (SEGMENT.type == NULL || FILE_ENTRY.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "entry(): bind() Segment and FileEntry first");
+        return NULL;
+    }
+    line = (const unsigned char *)PyBytes_AS_STRING(line_obj);
+    len = (size_t)PyBytes_GET_SIZE(line_obj);
+    if (starts(line, len, SEGMENT_HEAD))
+        found = segment_line(line, len);
+    else if (starts(line, len, FILE_HEAD))
+        found = file_line(line, len);
+    else
+        Py_RETURN_NONE;
+    if (found == NULL && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return found;
+}
+
 PyDoc_STRVAR(bind_doc,
 "bind(cls, /) -> None\n\n"
-"Build members as instances of `cls`: a slots dataclass with exactly tree.Member's fields.");
+"Build instances of `cls`, a slots dataclass with exactly the fields of tree.Member,\n"
+"tarsplit.Segment or tarsplit.FileEntry (whichever its __slots__ name).");
+
+/* The shape whose field names are exactly the tuple `slots`, else NULL. */
+static struct shape *
+shape_of(PyObject *slots)
+{
+    if (!PyTuple_Check(slots))
+        return NULL;
+    for (size_t k = 0; k < sizeof(SHAPES) / sizeof(SHAPES[0]); k++) {
+        struct shape *shape = SHAPES[k];
+        int ok = PyTuple_GET_SIZE(slots) == shape->n;
+        for (int i = 0; ok && i < shape->n; i++) {
+            PyObject *slot = PyTuple_GET_ITEM(slots, i);
+            ok = PyUnicode_Check(slot)
+                 && PyUnicode_CompareWithASCIIString(slot, shape->names[i]) == 0;
+        }
+        if (ok)
+            return shape;
+    }
+    return NULL;
+}
 
 static PyObject *
 bind(PyObject *module, PyObject *cls)
 {
-    PyObject *found[N_FIELDS] = {NULL};
+    PyObject *found[MAX_FIELDS] = {NULL};
     PyObject *slots;
-    int ok;
+    struct shape *shape;
 
     (void)module;
     if (!PyType_Check(cls) || ((PyTypeObject *)cls)->tp_new != PyBaseObject_Type.tp_new
@@ -313,53 +589,50 @@ bind(PyObject *module, PyObject *cls)
         PyErr_SetString(PyExc_TypeError, "bind() wants a class without __new__ or __post_init__");
         return NULL;
     }
-    /* exactly these slots, in this order */
     slots = PyObject_GetAttrString(cls, "__slots__");
     if (slots == NULL)
         PyErr_Clear();
-    ok = slots != NULL && PyTuple_Check(slots) && PyTuple_GET_SIZE(slots) == N_FIELDS;
-    for (int i = 0; ok && i < N_FIELDS; i++) {
-        PyObject *slot = PyTuple_GET_ITEM(slots, i);
-        ok = PyUnicode_Check(slot) && PyUnicode_CompareWithASCIIString(slot, FIELD_NAMES[i]) == 0;
-    }
+    shape = slots == NULL ? NULL : shape_of(slots);
     Py_XDECREF(slots);
-    if (!ok) {
-        PyErr_SetString(PyExc_TypeError, "bind(): the class's __slots__ are not Member's fields");
+    if (shape == NULL) {
+        PyErr_SetString(PyExc_TypeError, "bind(): the class's __slots__ are no known fields");
         return NULL;
     }
-    for (int i = 0; i < N_FIELDS; i++) {
-        PyObject *descr = PyDict_GetItemString(((PyTypeObject *)cls)->tp_dict, FIELD_NAMES[i]);
+    for (int i = 0; i < shape->n; i++) {
+        PyObject *descr = PyDict_GetItemString(((PyTypeObject *)cls)->tp_dict, shape->names[i]);
         if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
             || PyDescr_TYPE(descr) != (PyTypeObject *)cls) {
             for (int j = 0; j < i; j++)
                 Py_DECREF(found[j]);
-            PyErr_Format(PyExc_TypeError, "bind(): %s is not a slot of the class", FIELD_NAMES[i]);
+            PyErr_Format(PyExc_TypeError, "bind(): %s is not a slot of the class", shape->names[i]);
             return NULL;
         }
         found[i] = Py_NewRef(descr);
     }
-    for (int i = 0; i < N_FIELDS; i++)
-        Py_XSETREF(descriptors[i], found[i]);
+    for (int i = 0; i < shape->n; i++)
+        Py_XSETREF(shape->descr[i], found[i]);
     Py_INCREF(cls);
-    Py_XSETREF(member_type, (PyTypeObject *)cls);
+    Py_XSETREF(shape->type, (PyTypeObject *)cls);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"member", (PyCFunction)(void (*)(void))member, METH_FASTCALL, member_doc},
+    {"entry", entry, METH_O, entry_doc},
     {"bind", bind, METH_O, bind_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "imgfs.layer._fastparse",
-    "Compiled fast path of LayerTree._parse for plain tar header blocks.", -1, methods,
+    "Compiled fast paths of LayerTree._parse and the tar-split line decoder.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
 PyInit__fastparse(void)
 {
+    init_b64();
     empty_tuple = PyTuple_New(0);
     if (empty_tuple == NULL)
         return NULL;

@@ -17,12 +17,11 @@ blocks are kept zstd-compressed in chunks and parsed when a member is first aske
 Speed: a member whose header is one plain block (nearly all) is parsed by the compiled
 ``imgfs.layer._fastparse`` when it is built (setup.py); it returns None for anything else and
 this module's Python code, the reference and the only one that raises, decides.
-``IMGFS_PURE_PYTHON=1`` in the environment (for tests only) turns the extension off.
+(``IMGFS_PURE_PYTHON=1``, for tests only, turns it off: compiled.py).
 """
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from array import array
@@ -33,6 +32,7 @@ import zstandard
 
 from imgfs.budget import MEMBER_BYTES, TREE_MEMBER_BYTES
 from imgfs.errors import MalformedMetadata, NotFound, OverBudget
+from imgfs.layer import compiled
 from imgfs.layer.index import MAX_BLOB_SIZE, close_iterable, longer_than
 from imgfs.layer.tarheader import (
     BLOCK,
@@ -90,22 +90,17 @@ class Member:
         return self.typeflag == DIRECTORY
 
 
-_FastMember = Callable[[bytes, bytes, int, "int | None", int], "Member | None"]
-
-
-def _load_fast() -> _FastMember | None:
-    """The compiled ``_fastparse.member`` bound to Member, or None (not built, or turned off)."""
-    if os.environ.get("IMGFS_PURE_PYTHON"):
+def _fast_member() -> Callable[[bytes, bytes, int, int | None, int], Member | None] | None:
+    """The compiled ``_fastparse.member`` bound to Member, or None (see compiled.py)."""
+    ext = compiled.extension()
+    if ext is None:
         return None
-    try:
-        from imgfs.layer import _fastparse
-    except ImportError:
-        return None
-    _fastparse.bind(Member)
-    return _fastparse.member
+    ext.bind(Member)
+    member: Callable[[bytes, bytes, int, int | None, int], Member | None] = ext.member
+    return member
 
 
-FAST_MEMBER = _load_fast()
+FAST_MEMBER = _fast_member()
 
 
 @dataclass(frozen=True)
