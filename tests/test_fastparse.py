@@ -34,6 +34,9 @@ try:
     from imgfs.layer import _fastparse as _fast_module
 except ImportError:  # not built: only the CI test and the pure-Python tests run
     _fast_module = None
+else:  # bound here too: with IMGFS_PURE_PYTHON set, imgfs itself does not bind them
+    for _cls in (Member, tarsplit.Segment, tarsplit.FileEntry):
+        _fast_module.bind(_cls)
 
 needs_ext = pytest.mark.skipif(_fast_module is None, reason="imgfs.layer._fastparse not built")
 _FIELDS = [f.name for f in dataclasses.fields(Member)]
