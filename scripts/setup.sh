@@ -9,7 +9,8 @@
 #      (fstab, mount -t fuse.imgfs), the man page and bash completion; as another user the same
 #      under ~/.local (the helper cannot be installed without root: see the README).
 # Re-running it is cheap: packages and the venv are only touched when something is missing or
-# pyproject.toml changed.
+# pyproject.toml, setup.py or the C source of imgfs.layer._fastparse changed (the editable
+# install builds that extension in place: imgfs/layer/_fastparse.*.so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 checkout=$(pwd -P)
@@ -37,7 +38,7 @@ if ! "$venv/bin/python" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix o
   "$python" -m venv "$venv"
 fi
 stamp=$venv/.imgfs-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py imgfs/layer/_fastparse.c | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log=$(mktemp)
   trap 'rm -f "$log"' EXIT
@@ -50,6 +51,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 "$venv/bin/python" -c "import imgfs, pyfuse3, trio, pybase64, fastcrc, zstandard, pytest" || {
   echo "setup: imgfs did not install into $venv" >&2; exit 1; }
+# The compiled fast path is optional (imgfs falls back to Python, slower); say so if it is missing.
+"$venv/bin/python" -c "import imgfs.layer._fastparse" 2>/dev/null ||
+  echo "setup: imgfs.layer._fastparse did not build (gcc, python3-dev?); imgfs runs in pure Python" >&2
 
 # The commands, the man page and the completion.
 link() { # link TARGET LINK: create or update LINK, but never replace a file that is not a link

@@ -11,7 +11,9 @@ names the layer and the line number; an I/O error reading the file is ``LayerUna
 Speed: a fast path handles the exact line shapes Go writes (prefix checks, one small regex for
 file lines), anything else goes through ``json.loads``; gzip is inflated in a helper thread
 (zlib releases the GIL) so it overlaps parsing; base64 is decoded with pybase64 (SIMD, about
-10x binascii, with the same strictness as binascii's strict_mode).
+10x binascii, with the same strictness as binascii's strict_mode). When the compiled
+``imgfs.layer._fastparse`` is built (compiled.py), ``FAST_ENTRY`` decodes those line shapes
+(canonical base64 only) in C; it returns None for anything else and the Python code decides.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import queue
 import re
 import threading
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import pybase64
 
 from imgfs.errors import LayerUnavailable, MalformedMetadata, UnsafePath
+from imgfs.layer import compiled
 
 MAX_LINE = 8 << 20
 MAX_ENTRIES = 8_000_000
@@ -75,6 +78,20 @@ class FileEntry:
     name: bytes
     size: int
     crc: bytes | None
+
+
+def _fast_entry() -> Callable[[bytes], Segment | FileEntry | None] | None:
+    """The compiled ``_fastparse.entry`` bound to Segment and FileEntry, or None."""
+    ext = compiled.extension()
+    if ext is None:
+        return None
+    ext.bind(Segment)
+    ext.bind(FileEntry)
+    entry: Callable[[bytes], Segment | FileEntry | None] = ext.entry
+    return entry
+
+
+FAST_ENTRY = _fast_entry()
 
 
 def clean_name(name: bytes) -> bytes:
@@ -304,22 +321,19 @@ def _decode_chunk(chunk: bytes, first: int, state: _State) -> Iterator[Segment |
     lineno = first - 1
     if len(chunk) > MAX_LINE:
         _check_line_lengths(lines, first, what)
+    fast = FAST_ENTRY if utf8_ok else None
     for line in lines:
         lineno += 1
-        entry: Segment | FileEntry | None = None
-        if utf8_ok and line.startswith(_SEGMENT_HEAD):
+        entry = None if fast is None else fast(line)
+        if entry is not None:
+            pass  # the compiled fast path took it
+        elif utf8_ok and line.startswith(_SEGMENT_HEAD):
             end = line.find(b'"', _SEGMENT_HEAD_LEN)
             if end > 0 and seg_tail(line, end):
                 try:
-                    payload = b64(line[_SEGMENT_HEAD_LEN:end], validate=True)
+                    entry = Segment(b64(line[_SEGMENT_HEAD_LEN:end], validate=True))
                 except binascii.Error:
-                    pass  # let the general path decide (escapes) or explain
-                else:
-                    seg_bytes += len(payload)
-                    if seg_bytes > MAX_SEGMENT_BYTES:
-                        raise _fail(what, lineno, f"segments exceed {MAX_SEGMENT_BYTES} bytes")
-                    yield Segment(payload)
-                    continue
+                    entry = None  # let the general path decide (escapes) or explain
         elif utf8_ok and line.startswith(_FILE_HEAD):
             m = file_match(line)
             if m is not None:
@@ -333,30 +347,26 @@ def _decode_chunk(chunk: bytes, first: int, state: _State) -> Iterator[Segment |
                         crc = b""
                     if len(crc) == CRC_LEN:
                         entry = FileEntry(name, int(size_text), crc)
-                if entry is not None:
-                    if b"//" in name or b"/." in name or name[0] == 46 or name[-1] == 47:
-                        key = go_clean(name)
-                    else:
-                        key = name
-                    if key in seen:
-                        raise _fail(what, lineno, f"duplicate path {name!r:.200}")
-                    seen.add(key)
-                    yield entry
-                    continue
+        general = entry is None
         if entry is None:
             if not line.strip():
                 continue
             entry = _decode_json(line, what, lineno)
-            if type(entry) is Segment:
-                seg_bytes += len(entry.payload)
-                if seg_bytes > MAX_SEGMENT_BYTES:
-                    raise _fail(what, lineno, f"segments exceed {MAX_SEGMENT_BYTES} bytes")
-                yield entry
-                continue
+        if type(entry) is Segment:
+            seg_bytes += len(entry.payload)
+            if seg_bytes > MAX_SEGMENT_BYTES:
+                raise _fail(what, lineno, f"segments exceed {MAX_SEGMENT_BYTES} bytes")
+            yield entry
+            continue
         assert isinstance(entry, FileEntry)
-        key = go_clean(entry.name)
+        name = entry.name
+        # go_clean(name) is name for the names Go's fast shapes carry unless one of these holds
+        if general or b"//" in name or b"/." in name or name[0] == 46 or name[-1] == 47:
+            key = go_clean(name)
+        else:
+            key = name
         if key in seen:
-            raise _fail(what, lineno, f"duplicate path {entry.name!r:.200}")
+            raise _fail(what, lineno, f"duplicate path {name!r:.200}")
         seen.add(key)
         yield entry
     state.segment_bytes = seg_bytes

@@ -13,6 +13,11 @@ leading ``./`` or ``/``, no trailing ``/``); hardlink targets are cleaned the sa
 targets are kept verbatim. A *ref* is a member's position in the tar (>= 0) or, for an implied
 directory, a negative number. Building reads only each member's name and type byte; the header
 blocks are kept zstd-compressed in chunks and parsed when a member is first asked for.
+
+Speed: a member whose header is one plain block (nearly all) is parsed by the compiled
+``imgfs.layer._fastparse`` when it is built (setup.py); it returns None for anything else and
+this module's Python code, the reference and the only one that raises, decides.
+(``IMGFS_PURE_PYTHON=1``, for tests only, turns it off: compiled.py).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from __future__ import annotations
 import struct
 import threading
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import zstandard
 
 from imgfs.budget import MEMBER_BYTES, TREE_MEMBER_BYTES
 from imgfs.errors import MalformedMetadata, NotFound, OverBudget
+from imgfs.layer import compiled
 from imgfs.layer.index import MAX_BLOB_SIZE, close_iterable, longer_than
 from imgfs.layer.tarheader import (
     BLOCK,
@@ -83,6 +89,19 @@ class Member:
     @property
     def is_dir(self) -> bool:
         return self.typeflag == DIRECTORY
+
+
+def _fast_member() -> Callable[[bytes, bytes, int, int | None, int], Member | None] | None:
+    """The compiled ``_fastparse.member`` bound to Member, or None (see compiled.py)."""
+    ext = compiled.extension()
+    if ext is None:
+        return None
+    ext.bind(Member)
+    member: Callable[[bytes, bytes, int, int | None, int], Member | None] = ext.member
+    return member
+
+
+FAST_MEMBER = _fast_member()
 
 
 @dataclass(frozen=True)
@@ -312,31 +331,13 @@ class LayerTree:
         name = cols.names[cols.name_pos[ref] : cols.name_pos[ref + 1]]
         if data is None:
             data = cols.headers.read(cols.head_pos[ref], cols.head_len[ref])
-        try:
-            header = parse_header(data, self.what)
-        except MalformedMetadata:  # again, to name the member (not formatted for every member)
-            header = parse_header(data, self._member_what(name))
-        if header.name != name:
-            raise MalformedMetadata(
-                f"{self._member_what(name)}: the tar header names {header.name!r:.200}"
-            )
-        flag, size = header.typeflag, cols.sizes[ref]
-        if flag not in KNOWN_TYPES or (flag != REGULAR and size):
-            raise MalformedMetadata(
-                f"{self._member_what(name)}: unsupported tar member type {flag!r}"
-            )
-        if flag == REGULAR and header.size != size:
-            raise MalformedMetadata(f"{self._member_what(name)}: header and tar-split sizes differ")
-        path = clean_name(name)
-        link = clean_name(header.linkname) if flag == HARDLINK else header.linkname
-        return Member(
-            b"" if path == b"." else path, flag, header.mode, header.uid, header.gid, size,
-            header.mtime_ns, link, header.devmajor, header.devminor, header.xattrs,
-            cols.crcs[ref] if size else None, name, ref,
-        )  # fmt: skip
-
-    def _member_what(self, name: bytes) -> str:
-        return f"{self.what}: member {name!r:.200}"
+        size = cols.sizes[ref]
+        crc = cols.crcs[ref] if size else None
+        if FAST_MEMBER is not None:
+            found = FAST_MEMBER(data, name, size, crc, ref)
+            if found is not None:
+                return found
+        return parse_member(data, name, size, crc, ref, self.what)
 
     def link_target(self, ref: int) -> int | None:
         """The ref a hardlink shares its inode with (an earlier non-link member), else None."""
@@ -390,6 +391,37 @@ class LayerTree:
         """Load what :meth:`to_bytes` wrote; anything off raises ``MalformedMetadata``, a
         tree over ``max_bytes`` ``OverBudget``."""
         return cls(_load_columns(data, what), what, max_bytes)
+
+
+def parse_member(
+    data: bytes, name: bytes, size: int, crc: int | None, ref: int, what: str
+) -> Member:
+    """Member ``ref`` of layer ``what`` from its header bytes ``data`` (the previous member's
+    padding, then its header blocks), tar-split ``name``, ``size`` and ``crc``: the reference
+    that ``FAST_MEMBER`` must equal wherever it returns a member."""
+    try:
+        header = parse_header(data, what)
+    except MalformedMetadata:  # again, to name the member (not formatted for every member)
+        header = parse_header(data, _member_what(what, name))
+    if header.name != name:
+        raise MalformedMetadata(
+            f"{_member_what(what, name)}: the tar header names {header.name!r:.200}"
+        )
+    flag = header.typeflag
+    if flag not in KNOWN_TYPES or (flag != REGULAR and size):
+        raise MalformedMetadata(f"{_member_what(what, name)}: unsupported tar member type {flag!r}")
+    if flag == REGULAR and header.size != size:
+        raise MalformedMetadata(f"{_member_what(what, name)}: header and tar-split sizes differ")
+    path = clean_name(name)
+    link = clean_name(header.linkname) if flag == HARDLINK else header.linkname
+    return Member(
+        b"" if path == b"." else path, flag, header.mode, header.uid, header.gid, size,
+        header.mtime_ns, link, header.devmajor, header.devminor, header.xattrs, crc, name, ref,
+    )  # fmt: skip
+
+
+def _member_what(what: str, name: bytes) -> str:
+    return f"{what}: member {name!r:.200}"
 
 
 def _estimate(members: int, name_bytes: int) -> int:

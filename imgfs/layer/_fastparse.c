@@ -1,0 +1,640 @@
+/* imgfs.layer._fastparse: compiled fast paths of the two per-entry loops of a layer's metadata.
+ *
+ * Owns: member() -- LayerTree._parse (imgfs/layer/tree.py) for header bytes that are the
+ * previous member's padding (less than 512 bytes) followed by exactly ONE plain ustar / GNU / v7
+ * header block whose fields are in the plain form nearly every tar writes; entry() -- one
+ * tar-split line (imgfs/layer/tarsplit.py) of the exact shapes Go writes, with canonical base64.
+ * Must not know: PAX records, GNU long names, base-256 numbers, JSON beyond those shapes, the
+ * decoder's running state (counts, duplicates), error messages.
+ *
+ * The Python code (tree.parse_member, tarsplit._decode_chunk) is the reference and the only code
+ * that raises errors. This module returns None for anything it does not handle exactly as that
+ * code would (extension headers, a field that is not plain octal, a name that needs an error or
+ * is not already the tar-split's name, sizes that differ, unknown types, escapes in a line,
+ * base64 that is not canonical, ...), and the Python code then decides. It never raises for
+ * bad input, only for a caller's programming error (wrong argument types, an unbound type).
+ *
+ * Safety: the input is untrusted store bytes. Every read is inside the 512-byte block, which is
+ * checked to lie inside the bytes object first; no field is assumed to be NUL-terminated
+ * (memchr bounded by the field's length); octal fields have at most 12 digits (< 2**36, checked
+ * at compile time to fit 64 bits) and mtime * 10**9 is only computed below INT64_MAX; the GIL is
+ * held throughout (a call is a few hundred nanoseconds).
+ *
+ * Results are built without calling the frozen dataclasses' __init__: the instance is made by
+ * object.__new__ and each slot is set through its member descriptor, which is what the
+ * generated __init__ does with object.__setattr__ (bind() checks the class has exactly the
+ * expected slots, no __new__ and no __post_init__).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 512
+#define OCTAL_DIGITS_MAX 12
+_Static_assert(3 * OCTAL_DIGITS_MAX < 64, "a 12-digit octal field fits 64 bits");
+#define NS_PER_S 1000000000LL
+#define MAX_NAME_BYTES (155 + 1 + 100) /* ustar prefix "/" name */
+
+/* Member's fields, in its declaration order (tree.Member). */
+static const char *const MEMBER_FIELDS[] = {
+    "path", "typeflag", "mode", "uid", "gid", "size", "mtime_ns", "linkname",
+    "devmajor", "devminor", "xattrs", "crc", "data_name", "ref", "implied",
+};
+enum {
+    F_PATH, F_TYPEFLAG, F_MODE, F_UID, F_GID, F_SIZE, F_MTIME, F_LINKNAME,
+    F_DEVMAJOR, F_DEVMINOR, F_XATTRS, F_CRC, F_DATA_NAME, F_REF, F_IMPLIED, N_MEMBER_FIELDS
+};
+static const char *const SEGMENT_FIELDS[] = {"payload"};          /* tarsplit.Segment */
+static const char *const FILE_ENTRY_FIELDS[] = {"name", "size", "crc"}; /* tarsplit.FileEntry */
+#define MAX_FIELDS N_MEMBER_FIELDS
+
+/* A frozen slots dataclass this module builds: its field names, and once bound, the class
+ * and its slots' member descriptors (strong references). */
+struct shape {
+    const char *const *names;
+    int n;
+    PyTypeObject *type;
+    PyObject *descr[MAX_FIELDS];
+};
+static struct shape MEMBER = {MEMBER_FIELDS, N_MEMBER_FIELDS, NULL, {NULL}};
+static struct shape SEGMENT = {SEGMENT_FIELDS, 1, NULL, {NULL}};
+static struct shape FILE_ENTRY = {FILE_ENTRY_FIELDS, 3, NULL, {NULL}};
+static struct shape *const SHAPES[] = {&MEMBER, &SEGMENT, &FILE_ENTRY};
+_Static_assert(sizeof(MEMBER_FIELDS) / sizeof(MEMBER_FIELDS[0]) == N_MEMBER_FIELDS, "names");
+
+static PyObject *empty_tuple;
+
+/* One plain octal field as tarheader._plain_numbers reads it: only "01234567", " " and NUL,
+ * spaces and NULs trimmed at both ends, nothing but digits between them, empty = 0.
+ * Returns 0 and sets *out, or -1 when the field is not plain (Python's _number decides). */
+static int
+plain_octal(const unsigned char *field, size_t len, uint64_t *out)
+{
+    size_t lo = 0, hi = len;
+    uint64_t value = 0;
+
+    if (len > OCTAL_DIGITS_MAX)
+        return -1;
+    while (lo < hi && (field[lo] == ' ' || field[lo] == 0))
+        lo++;
+    while (hi > lo && (field[hi - 1] == ' ' || field[hi - 1] == 0))
+        hi--;
+    for (size_t i = lo; i < hi; i++) {
+        unsigned char c = field[i];
+        if (c < '0' || c > '7')
+            return -1;
+        value = value << 3 | (uint64_t)(c - '0');
+    }
+    *out = value;
+    return 0;
+}
+
+/* Length of the NUL-terminated prefix of a field of len bytes (the whole field without one). */
+static size_t
+cstr_len(const unsigned char *field, size_t len)
+{
+    const unsigned char *nul = memchr(field, 0, len);
+    return nul == NULL ? len : (size_t)(nul - field);
+}
+
+/* tarsplit.clean_name into out (room for len bytes): components split on "/", empty and "."
+ * ones dropped, joined with "/"; "." when none is left. Returns the length, or -1 for a NUL or
+ * a ".." component (clean_name raises UnsafePath: Python decides). */
+static Py_ssize_t
+clean_name(const unsigned char *name, size_t len, unsigned char *out)
+{
+    size_t n = 0, i = 0;
+
+    if (memchr(name, 0, len) != NULL)
+        return -1;
+    while (i < len) {
+        size_t start = i, part;
+        while (i < len && name[i] != '/')
+            i++;
+        part = i - start;
+        i++; /* past the "/" (or the end) */
+        if (part == 0 || (part == 1 && name[start] == '.'))
+            continue;
+        if (part == 2 && name[start] == '.' && name[start + 1] == '.')
+            return -1;
+        if (n > 0)
+            out[n++] = '/';
+        memcpy(out + n, name + start, part);
+        n += part;
+    }
+    if (n == 0)
+        out[n++] = '.'; /* room: len >= 1 here (the caller handles the empty name) */
+    return (Py_ssize_t)n;
+}
+
+/* bytes of a cleaned name: `same` (a bytes object holding name) when the cleaned name equals
+ * it, else a new object. NULL with no exception set: Python decides; NULL with one: error. */
+static PyObject *
+cleaned(const unsigned char *name, size_t len, PyObject *same)
+{
+    unsigned char buf[MAX_NAME_BYTES + 1];
+    Py_ssize_t n;
+
+    if (len == 0) /* clean_name(b"") == b"." */
+        return PyBytes_FromStringAndSize(".", 1);
+    if (len > MAX_NAME_BYTES)
+        return NULL;
+    n = clean_name(name, len, buf);
+    if (n < 0)
+        return NULL;
+    if (same != NULL && (size_t)n == len && memcmp(buf, name, len) == 0) {
+        Py_INCREF(same);
+        return same;
+    }
+    return PyBytes_FromStringAndSize((const char *)buf, n);
+}
+
+/* Set slot `field` of obj (an instance of shape's class) to value (a new reference, consumed;
+ * NULL: an allocation failed). */
+static int
+set_field(struct shape *shape, PyObject *obj, int field, PyObject *value)
+{
+    PyObject *descr = shape->descr[field];
+    int rc;
+
+    if (value == NULL)
+        return -1;
+    rc = Py_TYPE(descr)->tp_descr_set(descr, obj, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* A new, empty instance of shape's class. */
+static PyObject *
+new_instance(struct shape *shape)
+{
+    return PyBaseObject_Type.tp_new(shape->type, empty_tuple, NULL);
+}
+
+/* The fields of one member, C values first. */
+struct parsed {
+    char typeflag;
+    uint64_t mode, uid, gid, size, mtime, devmajor, devminor;
+    const unsigned char *linkname;
+    size_t linkname_len;
+};
+
+/* Parse the block; 0 when it is plain and names `name` (the tar-split's), else -1. */
+static int
+parse_block(const unsigned char *block, const char *name, size_t name_len, struct parsed *p)
+{
+    static const unsigned char USTAR_MAGIC[8] = {'u', 's', 't', 'a', 'r', 0, '0', '0'};
+    static const unsigned char GNU_MAGIC[8] = {'u', 's', 't', 'a', 'r', ' ', ' ', 0};
+    unsigned char header_name[MAX_NAME_BYTES];
+    size_t header_len, base_len;
+    unsigned char flag = block[156];
+    int ustar = memcmp(block + 257, USTAR_MAGIC, 8) == 0;
+    int gnu = memcmp(block + 257, GNU_MAGIC, 8) == 0;
+
+    if (flag == 'x' || flag == 'L' || flag == 'K')
+        return -1; /* an extension header: parse_header's loop */
+
+    /* name, joined to the ustar prefix (star's is 131 bytes) */
+    base_len = cstr_len(block, 100);
+    header_len = 0;
+    if (ustar) {
+        int star = memcmp(block + 508, "tar\0", 4) == 0;
+        size_t prefix_len = cstr_len(block + 345, star ? 131 : 155);
+        if (prefix_len > 0) {
+            memcpy(header_name, block + 345, prefix_len);
+            header_name[prefix_len] = '/';
+            header_len = prefix_len + 1;
+        }
+    }
+    memcpy(header_name + header_len, block, base_len);
+    header_len += base_len;
+    if (header_len != name_len || memcmp(header_name, name, name_len) != 0)
+        return -1; /* _parse: "the tar header names ..." */
+
+    if (flag == '0' || flag == 0 || flag == '7')
+        flag = (flag == 0 && header_len > 0 && header_name[header_len - 1] == '/') ? '5' : '0';
+    if (strchr("0123456g", flag) == NULL || flag == 0)
+        return -1; /* not in KNOWN_TYPES: _parse's error */
+    p->typeflag = (char)flag;
+
+    if (plain_octal(block + 100, 8, &p->mode) || plain_octal(block + 108, 8, &p->uid)
+        || plain_octal(block + 116, 8, &p->gid) || plain_octal(block + 124, 12, &p->size)
+        || plain_octal(block + 136, 12, &p->mtime))
+        return -1; /* _number decides each field */
+    p->devmajor = p->devminor = 0;
+    if ((ustar || gnu)
+        && (plain_octal(block + 329, 8, &p->devmajor) || plain_octal(block + 337, 8, &p->devminor)))
+        return -1;
+    if (p->mtime > (uint64_t)(INT64_MAX / NS_PER_S))
+        return -1; /* mtime_ns would not fit 64 bits: Python's ints */
+    p->linkname = block + 157;
+    p->linkname_len = cstr_len(block + 157, 100);
+    return 0;
+}
+
+PyDoc_STRVAR(member_doc,
+"member(data, name, size, crc, ref, /) -> Member | None\n\n"
+"LayerTree._parse's Member for header bytes `data` (padding, then one plain header block)\n"
+"naming `name` with tar-split size `size`; None when the Python code must decide.");
+
+static PyObject *
+member(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *data, *name, *size_obj, *crc, *ref, *obj;
+    unsigned long long size;
+    Py_ssize_t data_len;
+    struct parsed p;
+    const unsigned char *block;
+
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "member() takes 5 arguments");
+        return NULL;
+    }
+    data = args[0], name = args[1], size_obj = args[2], crc = args[3], ref = args[4];
+    if (!PyBytes_Check(data) || !PyBytes_Check(name) || !PyLong_Check(size_obj)) {
+        PyErr_SetString(PyExc_TypeError, "member() wants bytes, bytes, int, ...");
+        return NULL;
+    }
+    if (MEMBER.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "member(): bind() the Member type first");
+        return NULL;
+    }
+    size = PyLong_AsUnsignedLongLong(size_obj);
+    if (size == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+
+    data_len = PyBytes_GET_SIZE(data);
+    if (data_len < BLOCK || data_len >= 2 * BLOCK)
+        Py_RETURN_NONE; /* no block, or more than one: parse_header */
+    block = (const unsigned char *)PyBytes_AS_STRING(data) + data_len % BLOCK;
+    if (parse_block(block, PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name), &p))
+        Py_RETURN_NONE;
+    if (p.typeflag != '0' ? size != 0 : p.size != size)
+        Py_RETURN_NONE; /* _parse: unsupported type with content, or sizes differ */
+
+    PyObject *path = cleaned((const unsigned char *)PyBytes_AS_STRING(name),
+                             (size_t)PyBytes_GET_SIZE(name), name);
+    if (path == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    if (PyBytes_GET_SIZE(path) == 1 && PyBytes_AS_STRING(path)[0] == '.') {
+        Py_SETREF(path, PyBytes_FromStringAndSize("", 0)); /* the layer root */
+        if (path == NULL)
+            return NULL;
+    }
+    PyObject *link;
+    if (p.typeflag == '1') {
+        link = cleaned(p.linkname, p.linkname_len, NULL);
+        if (link == NULL) {
+            Py_DECREF(path);
+            return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        }
+    } else {
+        link = PyBytes_FromStringAndSize((const char *)p.linkname, (Py_ssize_t)p.linkname_len);
+        if (link == NULL) {
+            Py_DECREF(path);
+            return NULL;
+        }
+    }
+
+    obj = new_instance(&MEMBER);
+    if (obj != NULL
+        && (set_field(&MEMBER, obj, F_PATH, Py_NewRef(path)) < 0
+            || set_field(&MEMBER, obj, F_TYPEFLAG, PyUnicode_FromStringAndSize(&p.typeflag, 1)) < 0
+            || set_field(&MEMBER, obj, F_MODE, PyLong_FromUnsignedLongLong(p.mode & 07777)) < 0
+            || set_field(&MEMBER, obj, F_UID, PyLong_FromUnsignedLongLong(p.uid)) < 0
+            || set_field(&MEMBER, obj, F_GID, PyLong_FromUnsignedLongLong(p.gid)) < 0
+            || set_field(&MEMBER, obj, F_SIZE, Py_NewRef(size_obj)) < 0
+            || set_field(&MEMBER, obj, F_MTIME, PyLong_FromLongLong((long long)p.mtime * NS_PER_S)) < 0
+            || set_field(&MEMBER, obj, F_LINKNAME, Py_NewRef(link)) < 0
+            || set_field(&MEMBER, obj, F_DEVMAJOR, PyLong_FromUnsignedLongLong(p.devmajor)) < 0
+            || set_field(&MEMBER, obj, F_DEVMINOR, PyLong_FromUnsignedLongLong(p.devminor)) < 0
+            || set_field(&MEMBER, obj, F_XATTRS, Py_NewRef(empty_tuple)) < 0
+            || set_field(&MEMBER, obj, F_CRC, Py_NewRef(crc)) < 0
+            || set_field(&MEMBER, obj, F_DATA_NAME, Py_NewRef(name)) < 0
+            || set_field(&MEMBER, obj, F_REF, Py_NewRef(ref)) < 0
+            || set_field(&MEMBER, obj, F_IMPLIED, Py_NewRef(Py_False)) < 0))
+        Py_CLEAR(obj);
+    Py_DECREF(path);
+    Py_DECREF(link);
+    return obj;
+}
+
+/* -- tar-split lines ---------------------------------------------------------------------- */
+
+#define SEGMENT_HEAD "{\"type\":2,\"payload\":\""
+#define FILE_HEAD "{\"type\":1,\"name\":\""
+#define CRC_LEN 8
+
+static int
+starts(const unsigned char *p, size_t len, const char *text)
+{
+    size_t n = strlen(text);
+    return len >= n && memcmp(p, text, n) == 0;
+}
+
+/* The value of each base64 character; 0x80 for every other byte. */
+static unsigned char B64[256];
+
+static void
+init_b64(void)
+{
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    memset(B64, 0x80, sizeof(B64));
+    for (unsigned i = 0; i < 64; i++)
+        B64[(unsigned char)alphabet[i]] = (unsigned char)i;
+}
+
+/* Canonical base64 (length a multiple of 4, "=" only as the last one or two characters, unused
+ * bits zero) decoded into a new bytes object; NULL without an exception when the text is not
+ * canonical (the Python code decides), NULL with one when memory ran out. */
+static PyObject *
+b64_decode(const unsigned char *text, size_t len)
+{
+    size_t pad = 0, full, out_len, o = 0;
+    PyObject *out;
+    unsigned char *dst;
+    unsigned bad = 0;
+
+    if (len % 4 != 0)
+        return NULL;
+    if (len > 0 && text[len - 1] == '=')
+        pad = text[len - 2] == '=' ? 2 : 1; /* len >= 4 here */
+    full = pad ? len - 4 : len; /* the quanta without padding */
+    out_len = len / 4 * 3 - pad;
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_len);
+    if (out == NULL)
+        return NULL;
+    dst = (unsigned char *)PyBytes_AS_STRING(out);
+    for (size_t i = 0; i < full; i += 4) {
+        unsigned a = B64[text[i]], b = B64[text[i + 1]], c = B64[text[i + 2]], d = B64[text[i + 3]];
+        bad |= a | b | c | d;
+        uint32_t q = a << 18 | b << 12 | c << 6 | d;
+        dst[o++] = (unsigned char)(q >> 16);
+        dst[o++] = (unsigned char)(q >> 8);
+        dst[o++] = (unsigned char)q;
+    }
+    if (pad) {
+        const unsigned char *t = text + full;
+        unsigned a = B64[t[0]], b = B64[t[1]], c = pad == 2 ? 0 : B64[t[2]];
+        bad |= a | b | c;
+        uint32_t q = a << 18 | b << 12 | c << 6;
+        if (pad == 2 ? (q & 0xFFFF) != 0 : (q & 0xFF) != 0)
+            bad |= 0x80; /* unused bits set: not canonical */
+        dst[o++] = (unsigned char)(q >> 16);
+        if (pad == 1)
+            dst[o++] = (unsigned char)(q >> 8);
+    }
+    if ((bad & 0x80) || o != out_len) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* `"position":[0-9]{1,19}}` from p to exactly the end: 1, else 0. */
+static int
+position_tail(const unsigned char *p, size_t len)
+{
+    static const char key[] = "\"position\":";
+    size_t n = sizeof(key) - 1, digits = 0;
+
+    if (len < n + 2 || memcmp(p, key, n) != 0 || p[len - 1] != '}')
+        return 0;
+    for (size_t i = n; i < len - 1; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return 0;
+        digits++;
+    }
+    return digits >= 1 && digits <= 19;
+}
+
+/* {"type":2,"payload":"<base64>","position":N} -> Segment */
+static PyObject *
+segment_line(const unsigned char *line, size_t len)
+{
+    size_t head = strlen(SEGMENT_HEAD);
+    const unsigned char *quote = memchr(line + head, '"', len - head);
+    PyObject *payload, *obj;
+
+    if (quote == NULL)
+        return NULL;
+    size_t end = (size_t)(quote - line);
+    /* after the payload: `","position":N}` */
+    if (len - end < 2 || quote[1] != ',' || !position_tail(quote + 2, len - end - 2))
+        return NULL;
+    payload = b64_decode(line + head, end - head);
+    if (payload == NULL)
+        return NULL;
+    obj = new_instance(&SEGMENT);
+    if (obj != NULL && set_field(&SEGMENT, obj, 0, Py_NewRef(payload)) < 0)
+        Py_CLEAR(obj);
+    Py_DECREF(payload);
+    return obj;
+}
+
+/* {"type":1,"name":"<name>",["size":N,]"payload":("<base64>"|null),"position":N} -> FileEntry
+ * (the name without escapes, NUL or control characters; size 1-15 digits; a size needs an
+ * 8-byte CRC payload; without a size the payload is ignored, as the Python code does). */
+static PyObject *
+file_line(const unsigned char *line, size_t len)
+{
+    size_t i = strlen(FILE_HEAD), name_start = i, name_end, crc_start = 0, crc_end = 0;
+    long long size = 0;
+    int has_size = 0, has_crc = 0;
+    PyObject *name = NULL, *size_obj = NULL, *crc = NULL, *obj = NULL;
+
+    while (i < len && line[i] != '"' && line[i] != '\\' && line[i] >= 0x20)
+        i++;
+    name_end = i;
+    if (name_end == name_start || !starts(line + i, len - i, "\","))
+        return NULL;
+    i += 2;
+    if (starts(line + i, len - i, "\"size\":")) {
+        size_t digits = 0;
+        i += strlen("\"size\":");
+        if (i >= len || line[i] < '1' || line[i] > '9')
+            return NULL;
+        while (i < len && line[i] >= '0' && line[i] <= '9') {
+            if (++digits > 16)
+                return NULL;
+            size = size * 10 + (line[i] - '0'); /* at most 16 digits: < 2**63 */
+            i++;
+        }
+        if (digits >= 16 || i >= len || line[i] != ',')
+            return NULL; /* 16 digits: the Python code's general path */
+        i++;
+        has_size = 1;
+    }
+    if (!starts(line + i, len - i, "\"payload\":"))
+        return NULL;
+    i += strlen("\"payload\":");
+    if (starts(line + i, len - i, "null")) {
+        i += 4;
+    } else if (i < len && line[i] == '"') {
+        crc_start = ++i;
+        while (i < len && line[i] != '"' && line[i] != '\\')
+            i++;
+        if (i >= len || line[i] != '"')
+            return NULL;
+        crc_end = i++;
+        has_crc = 1;
+    } else {
+        return NULL;
+    }
+    if (i >= len || line[i] != ',' || !position_tail(line + i + 1, len - i - 1))
+        return NULL;
+    if (has_size && !has_crc)
+        return NULL; /* a size without a CRC: the general path (an error) */
+    if (has_size) {
+        crc = b64_decode(line + crc_start, crc_end - crc_start);
+        if (crc == NULL)
+            return NULL;
+        if (PyBytes_GET_SIZE(crc) != CRC_LEN) {
+            Py_DECREF(crc);
+            return NULL;
+        }
+    } else {
+        crc = Py_NewRef(Py_None);
+        size = 0;
+    }
+    name = PyBytes_FromStringAndSize((const char *)line + name_start,
+                                     (Py_ssize_t)(name_end - name_start));
+    size_obj = PyLong_FromLongLong(size);
+    if (name != NULL && size_obj != NULL) {
+        obj = new_instance(&FILE_ENTRY);
+        if (obj != NULL
+            && (set_field(&FILE_ENTRY, obj, 0, Py_NewRef(name)) < 0
+                || set_field(&FILE_ENTRY, obj, 1, Py_NewRef(size_obj)) < 0
+                || set_field(&FILE_ENTRY, obj, 2, Py_NewRef(crc)) < 0))
+            Py_CLEAR(obj);
+    }
+    Py_XDECREF(name);
+    Py_XDECREF(size_obj);
+    Py_DECREF(crc);
+    return obj;
+}
+
+PyDoc_STRVAR(entry_doc,
+"entry(line, /) -> Segment | FileEntry | None\n\n"
+"The entry of one tar-split line (no newline) of the shapes Go writes, or None when the\n"
+"Python code must decide. The caller has checked the line is valid UTF-8.");
+
+static PyObject *
+entry(PyObject *module, PyObject *line_obj)
+{
+    const unsigned char *line;
+    size_t len;
+    PyObject *found;
+
+    (void)module;
+    if (!PyBytes_Check(line_obj)) {
+        PyErr_SetString(PyExc_TypeError, "entry() wants bytes");
+        return NULL;
+    }
+    if (SEGMENT.type == NULL || FILE_ENTRY.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "entry(): bind() Segment and FileEntry first");
+        return NULL;
+    }
+    line = (const unsigned char *)PyBytes_AS_STRING(line_obj);
+    len = (size_t)PyBytes_GET_SIZE(line_obj);
+    if (starts(line, len, SEGMENT_HEAD))
+        found = segment_line(line, len);
+    else if (starts(line, len, FILE_HEAD))
+        found = file_line(line, len);
+    else
+        Py_RETURN_NONE;
+    if (found == NULL && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return found;
+}
+
+PyDoc_STRVAR(bind_doc,
+"bind(cls, /) -> None\n\n"
+"Build instances of `cls`, a slots dataclass with exactly the fields of tree.Member,\n"
+"tarsplit.Segment or tarsplit.FileEntry (whichever its __slots__ name).");
+
+/* The shape whose field names are exactly the tuple `slots`, else NULL. */
+static struct shape *
+shape_of(PyObject *slots)
+{
+    if (!PyTuple_Check(slots))
+        return NULL;
+    for (size_t k = 0; k < sizeof(SHAPES) / sizeof(SHAPES[0]); k++) {
+        struct shape *shape = SHAPES[k];
+        int ok = PyTuple_GET_SIZE(slots) == shape->n;
+        for (int i = 0; ok && i < shape->n; i++) {
+            PyObject *slot = PyTuple_GET_ITEM(slots, i);
+            ok = PyUnicode_Check(slot)
+                 && PyUnicode_CompareWithASCIIString(slot, shape->names[i]) == 0;
+        }
+        if (ok)
+            return shape;
+    }
+    return NULL;
+}
+
+static PyObject *
+bind(PyObject *module, PyObject *cls)
+{
+    PyObject *found[MAX_FIELDS] = {NULL};
+    PyObject *slots;
+    struct shape *shape;
+
+    (void)module;
+    if (!PyType_Check(cls) || ((PyTypeObject *)cls)->tp_new != PyBaseObject_Type.tp_new
+        || PyObject_HasAttrString(cls, "__post_init__")) {
+        PyErr_SetString(PyExc_TypeError, "bind() wants a class without __new__ or __post_init__");
+        return NULL;
+    }
+    slots = PyObject_GetAttrString(cls, "__slots__");
+    if (slots == NULL)
+        PyErr_Clear();
+    shape = slots == NULL ? NULL : shape_of(slots);
+    Py_XDECREF(slots);
+    if (shape == NULL) {
+        PyErr_SetString(PyExc_TypeError, "bind(): the class's __slots__ are no known fields");
+        return NULL;
+    }
+    for (int i = 0; i < shape->n; i++) {
+        PyObject *descr = PyDict_GetItemString(((PyTypeObject *)cls)->tp_dict, shape->names[i]);
+        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            || PyDescr_TYPE(descr) != (PyTypeObject *)cls) {
+            for (int j = 0; j < i; j++)
+                Py_DECREF(found[j]);
+            PyErr_Format(PyExc_TypeError, "bind(): %s is not a slot of the class", shape->names[i]);
+            return NULL;
+        }
+        found[i] = Py_NewRef(descr);
+    }
+    for (int i = 0; i < shape->n; i++)
+        Py_XSETREF(shape->descr[i], found[i]);
+    Py_INCREF(cls);
+    Py_XSETREF(shape->type, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"member", (PyCFunction)(void (*)(void))member, METH_FASTCALL, member_doc},
+    {"entry", entry, METH_O, entry_doc},
+    {"bind", bind, METH_O, bind_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "imgfs.layer._fastparse",
+    "Compiled fast paths of LayerTree._parse and the tar-split line decoder.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__fastparse(void)
+{
+    init_b64();
+    empty_tuple = PyTuple_New(0);
+    if (empty_tuple == NULL)
+        return NULL;
+    return PyModule_Create(&module_def);
+}
