@@ -18,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imgfs.budget import LISTING_ENTRY_BYTES, NODE_BYTES
 from imgfs.errors import ImgfsError, NotFound
+from imgfs.layer.tree import LayerTree
 from imgfs.layer.verify import Verifiers
 from imgfs.lru import LRU
 from imgfs.store.image import BlobInfo, Image
@@ -42,6 +44,7 @@ from imgfs.views.keys import (
 from imgfs.views.node import Node
 from imgfs.views.rootfs import RootFS
 from imgfs.views.sections import section_of
+from imgfs.views.sections.base import digest_hex
 from imgfs.views.sections.byname import NameTree
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,16 @@ def _listing_bytes(listing: Listing) -> int:
 
 def _listed_bytes(listed: _Listed) -> int:
     return _listing_bytes(listed[0])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An image's ``oci/`` layout, computed once per view."""
+
+    manifest: bytes  # the layout's own manifest (blobs/sha256/<digest>)
+    digest: str  # its sha256, hex
+    index: bytes  # index.json
+    blobs: dict[bytes, BlobInfo | None]  # blobs/sha256/<hex> -> the blob (None: the manifest)
 
 
 @dataclass
@@ -85,7 +98,8 @@ class TreeView:
         self.caches = caches if caches is not None else Caches.build()
         self.verifiers = Verifiers()  # per view: a failed file stays failed until the store changes
         self._content: dict[str, ImageContent] = {}
-        self._layouts: dict[str, bytes] = {}
+        self._layouts: dict[str, Layout] = {}
+        self._trees: dict[str, weakref.ReferenceType[LayerTree]] = {}  # by layer ID
         self._signatures: dict[str, list[bytes]] = {}
         # every node computed, by key; bounded by the budget's share (NODE_BYTES each)
         self._nodes: LRU[Key, Node] = LRU(self.caches.budget.nodes, cost=_node_bytes)
@@ -225,27 +239,51 @@ class TreeView:
                 self._signatures[image.id] = cached
         return cached
 
-    def layout_manifest(self, image: Image) -> bytes:
-        """The manifest of ``oci/`` (see ``imgfs.views.oci``), computed once per view."""
+    def layout(self, image: Image) -> Layout:
+        """The image's ``oci/`` layout (see ``imgfs.views.oci``), computed once per view: its
+        manifest, that manifest's digest, ``index.json`` and the blobs it names (a failure is
+        not kept: it fails ``oci/``'s files each time, nothing else)."""
         with self._lock:
             cached = self._layouts.get(image.id)
         if cached is None:
-            layers = [(info.digest, info.size) for info in image.layer_infos()]
-            cached = ocilayout.layout_manifest(image.manifest(), layers, image.what)
+            layers = image.layer_infos()
+            manifest = ocilayout.layout_manifest(
+                image.manifest(), [(info.digest, info.size) for info in layers], image.what
+            )
+            digest = hashlib.sha256(manifest).hexdigest()
+            blobs: dict[bytes, BlobInfo | None] = {}
+            content = self.content(image)
+            config = image.parsed_manifest().config
+            if config is not None and config.digest in content.blobs:
+                blobs[digest_hex(config.digest).encode()] = content.blobs[config.digest]
+            for info in layers:
+                blobs[digest_hex(info.digest).encode()] = info
+            blobs[digest.encode()] = None
+            index = ocilayout.index_json(f"sha256:{digest}", len(manifest))
+            cached = Layout(manifest, digest, index, blobs)
             with self._lock:
                 self._layouts[image.id] = cached
         return cached
 
-    def layout_digest(self, image: Image) -> str:
-        return hashlib.sha256(self.layout_manifest(image)).hexdigest()
-
     def rootfs(self, image: Image) -> RootFS:
         sources = self.content(image).sources
         key = (image.id, *(s.layer_id for s in sources))
-        trees = self.caches.trees
         return self.caches.rootfs.get(
-            key, f"image {image.id[:12]}", lambda: [trees.layer_tree(s) for s in sources]
+            key, f"image {image.id[:12]}", lambda: [self.layer_tree(s) for s in sources]
         )
+
+    def layer_tree(self, source: LayerSource) -> LayerTree:
+        """The tree of ``source``'s layer (``FileViews.layer_tree``), looked up once per view:
+        a layer shared by many images (a base) is not opened again for each of them while the
+        tree caches keep its tree (held weakly here)."""
+        with self._lock:
+            ref = self._trees.get(source.layer_id)
+        tree = None if ref is None else ref()
+        if tree is None:
+            tree = self.caches.trees.layer_tree(source)
+            with self._lock:
+                self._trees[source.layer_id] = weakref.ref(tree)
+        return tree
 
     def remember(self, path_key: Key, node: Node) -> Node:
         """Keep a ``layers/``/``rootfs/`` node for ``peek`` under its path and its own key."""
