@@ -34,6 +34,7 @@ from imgfs.views import oci as ocilayout
 from imgfs.views.content import Caches, Content
 from imgfs.views.keys import (
     ROOT,
+    ByNameKey,
     Key,
     LayerInodeKey,
     LayerKey,
@@ -124,16 +125,25 @@ class TreeView:
         """The node of ``key`` if this view computed it already (no I/O, no parse): remembered,
         or in its directory's listing."""
         found = self._nodes.get(key)
-        if found is None and isinstance(key, LayerKey | RootfsKey) and key.path:
-            listed = self._listings.get(key.parent())
-            if listed is not None:
-                found = listed[1].get(key.path.rpartition(b"/")[2])
-        return found
+        if found is not None:
+            return found
+        if isinstance(key, LayerKey | RootfsKey) and key.path:
+            name = key.path.rpartition(b"/")[2]
+        elif isinstance(key, ByNameKey) and key.parts:  # a link's readlink
+            name = key.parts[-1]
+        else:
+            return None
+        listed = self._listings.get(key.parent())
+        return None if listed is None else listed[1].get(name)
 
     def peek_child(self, parent: Key, name: bytes) -> Node | None:
-        """``peek`` of the child ``name`` of ``parent``."""
+        """``peek`` of the child ``name`` of ``parent``: known by its key, or listed in
+        ``parent``'s listing (a section's lookup of a listed name is that listing's node)."""
         child = child_key(parent, name)
-        return None if child is None else self.peek(child)
+        if child is not None:
+            return self.peek(child)
+        listed = self._listings.get(parent)
+        return None if listed is None else listed[1].get(name)
 
     def lookup(self, parent: Key, name: bytes) -> Node:
         """The child ``name`` of directory ``parent`` (``.`` and ``..`` included)."""
