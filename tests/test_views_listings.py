@@ -19,10 +19,10 @@ import pytest
 import imgfs
 from imgfs.store.image import Image
 from imgfs.store.source import LayerSource
-from imgfs.views.content import Inline, Streamed, release
 from imgfs.views.keys import ROOT, ByNameKey, ImageKey, Key, OciKey, RootfsKey, SectionKey
 from imgfs.views.tree import TreeView, build_view
 from tests import crafted, smallstore
+from tests.test_crafted import _read
 
 DRIVER = smallstore.DRIVER
 
@@ -55,17 +55,6 @@ def _view(root: Path) -> TreeView:
 
 def _id(view: TreeView, name: str) -> str:
     return next(i.id for i in view.images.values() if f"localhost/{name}:1" in i.names)
-
-
-def _read(view: TreeView, key: Key) -> bytes:
-    content = view.open(key)
-    try:
-        if isinstance(content, Inline):
-            return content.data
-        assert isinstance(content, Streamed)
-        return content.reader.read(0, content.reader.size)
-    finally:
-        release(view.caches, content)
 
 
 def _small_dirs(image: str) -> list[Key]:
@@ -131,11 +120,11 @@ def test_the_oci_layout_is_computed_once_and_matches_its_bytes(store: Path) -> N
     layout = view.layout(view.image(image))
     assert view.layout(view.image(image)) is layout
     assert listing[layout.digest.encode()].size == len(layout.manifest)
-    index = json.loads(_read(view, OciKey(image, (b"index.json",))))
+    index = json.loads(_read(view, f"{image}/oci/index.json"))
     assert index["manifests"][0]["digest"] == f"sha256:{layout.digest}"
     assert index["manifests"][0]["size"] == len(layout.manifest)
     for name, node in listing.items():
-        data = _read(view, OciKey(image, (b"blobs", b"sha256", name)))
+        data = _read(view, f"{image}/oci/blobs/sha256/{name.decode()}")
         assert len(data) == node.size, name
     assert _view(store).layout(view.image(image)) == layout
 
@@ -167,10 +156,10 @@ def test_rootfs_entry_is_the_same_before_and_after_its_content_is_read(store: Pa
     names = [name for name, _ in view.children(RootfsKey(image))]
     assert b"top1.txt" in names
     assert b"base.txt" in names
-    assert _read(view, RootfsKey(image, b"top1.txt")) == b"top1\n"
+    assert _read(view, f"{image}/rootfs/top1.txt") == b"top1\n"
     fresh = _view(store)
     fresh.children(RootfsKey(image))
-    _read(fresh, RootfsKey(image, b"base.txt"))
+    _read(fresh, f"{image}/rootfs/base.txt")
     assert before == view.node(RootfsKey(image)) == fresh.node(RootfsKey(image))
     assert before.mode is not None
     assert before.kind == "dir"
@@ -204,7 +193,7 @@ def test_listing_blobs_reads_no_config_and_reading_it_checks_diff_ids(
             view.children(key)
         assert read == ["manifest"]
         assert "diff_ids differ" not in caplog.text
-        config = _read(view, view.resolve(f"{image_id}/config.json".encode()).key)
+        config = _read(view, f"{image_id}/config.json")
     assert json.loads(config)["rootfs"]["diff_ids"]
     assert "diff_ids differ" in caplog.text
     assert image_id[:12] in caplog.text
