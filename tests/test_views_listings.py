@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,19 @@ def test_a_shared_base_layer_is_opened_once_per_view(
     assert len(opened) == 3  # the base, and each top layer
 
 
+def test_image_listings_are_built_ahead_in_root_order(store: Path) -> None:
+    view = _view(store)
+    order = sorted(view.images)
+    first, rest = ImageKey(order[0]), [ImageKey(i) for i in order[1:]]
+    assert all(view.peek_children(key) is None for key in rest)
+    view.children(first)
+    deadline = time.monotonic() + 30
+    while any(view.peek_children(key) is None for key in rest) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for key in rest:
+        assert view.peek_children(key) == _view(store).children(key), key
+
+
 def test_rootfs_entry_is_the_same_before_and_after_its_content_is_read(store: Path) -> None:
     view = _view(store)
     image = _id(view, "top1")
@@ -183,7 +197,8 @@ def test_listing_blobs_reads_no_config_and_reading_it_checks_diff_ids(
     real = Image._read_big_data
 
     def counting(self: Image, key: str) -> bytes:
-        read.append(key)
+        if self.id == image_id:  # (the images after it are listed ahead, in other threads)
+            read.append(key)
         return real(self, key)
 
     monkeypatch.setattr(Image, "_read_big_data", counting)

@@ -20,6 +20,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imgfs.budget import LISTING_ENTRY_BYTES, NODE_BYTES
@@ -35,6 +36,7 @@ from imgfs.views.content import Caches, Content
 from imgfs.views.keys import (
     ROOT,
     ByNameKey,
+    ImageKey,
     Key,
     LayerInodeKey,
     LayerKey,
@@ -101,6 +103,10 @@ class TreeView:
         self._content: dict[str, ImageContent] = {}
         self._layouts: dict[str, Layout] = {}
         self._trees: dict[str, weakref.ReferenceType[LayerTree]] = {}  # by layer ID
+        self._tree_locks: dict[str, threading.Lock] = {}
+        self._order: dict[str, int] | None = None  # image ID -> place in the root listing
+        self._ordered: list[str] = []
+        self._ahead: dict[ImageKey, threading.Event] = {}  # listings being built ahead
         self._signatures: dict[str, list[bytes]] = {}
         # every node computed, by key; bounded by the budget's share (NODE_BYTES each)
         self._nodes: LRU[Key, Node] = LRU(self.caches.budget.nodes, cost=_node_bytes)
@@ -158,19 +164,61 @@ class TreeView:
     def children(self, key: Key) -> Listing:
         """The listing of directory ``key``, in readdir order, built once per view (bounded:
         a listing larger than the whole share is built again each time). Callers must not
-        change it."""
+        change it. An image directory's listing also starts building the next ones
+        (``_list_ahead``); one being built ahead is waited for, not built twice."""
         listed = self._listings.get(key)
-        if listed is not None:
-            return listed[0]
+        if listed is None and isinstance(key, ImageKey):
+            self._list_ahead(key)
+            with self._lock:
+                building = self._ahead.get(key)
+            if building is not None:
+                building.wait()
+                listed = self._listings.get(key)
+        return listed[0] if listed is not None else self._build_listing(key)
+
+    def peek_children(self, key: Key) -> Listing | None:
+        """The listing of ``key`` if this view built it already (no I/O, no merge)."""
+        listed = self._listings.get(key)
+        if listed is not None and isinstance(key, ImageKey):
+            self._list_ahead(key)
+        return None if listed is None else listed[0]
+
+    def _build_listing(self, key: Key) -> Listing:
         found = section_of(key).children(self, key)
         if _listing_bytes(found) <= self._listings.max_cost:
             self._listings.put(key, (found, dict(found)))
         return found
 
-    def peek_children(self, key: Key) -> Listing | None:
-        """The listing of ``key`` if this view built it already (no I/O, no merge)."""
-        listed = self._listings.get(key)
-        return None if listed is None else listed[0]
+    def _list_ahead(self, key: ImageKey) -> None:
+        """Start building the listings of the ``LIST_AHEAD`` image directories after ``key``
+        in the root's order (an ``ls -R`` or ``find`` enters them next), each in a background
+        thread: their record and manifest reads and layer-tree parse then overlap the
+        requests before them instead of waiting for the walk (cold disks). Bounded: a few
+        listings, built at most once each; one that fails is built (and fails) again when
+        asked for."""
+        with self._lock:
+            if self._order is None:
+                self._order = {image_id: i for i, image_id in enumerate(sorted(self.images))}
+                self._ordered = sorted(self.images)
+            start = self._order.get(key.image, len(self._ordered)) + 1
+            todo = []
+            for image_id in self._ordered[start : start + LIST_AHEAD]:
+                ahead = ImageKey(image_id)
+                if ahead not in self._ahead and ahead not in self._listings:
+                    self._ahead[ahead] = threading.Event()
+                    todo.append(ahead)
+        for ahead in todo:
+            _ahead_pool().submit(self._build_ahead, ahead)
+
+    def _build_ahead(self, key: ImageKey) -> None:
+        try:
+            self._build_listing(key)
+        except Exception as exc:  # asked for again, it fails in the request that asks
+            log.debug("listing %s ahead failed: %s", key.image[:12], exc)
+        finally:
+            with self._lock:
+                done = self._ahead.pop(key)
+            done.set()
 
     def open(self, key: Key) -> Content:
         """The content of file ``key`` (the caller gives it back with ``release``)."""
@@ -286,13 +334,20 @@ class TreeView:
         """The tree of ``source``'s layer (``FileViews.layer_tree``), looked up once per view:
         a layer shared by many images (a base) is not opened again for each of them while the
         tree caches keep its tree (held weakly here)."""
+        layer = source.layer_id
         with self._lock:
-            ref = self._trees.get(source.layer_id)
+            ref = self._trees.get(layer)
+            building = self._tree_locks.setdefault(layer, threading.Lock())
         tree = None if ref is None else ref()
         if tree is None:
-            tree = self.caches.trees.layer_tree(source)
-            with self._lock:
-                self._trees[source.layer_id] = weakref.ref(tree)
+            with building:  # a layer being looked up by another thread is waited for
+                with self._lock:
+                    ref = self._trees.get(layer)
+                tree = None if ref is None else ref()
+                if tree is None:
+                    tree = self.caches.trees.layer_tree(source)
+                    with self._lock:
+                        self._trees[layer] = weakref.ref(tree)
         return tree
 
     def remember(self, path_key: Key, node: Node) -> Node:
@@ -301,6 +356,22 @@ class TreeView:
         if node.key != path_key:
             self._nodes.put(node.key, node)
         return node
+
+
+LIST_AHEAD = 4  # image directory listings built ahead of an ls -R, in the root's order
+_AHEAD_THREADS = 2
+_ahead_lock = threading.Lock()
+_ahead_executor: ThreadPoolExecutor | None = None
+
+
+def _ahead_pool() -> ThreadPoolExecutor:
+    """The threads that build listings ahead (started at first use: never before the daemon
+    forks)."""
+    global _ahead_executor
+    with _ahead_lock:
+        if _ahead_executor is None:
+            _ahead_executor = ThreadPoolExecutor(_AHEAD_THREADS, "imgfs-list-ahead")
+        return _ahead_executor
 
 
 def build_view(
