@@ -20,8 +20,8 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from imgfs.budget import LISTING_ENTRY_BYTES, NODE_BYTES
 from imgfs.errors import ImgfsError, NotFound
@@ -49,6 +49,9 @@ from imgfs.views.rootfs import RootFS
 from imgfs.views.sections import section_of
 from imgfs.views.sections.base import digest_hex
 from imgfs.views.sections.byname import NameTree
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 _MEMBER_KEYS = (LayerKey, LayerInodeKey, RootfsKey, RootfsInodeKey)
@@ -368,6 +371,8 @@ def _ahead_pool() -> ThreadPoolExecutor:
     """The threads that build listings ahead (started at first use: never before the daemon
     forks)."""
     global _ahead_executor
+    from concurrent.futures import ThreadPoolExecutor  # not on the way to a mount
+
     with _ahead_lock:
         if _ahead_executor is None:
             _ahead_executor = ThreadPoolExecutor(_AHEAD_THREADS, "imgfs-list-ahead")
