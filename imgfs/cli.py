@@ -43,7 +43,6 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
 from imgfs.budget import MIN_MEMORY, Budget
@@ -142,6 +141,8 @@ def _version() -> str:
 
 
 def _package_version(name: str) -> str:
+    from importlib import metadata  # only for -V: not on the way to a mount
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

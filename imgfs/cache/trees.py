@@ -80,7 +80,9 @@ class FileViews:
 
     def _remember(self, key: str, tree: LayerTree) -> None:
         self._trees.put(key, tree)
-        with self._lock:  # build locks of trees no longer cached
+        with self._lock:  # build locks of trees no longer cached (amortized: not per tree)
+            if len(self._building) <= 2 * len(self._trees) + 64:
+                return
             for old_key in [k for k in self._building if k not in self._trees and k != key]:
                 lock = self._building[old_key]
                 if not lock.locked():

@@ -294,6 +294,7 @@ class Image:
         self._serial = next(store._serials)
         self._parsed: manifests.Manifest | None = None
         self._blobs: list[BlobInfo] | None = None
+        self._diff_ids_checked = False
 
     @property
     def id(self) -> str:
@@ -330,7 +331,7 @@ class Image:
         desc = self.parsed_manifest().config
         if desc is None:
             return None
-        return self._big_data(desc.digest)
+        return self._config_bytes(desc.digest)
 
     def signatures(self) -> list[bytes]:
         """Signature blobs of the primary manifest, as ``skopeo copy … dir:`` writes them."""
@@ -357,20 +358,27 @@ class Image:
         layers = [] if man.is_list else self.layer_infos(man)
         for info in layers:
             found.setdefault(info.digest, info)
-        if man.config is not None:
-            self._check_diff_ids(man.config.digest, [i.digest for i in layers if i.kind == "layer"])
         for info in self._manifest_blobs(man):
             found.setdefault(info.digest, info)
         return list(found.values())
 
-    def _check_diff_ids(self, config_digest: str, layer_digests: list[str]) -> None:
+    def _config_bytes(self, digest: str) -> bytes:
+        """The config blob, checked against the layer records the first time it is read (not
+        when blobs are listed: a listing needs only the recorded sizes)."""
+        data = self._big_data(digest)
+        if not self._diff_ids_checked:
+            self._diff_ids_checked = True
+            self._check_diff_ids(data)
+        return data
+
+    def _check_diff_ids(self, config: bytes) -> None:
         """Log (only) when the config's rootfs.diff_ids differ from the layer records."""
         try:
-            doc = json.loads(self._big_data(config_digest))
-            diff_ids = doc["rootfs"]["diff_ids"]
+            diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+            layers = [i.digest for i in self.layer_infos() if i.kind == "layer"]
         except (ImgfsError, ValueError, KeyError, TypeError, RecursionError):
             return
-        if diff_ids != layer_digests:
+        if diff_ids != layers:
             log.warning(
                 "%s: config rootfs.diff_ids differ from the layer records' digests; "
                 "blobs are named by the layer records",
@@ -388,7 +396,7 @@ class Image:
         if info.kind == "empty-layer":
             return EMPTY_LAYER_BYTES
         if info.kind == "config":
-            return self._big_data(info.digest)
+            return self._config_bytes(info.digest)
         if info.kind == "manifest":
             return self._manifest_blob_bytes(info.digest)
         raise BlobNotFound(f"{self.what}: {info.digest} is a layer blob")

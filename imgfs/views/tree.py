@@ -18,11 +18,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from imgfs.budget import LISTING_ENTRY_BYTES, NODE_BYTES
 from imgfs.errors import ImgfsError, NotFound
+from imgfs.layer.tree import LayerTree
 from imgfs.layer.verify import Verifiers
 from imgfs.lru import LRU
 from imgfs.store.image import BlobInfo, Image
@@ -32,6 +35,8 @@ from imgfs.views import oci as ocilayout
 from imgfs.views.content import Caches, Content
 from imgfs.views.keys import (
     ROOT,
+    ByNameKey,
+    ImageKey,
     Key,
     LayerInodeKey,
     LayerKey,
@@ -42,7 +47,11 @@ from imgfs.views.keys import (
 from imgfs.views.node import Node
 from imgfs.views.rootfs import RootFS
 from imgfs.views.sections import section_of
+from imgfs.views.sections.base import digest_hex
 from imgfs.views.sections.byname import NameTree
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 _MEMBER_KEYS = (LayerKey, LayerInodeKey, RootfsKey, RootfsInodeKey)
@@ -62,6 +71,16 @@ def _listing_bytes(listing: Listing) -> int:
 
 def _listed_bytes(listed: _Listed) -> int:
     return _listing_bytes(listed[0])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An image's ``oci/`` layout, computed once per view."""
+
+    manifest: bytes  # the layout's own manifest (blobs/sha256/<digest>)
+    digest: str  # its sha256, hex
+    index: bytes  # index.json
+    blobs: dict[bytes, BlobInfo | None]  # blobs/sha256/<hex> -> the blob (None: the manifest)
 
 
 @dataclass
@@ -85,7 +104,12 @@ class TreeView:
         self.caches = caches if caches is not None else Caches.build()
         self.verifiers = Verifiers()  # per view: a failed file stays failed until the store changes
         self._content: dict[str, ImageContent] = {}
-        self._layouts: dict[str, bytes] = {}
+        self._layouts: dict[str, Layout] = {}
+        self._trees: dict[str, weakref.ReferenceType[LayerTree]] = {}  # by layer ID
+        self._tree_locks: dict[str, threading.Lock] = {}
+        self._order: dict[str, int] | None = None  # image ID -> place in the root listing
+        self._ordered: list[str] = []
+        self._ahead: dict[ImageKey, threading.Event] = {}  # listings being built ahead
         self._signatures: dict[str, list[bytes]] = {}
         # every node computed, by key; bounded by the budget's share (NODE_BYTES each)
         self._nodes: LRU[Key, Node] = LRU(self.caches.budget.nodes, cost=_node_bytes)
@@ -110,16 +134,25 @@ class TreeView:
         """The node of ``key`` if this view computed it already (no I/O, no parse): remembered,
         or in its directory's listing."""
         found = self._nodes.get(key)
-        if found is None and isinstance(key, LayerKey | RootfsKey) and key.path:
-            listed = self._listings.get(key.parent())
-            if listed is not None:
-                found = listed[1].get(key.path.rpartition(b"/")[2])
-        return found
+        if found is not None:
+            return found
+        if isinstance(key, LayerKey | RootfsKey) and key.path:
+            name = key.path.rpartition(b"/")[2]
+        elif isinstance(key, ByNameKey) and key.parts:  # a link's readlink
+            name = key.parts[-1]
+        else:
+            return None
+        listed = self._listings.get(key.parent())
+        return None if listed is None else listed[1].get(name)
 
     def peek_child(self, parent: Key, name: bytes) -> Node | None:
-        """``peek`` of the child ``name`` of ``parent``."""
+        """``peek`` of the child ``name`` of ``parent``: known by its key, or listed in
+        ``parent``'s listing (a section's lookup of a listed name is that listing's node)."""
         child = child_key(parent, name)
-        return None if child is None else self.peek(child)
+        if child is not None:
+            return self.peek(child)
+        listed = self._listings.get(parent)
+        return None if listed is None else listed[1].get(name)
 
     def lookup(self, parent: Key, name: bytes) -> Node:
         """The child ``name`` of directory ``parent`` (``.`` and ``..`` included)."""
@@ -134,19 +167,61 @@ class TreeView:
     def children(self, key: Key) -> Listing:
         """The listing of directory ``key``, in readdir order, built once per view (bounded:
         a listing larger than the whole share is built again each time). Callers must not
-        change it."""
+        change it. An image directory's listing also starts building the next ones
+        (``_list_ahead``); one being built ahead is waited for, not built twice."""
         listed = self._listings.get(key)
-        if listed is not None:
-            return listed[0]
+        if listed is None and isinstance(key, ImageKey):
+            self._list_ahead(key)
+            with self._lock:
+                building = self._ahead.get(key)
+            if building is not None:
+                building.wait()
+                listed = self._listings.get(key)
+        return listed[0] if listed is not None else self._build_listing(key)
+
+    def peek_children(self, key: Key) -> Listing | None:
+        """The listing of ``key`` if this view built it already (no I/O, no merge)."""
+        listed = self._listings.get(key)
+        if listed is not None and isinstance(key, ImageKey):
+            self._list_ahead(key)
+        return None if listed is None else listed[0]
+
+    def _build_listing(self, key: Key) -> Listing:
         found = section_of(key).children(self, key)
         if _listing_bytes(found) <= self._listings.max_cost:
             self._listings.put(key, (found, dict(found)))
         return found
 
-    def peek_children(self, key: Key) -> Listing | None:
-        """The listing of ``key`` if this view built it already (no I/O, no merge)."""
-        listed = self._listings.get(key)
-        return None if listed is None else listed[0]
+    def _list_ahead(self, key: ImageKey) -> None:
+        """Start building the listings of the ``LIST_AHEAD`` image directories after ``key``
+        in the root's order (an ``ls -R`` or ``find`` enters them next), each in a background
+        thread: their record and manifest reads and layer-tree parse then overlap the
+        requests before them instead of waiting for the walk (cold disks). Bounded: a few
+        listings, built at most once each; one that fails is built (and fails) again when
+        asked for."""
+        with self._lock:
+            if self._order is None:
+                self._order = {image_id: i for i, image_id in enumerate(sorted(self.images))}
+                self._ordered = sorted(self.images)
+            start = self._order.get(key.image, len(self._ordered)) + 1
+            todo = []
+            for image_id in self._ordered[start : start + LIST_AHEAD]:
+                ahead = ImageKey(image_id)
+                if ahead not in self._ahead and ahead not in self._listings:
+                    self._ahead[ahead] = threading.Event()
+                    todo.append(ahead)
+        for ahead in todo:
+            _ahead_pool().submit(self._build_ahead, ahead)
+
+    def _build_ahead(self, key: ImageKey) -> None:
+        try:
+            self._build_listing(key)
+        except Exception as exc:  # asked for again, it fails in the request that asks
+            log.debug("listing %s ahead failed: %s", key.image[:12], exc)
+        finally:
+            with self._lock:
+                done = self._ahead.pop(key)
+            done.set()
 
     def open(self, key: Key) -> Content:
         """The content of file ``key`` (the caller gives it back with ``release``)."""
@@ -225,26 +300,37 @@ class TreeView:
                 self._signatures[image.id] = cached
         return cached
 
-    def layout_manifest(self, image: Image) -> bytes:
-        """The manifest of ``oci/`` (see ``imgfs.views.oci``), computed once per view."""
+    def layout(self, image: Image) -> Layout:
+        """The image's ``oci/`` layout (see ``imgfs.views.oci``), computed once per view: its
+        manifest, that manifest's digest, ``index.json`` and the blobs it names (a failure is
+        not kept: it fails ``oci/``'s files each time, nothing else)."""
         with self._lock:
             cached = self._layouts.get(image.id)
         if cached is None:
-            layers = [(info.digest, info.size) for info in image.layer_infos()]
-            cached = ocilayout.layout_manifest(image.manifest(), layers, image.what)
+            layers = image.layer_infos()
+            manifest = ocilayout.layout_manifest(
+                image.manifest(), [(info.digest, info.size) for info in layers], image.what
+            )
+            digest = hashlib.sha256(manifest).hexdigest()
+            blobs: dict[bytes, BlobInfo | None] = {}
+            content = self.content(image)
+            config = image.parsed_manifest().config
+            if config is not None and config.digest in content.blobs:
+                blobs[digest_hex(config.digest).encode()] = content.blobs[config.digest]
+            for info in layers:
+                blobs[digest_hex(info.digest).encode()] = info
+            blobs[digest.encode()] = None
+            index = ocilayout.index_json(f"sha256:{digest}", len(manifest))
+            cached = Layout(manifest, digest, index, blobs)
             with self._lock:
                 self._layouts[image.id] = cached
         return cached
 
-    def layout_digest(self, image: Image) -> str:
-        return hashlib.sha256(self.layout_manifest(image)).hexdigest()
-
     def rootfs(self, image: Image) -> RootFS:
         sources = self.content(image).sources
         key = (image.id, *(s.layer_id for s in sources))
-        trees = self.caches.trees
         return self.caches.rootfs.get(
-            key, f"image {image.id[:12]}", lambda: [trees.layer_tree(s) for s in sources]
+            key, f"image {image.id[:12]}", lambda: [self.layer_tree(s) for s in sources]
         )
 
     def remember_many(self, pairs: list[tuple[Key, Node]]) -> None:
@@ -252,12 +338,50 @@ class TreeView:
         ``remember`` would keep it under."""
         self._nodes.put_many(pairs)
 
+    def layer_tree(self, source: LayerSource) -> LayerTree:
+        """The tree of ``source``'s layer (``FileViews.layer_tree``), looked up once per view:
+        a layer shared by many images (a base) is not opened again for each of them while the
+        tree caches keep its tree (held weakly here)."""
+        layer = source.layer_id
+        with self._lock:
+            ref = self._trees.get(layer)
+            building = self._tree_locks.setdefault(layer, threading.Lock())
+        tree = None if ref is None else ref()
+        if tree is None:
+            with building:  # a layer being looked up by another thread is waited for
+                with self._lock:
+                    ref = self._trees.get(layer)
+                tree = None if ref is None else ref()
+                if tree is None:
+                    tree = self.caches.trees.layer_tree(source)
+                    with self._lock:
+                        self._trees[layer] = weakref.ref(tree)
+        return tree
+
     def remember(self, path_key: Key, node: Node) -> Node:
         """Keep a ``layers/``/``rootfs/`` node for ``peek`` under its path and its own key."""
         self._nodes.put(path_key, node)
         if node.key != path_key:
             self._nodes.put(node.key, node)
         return node
+
+
+LIST_AHEAD = 4  # image directory listings built ahead of an ls -R, in the root's order
+_AHEAD_THREADS = 2
+_ahead_lock = threading.Lock()
+_ahead_executor: ThreadPoolExecutor | None = None
+
+
+def _ahead_pool() -> ThreadPoolExecutor:
+    """The threads that build listings ahead (started at first use: never before the daemon
+    forks)."""
+    global _ahead_executor
+    from concurrent.futures import ThreadPoolExecutor  # not on the way to a mount
+
+    with _ahead_lock:
+        if _ahead_executor is None:
+            _ahead_executor = ThreadPoolExecutor(_AHEAD_THREADS, "imgfs-list-ahead")
+        return _ahead_executor
 
 
 def build_view(

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_OCI_DIRS = ((), (b"blobs",), (b"blobs", b"sha256"))
 _DESIGN_FILES = (b"manifest.json", b"config.json", b"signatures", b"blobs")
 
 
@@ -44,7 +45,9 @@ class ImageDir(Section):
         return Node(key, "dir", 0, view.image_mtime(image))
 
     def children(self, view: TreeView, key: ImageKey) -> list[tuple[bytes, Node]]:
-        return [(n, self._listed_node(view, key, n)) for n in self._names(view, key)]
+        listing = [(n, self._listed_node(view, key, n)) for n in self._names(view, key)]
+        _build_small_listings(view, key, listing)
+        return listing
 
     def lookup(self, view: TreeView, key: ImageKey, name: bytes) -> Node:
         child = _child_key(key.image, name)
@@ -77,6 +80,25 @@ class ImageDir(Section):
                 raise
             log.debug("image %s: %s/ is unavailable: %s", key.image[:12], name.decode(), exc)
             return Node(child, "dir", 0, view.image_mtime(view.image(key.image)))
+
+
+def _build_small_listings(view: TreeView, key: ImageKey, listing: list[tuple[bytes, Node]]) -> None:
+    """Build, in this listing's thread hop, the listings of the image's own directories below
+    it (``signatures/``, ``blobs/``, ``instances/``, ``oci/`` and its ``blobs/sha256/``): they
+    need only the image's record and manifest, which this listing has read, so an ``ls -R``
+    opens each of them without a hop of its own. One that fails is left to be built (and to
+    fail) when it is opened; ``layers/`` and ``rootfs/`` are built only when opened."""
+    subdirs: list[Key] = []
+    for name, node in listing:
+        if name in (b"signatures", b"blobs", b"instances"):
+            subdirs.append(node.key)
+        elif name == b"oci":
+            subdirs += [OciKey(key.image, parts) for parts in _OCI_DIRS]
+    for subdir in subdirs:
+        try:
+            view.children(subdir)
+        except ImgfsError as exc:
+            log.debug("image %s: %s is unavailable: %s", key.image[:12], subdir, exc)
 
 
 class ImageFile(Section):

@@ -102,7 +102,7 @@ def _tree(view: TreeView, image: Image, number: int) -> LayerTree:
     sources = view.content(image).sources
     if not 0 <= number < len(sources):
         raise NotFound(f"{image.what} has no layer {number}")
-    return view.caches.trees.layer_tree(sources[number])
+    return view.layer_tree(sources[number])
 
 
 def _inode(tree: LayerTree, ref: int) -> int:

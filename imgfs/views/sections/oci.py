@@ -15,7 +15,7 @@ from imgfs.views import oci as ocilayout
 from imgfs.views.content import Content, Inline
 from imgfs.views.keys import OciKey
 from imgfs.views.node import Node
-from imgfs.views.sections.base import Section, blob_xattrs, digest_hex
+from imgfs.views.sections.base import Section, blob_xattrs
 from imgfs.views.sections.blobs import open_blob
 
 if TYPE_CHECKING:
@@ -39,8 +39,7 @@ class Oci(Section):
             return Node(key, "file", len(_small_file(view, image, key.parts)), mtime, stable=True)
         info = _blob(view, image, key)
         if info is None:
-            size = len(view.layout_manifest(image))
-            return Node(key, "file", size, mtime, stable=True)
+            return Node(key, "file", len(view.layout(image).manifest), mtime, stable=True)
         return Node(key, "file", info.size, mtime, stable=True, xattrs=blob_xattrs(info))
 
     def children(self, view: TreeView, key: OciKey) -> list[tuple[bytes, Node]]:
@@ -49,7 +48,7 @@ class Oci(Section):
             return super().children(view, key)
         names = _DIRS[key.parts]
         if names is None:
-            names = sorted(_layout_blobs(view, image))
+            names = sorted(view.layout(image).blobs)
         return [(n, self.node(view, OciKey(key.image, (*key.parts, n)))) for n in names]
 
     def lookup(self, view: TreeView, key: OciKey, name: bytes) -> Node:
@@ -61,7 +60,7 @@ class Oci(Section):
             return Inline(_small_file(view, image, key.parts))
         info = _blob(view, image, key)
         if info is None:
-            return Inline(view.layout_manifest(image))
+            return Inline(view.layout(image).manifest)
         return open_blob(view, image, info)
 
 
@@ -75,26 +74,12 @@ def _image(view: TreeView, key: OciKey) -> Image:
 def _small_file(view: TreeView, image: Image, parts: tuple[bytes, ...]) -> bytes:
     if parts == (b"oci-layout",):
         return ocilayout.OCI_LAYOUT
-    manifest = view.layout_manifest(image)
-    return ocilayout.index_json(f"sha256:{view.layout_digest(image)}", len(manifest))
-
-
-def _layout_blobs(view: TreeView, image: Image) -> dict[bytes, BlobInfo | None]:
-    """``oci/blobs/sha256/<hex>`` → the blob (None: the layout's own manifest)."""
-    blobs: dict[bytes, BlobInfo | None] = {}
-    content = view.content(image)
-    config = image.parsed_manifest().config
-    if config is not None and config.digest in content.blobs:
-        blobs[digest_hex(config.digest).encode()] = content.blobs[config.digest]
-    for info in image.layer_infos():
-        blobs[digest_hex(info.digest).encode()] = info
-    blobs[view.layout_digest(image).encode()] = None
-    return blobs
+    return view.layout(image).index
 
 
 def _blob(view: TreeView, image: Image, key: OciKey) -> BlobInfo | None:
     if len(key.parts) == 3 and key.parts[:2] == (b"blobs", b"sha256"):
-        blobs = _layout_blobs(view, image)
+        blobs = view.layout(image).blobs
         if key.parts[2] in blobs:
             return blobs[key.parts[2]]
     raise NotFound(f"oci/{b'/'.join(key.parts)!r:.100} does not exist")
