@@ -6,7 +6,8 @@ reader (a ``--direct`` layer blob, a ``layers/``/``rootfs/`` file) checked by th
 verifier — and the policy that picks one (snapshots unless the caches were built for
 ``--direct``); the open layer member (``MemberFile``: opened at once or at its first read) and
 the inline attempt of its reads (``read_nowait``: never waits for the disk or a store lock).
-Also owns ``Caches``, built once by the CLI's wiring and shared by every view.
+Also owns ``Caches``, built once by the CLI's wiring and shared by every view (with the
+cross-file read-ahead, ``readahead.ReadAhead``).
 Must not know: pyfuse3, trio, inode numbers, errno values, the tree's names.
 """
 
@@ -29,6 +30,7 @@ from imgfs.layer.tree import Member
 from imgfs.layer.verify import VerifiedReader, Verifiers, member_verifier, read_exact
 from imgfs.store import locks
 from imgfs.store.source import LayerSource
+from imgfs.views.readahead import ReadAhead
 from imgfs.views.rootfs import RootFSCache
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class Caches:
     rootfs: RootFSCache
     snapshots: SnapshotCache | None = None
     budget: Budget = field(default_factory=Budget)
+    read_ahead: ReadAhead = field(default_factory=ReadAhead)  # of files opened in order
 
     @classmethod
     def build(
@@ -101,6 +104,7 @@ class Caches:
         return cls(trees, blobs, RootFSCache(budget), snapshots, budget)
 
     def close(self) -> None:
+        self.read_ahead.close()
         if self.snapshots is not None:
             self.snapshots.close()
 
