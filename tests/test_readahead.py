@@ -22,7 +22,7 @@ import pytest
 
 import imgfs
 from imgfs.store.source import LayerSource
-from imgfs.views.content import Caches, Streamed, release
+from imgfs.views.content import Caches, Streamed, read_nowait, release
 from imgfs.views.keys import RootfsKey
 from imgfs.views.node import Node, Origin
 from imgfs.views.readahead import ReadAhead
@@ -84,6 +84,13 @@ def ahead() -> Iterator[ReadAhead]:
     ra.close()
 
 
+def _cold(ra: ReadAhead, directory: str, name: bytes, listing: Any, warm: Warms) -> None:
+    """Open ``name`` and miss the page cache with its read, as a cold reader does."""
+    on_miss = ra.opened(directory, name, listing, warm)
+    if on_miss is not None:
+        on_miss()
+
+
 def _settle(ra: ReadAhead, warms: Warms, count: int) -> list[bytes]:
     got = warms.wait_for(count)
     deadline = time.monotonic() + 10
@@ -95,25 +102,36 @@ def _settle(ra: ReadAhead, warms: Warms, count: int) -> list[bytes]:
 
 def test_a_lone_open_warms_nothing(ahead: ReadAhead) -> None:
     listing, warms = _listing(50), Warms()
-    ahead.opened("d", b"f010", listing, warms)
-    ahead.opened("e", b"f010", _listing(50), warms)
-    ahead.opened("d", b"f040", listing, warms)  # a jump: still no order seen
-    ahead.opened("d", b"f040", listing, warms)  # the same file again
+    _cold(ahead, "d", b"f010", listing, warms)
+    _cold(ahead, "e", b"f010", _listing(50), warms)
+    _cold(ahead, "d", b"f040", listing, warms)  # a jump: still no order seen
+    _cold(ahead, "d", b"f040", listing, warms)  # the same file again
     assert ahead.pending() == 0
     assert _settle(ahead, warms, 0) == []
 
 
+def test_a_reader_served_from_the_page_cache_warms_nothing(ahead: ReadAhead) -> None:
+    listing, warms = _listing(50), Warms()
+    for i in range(10):
+        ahead.opened("d", f"f{i:03}".encode(), listing, warms)  # no read missed
+    assert _settle(ahead, warms, 0) == []
+    on_miss = ahead.opened("d", b"f010", listing, warms)
+    assert on_miss is not None
+    on_miss()  # a miss in a directory read in order: the next files now
+    assert _settle(ahead, warms, 4) == [b"f011", b"f012", b"f013", b"f014"]
+
+
 def test_in_order_opens_warm_the_next_files_up_to_the_bound(ahead: ReadAhead) -> None:
     listing, warms = _listing(50), Warms()
-    ahead.opened("d", b"f000", listing, warms)
-    ahead.opened("d", b"f001", listing, warms)
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
     assert _settle(ahead, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
-    ahead.opened("d", b"f002", listing, warms)
-    ahead.opened("d", b"f003", listing, warms)
+    _cold(ahead, "d", b"f002", listing, warms)
+    _cold(ahead, "d", b"f003", listing, warms)
     assert _settle(ahead, warms, 6) == [b"f00" + str(i).encode() for i in range(2, 8)]
     assert warms.lengths == [100] * 6
-    ahead.opened("d", b"f005", listing, warms)  # a file passed over: a jump, nothing queued
-    ahead.opened("d", b"f007", listing, warms)
+    _cold(ahead, "d", b"f005", listing, warms)  # a file passed over: a jump, nothing queued
+    _cold(ahead, "d", b"f007", listing, warms)
     assert _settle(ahead, warms, 6) == [b"f00" + str(i).encode() for i in range(2, 8)]
 
 
@@ -122,13 +140,13 @@ def test_bytes_ahead_are_bounded_and_a_big_file_warms_only_its_start() -> None:
     try:
         listing, warms = _listing(50, size=1000), Warms()
         listing[5] = (b"f005", _node("f005", size=10 << 20))
-        ra.opened("d", b"f000", listing, warms)
-        ra.opened("d", b"f001", listing, warms)
+        _cold(ra, "d", b"f000", listing, warms)
+        _cold(ra, "d", b"f001", listing, warms)
         assert _settle(ra, warms, 2) == [b"f002", b"f003"]  # a third: 3000 > 2500 bytes
-        ra.opened("d", b"f002", listing, warms)
-        ra.opened("d", b"f003", listing, warms)  # f004, and f005 would be over the bound
+        _cold(ra, "d", b"f002", listing, warms)
+        _cold(ra, "d", b"f003", listing, warms)  # f004, and f005 would be over the bound
         assert _settle(ra, warms, 3) == [b"f002", b"f003", b"f004"]
-        ra.opened("d", b"f004", listing, warms)  # f005 alone: its first 2500 bytes
+        _cold(ra, "d", b"f004", listing, warms)  # f005 alone: its first 2500 bytes
         assert _settle(ra, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
         assert warms.lengths == [1000, 1000, 1000, 2500]
     finally:
@@ -140,44 +158,44 @@ def test_only_regular_files_with_content_are_warmed(ahead: ReadAhead) -> None:
     listing[2] = (b"f002", _node("f002", kind="dir"))
     listing[3] = (b"f003", _node("f003", kind="link"))
     listing[4] = (b"f004", _node("f004", size=0))
-    ahead.opened("d", b"f000", listing, warms)
-    ahead.opened("d", b"f001", listing, warms)
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
     assert _settle(ahead, warms, 1) == [b"f005"]
-    ahead.opened("d", b"f004", listing, warms)  # the dir and the link between: in order
+    _cold(ahead, "d", b"f004", listing, warms)  # the dir and the link between: in order
     assert _settle(ahead, warms, 4) == [b"f005", b"f006", b"f007", b"f008"]
 
 
 def test_a_jump_abandons_what_was_queued(ahead: ReadAhead) -> None:
     gate = threading.Event()
     listing, warms = _listing(50), Warms(gate)
-    ahead.opened("d", b"f000", listing, warms)
-    ahead.opened("d", b"f001", listing, warms)  # queues f002..f005; the worker waits in f002
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)  # queues f002..f005; the worker waits in f002
     assert warms.started.wait(10)
-    ahead.opened("d", b"f030", listing, warms)  # elsewhere: f003..f005 are not wanted now
+    _cold(ahead, "d", b"f030", listing, warms)  # elsewhere: f003..f005 are not wanted now
     gate.set()
     assert _settle(ahead, warms, 1) == [b"f002"]
-    ahead.opened("d", b"f031", listing, warms)  # in order again from the new place
+    _cold(ahead, "d", b"f031", listing, warms)  # in order again from the new place
     assert _settle(ahead, warms, 5) == [b"f002", b"f032", b"f033", b"f034", b"f035"]
 
 
 def test_files_the_reader_reached_first_are_passed_over(ahead: ReadAhead) -> None:
     gate = threading.Event()
     listing, warms = _listing(50), Warms(gate)
-    ahead.opened("d", b"f000", listing, warms)
-    ahead.opened("d", b"f001", listing, warms)
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
     assert warms.started.wait(10)  # the worker is in f002
-    ahead.opened("d", b"f003", listing, warms)
-    ahead.opened("d", b"f004", listing, warms)
+    _cold(ahead, "d", b"f003", listing, warms)
+    _cold(ahead, "d", b"f004", listing, warms)
     gate.set()
     assert _settle(ahead, warms, 4) == [b"f002", b"f005", b"f006", b"f007", b"f008"]
 
 
 def test_a_failed_warm_is_harmless(ahead: ReadAhead) -> None:
     listing, warms = _listing(50), Warms(fail=frozenset({b"f002", b"f003"}))
-    ahead.opened("d", b"f000", listing, warms)
-    ahead.opened("d", b"f001", listing, warms)
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
     assert _settle(ahead, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
-    ahead.opened("d", b"f002", listing, warms)
+    _cold(ahead, "d", b"f002", listing, warms)
     assert _settle(ahead, warms, 5)[-1] == b"f006"
 
 
@@ -185,27 +203,27 @@ def test_windows_are_bounded(ahead: ReadAhead) -> None:
     warms = Warms()
     lists = {d: _listing(50) for d in "abc"}
     for d in "abc":  # windows=2: a's is dropped when c's starts
-        ahead.opened(d, b"f000", lists[d], warms)
-    ahead.opened("a", b"f001", lists["a"], warms)  # a new window for a: no order seen yet
-    ahead.opened("c", b"f001", lists["c"], warms)
+        _cold(ahead, d, b"f000", lists[d], warms)
+    _cold(ahead, "a", b"f001", lists["a"], warms)  # a new window for a: no order seen yet
+    _cold(ahead, "c", b"f001", lists["c"], warms)
     assert _settle(ahead, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
-    ahead.opened("a", b"f002", lists["a"], warms)  # now a is in order
+    _cold(ahead, "a", b"f002", lists["a"], warms)  # now a is in order
     assert len(_settle(ahead, warms, 8)) == 8
     # a new listing of the same directory (a new view) starts a new window
-    ahead.opened("a", b"f003", _listing(50), warms)
+    _cold(ahead, "a", b"f003", _listing(50), warms)
     assert _settle(ahead, warms, 8) == warms.names[:8]
 
 
 def test_close_stops_the_worker_and_later_opens_do_nothing() -> None:
     ra = ReadAhead(files=4)
     listing, warms = _listing(50), Warms()
-    ra.opened("d", b"f000", listing, warms)
-    ra.opened("d", b"f001", listing, warms)
+    _cold(ra, "d", b"f000", listing, warms)
+    _cold(ra, "d", b"f001", listing, warms)
     assert len(warms.wait_for(4)) == 4
     workers = [t for t in threading.enumerate() if t.name == "imgfs-readahead"]
     ra.close()
-    ra.opened("d", b"f002", listing, warms)
-    ra.opened("d", b"f003", listing, warms)
+    _cold(ra, "d", b"f002", listing, warms)
+    _cold(ra, "d", b"f003", listing, warms)
     assert ra.pending() == 0
     for worker in workers:
         worker.join(5)
@@ -282,7 +300,8 @@ def _evict(paths: list[Path]) -> None:
 
 
 def _open_in_order(view: TreeView, image_id: str, names: list[bytes]) -> list[bytes]:
-    """Open (``open_known``, as the FUSE open does) and read each file, as ``cat`` would."""
+    """Open (``open_known``) and read each file as the FUSE adapter does for ``cat``: inline
+    if its pages are cached (``read_nowait``), else in a worker's read."""
     top = view.resolve(f"{image_id}/rootfs/d".encode())
     view.children(top.key)
     out = []
@@ -290,7 +309,8 @@ def _open_in_order(view: TreeView, image_id: str, names: list[bytes]) -> list[by
         content = view.open_known(RootfsKey(image_id, b"d/" + name))
         assert isinstance(content, Streamed), name
         try:
-            out.append(content.reader.read(0, content.reader.size + 1))
+            data = read_nowait(content, 0, 1 << 17)
+            out.append(content.reader.read(0, 1 << 17) if data is None else data)
         finally:
             release(view.caches, content)
     return out

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -150,11 +151,16 @@ def _produce(
 
 
 def open_member(
-    verifiers: Verifiers, source: LayerSource, member: Member, lazy: bool = False
+    verifiers: Verifiers,
+    source: LayerSource,
+    member: Member,
+    lazy: bool = False,
+    on_miss: Callable[[], None] | None = None,
 ) -> Content:
     """A regular file of ``layers/`` or ``rootfs/``, checked by the member's verifier.
     ``lazy``: the layer file is opened at the first read (none at all when the kernel serves
-    every read from its page cache), else now."""
+    every read from its page cache), else now. ``on_miss``: called when an inline read
+    (``read_nowait``) finds the bytes not in the page cache (the read-ahead's cue)."""
     what = f"{source.what}: file {member.data_name!r:.200}"
     if member.typeflag != REGULAR:
         raise LayerUnavailable(f"{what}: not a regular file (unresolved hardlink?)")
@@ -167,7 +173,7 @@ def open_member(
     )
     if verifier.failure is not None:
         raise IntegrityError(verifier.failure)
-    file = MemberFile(source, member.data_name, member.size, what)
+    file = MemberFile(source, member.data_name, member.size, what, on_miss)
     if not lazy and member.size:
         file.open()
     return Streamed(VerifiedReader(file, verifier), page_cache=True)
@@ -187,11 +193,19 @@ class MemberFile:
     through its ``LayerSource`` at ``open`` or the first read, size-checked reads, and in
     ``read_nowait`` reads that raise ``BlockingIOError`` instead of waiting for the disk."""
 
-    def __init__(self, source: LayerSource, name: bytes, size: int, what: str) -> None:
+    def __init__(
+        self,
+        source: LayerSource,
+        name: bytes,
+        size: int,
+        what: str,
+        on_miss: Callable[[], None] | None = None,
+    ) -> None:
         self._source = source
         self._name = name
         self.size = size
         self._what = what
+        self._on_miss = on_miss
         self._fd: int | None = None
         self._closed = False
 
@@ -212,10 +226,17 @@ class MemberFile:
         try:
             got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
         except OSError as exc:  # EAGAIN (not cached), or a file system without RWF_NOWAIT
+            self._missed()
             raise BlockingIOError(f"{self._what}: {exc}") from exc
         if got != n:  # partly cached, or short: a worker thread's read_exact tells which
+            self._missed()
             raise BlockingIOError(f"{self._what}: {got} of {n} bytes cached")
         return bytes(buf)
+
+    def _missed(self) -> None:
+        if self._on_miss is not None:
+            on_miss, self._on_miss = self._on_miss, None  # once per open
+            on_miss()
 
     def close(self) -> None:
         fd, self._fd, self._closed = self._fd, None, True

@@ -7,7 +7,9 @@ that the reader's inline ``RWF_NOWAIT`` read (``content.read_nowait``) finds the
 instead of hopping to a thread and waiting for the disk, one file at a time. The policy and
 its bounds: a window per directory being read (at most ``windows``, the least recently used
 dropped); a window starts at the first open in a directory and reads ahead only once the next
-open is of the next regular file of the listing (a lone ``cat`` of one file warms nothing);
+open is of the next regular file of the listing (a lone ``cat`` of one file warms nothing) and
+a read of one of its files missed the page cache (a reader served from the page caches, as a
+second pass is, costs no warms);
 then at most ``files`` entries and ``max_bytes`` bytes ahead of the reader; an open elsewhere in
 the directory (a jump) abandons what the window had queued; an entry the reader reached before
 the worker is passed over. It only warms the page cache: the view's ``warm`` opens each file
@@ -20,6 +22,7 @@ Must not know: pyfuse3, trio, the store's formats (the view's ``warm`` opens).
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -47,6 +50,8 @@ class _Window:
     pos: int
     queued: int
     live: bool = True
+    ordered: bool = False  # an open of the next file seen
+    missing: bool = False  # a read of one of its files missed the page cache
 
 
 class ReadAhead:
@@ -72,44 +77,63 @@ class ReadAhead:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def opened(self, directory: Hashable, name: bytes, listing: Listing, warm: Warm) -> None:
+    def opened(
+        self, directory: Hashable, name: bytes, listing: Listing, warm: Warm
+    ) -> Callable[[], None] | None:
         """The reader opened entry ``name`` of ``directory``, whose listing is ``listing``;
         ``warm(node, length)`` (in the worker) reads the first ``length`` bytes of a file of
-        it into the page cache."""
+        it into the page cache. Returns what to call when a read of this file misses the page
+        cache (``MemberFile``'s ``on_miss``): only then does the window read ahead, so that a
+        reader served from the page caches costs no warms."""
         with self._cond:
             if self._closed:
-                return
+                return None
             window = self._windows.get(directory)
             at = None
             if window is not None and window.listing is listing:
                 if _index(listing, name, window.pos, window.pos + 1) is not None:
-                    return  # the same file again: nothing new
+                    return functools.partial(self._missed, window)  # the same file again
                 at = _next_file(listing, name, window.pos + 1, window.pos + 1 + self.files)
             if at is None:  # a new directory, or a jump: start over, warm nothing yet
-                self._start(directory, name, listing, warm, window)
-                return
+                window = self._start(directory, name, listing, warm, window)
+                return None if window is None else functools.partial(self._missed, window)
             assert window is not None
             window.pos = at
+            window.ordered = True
             self._windows.move_to_end(directory)
-            queued = self._plan(window)
-            if queued:
-                self._queue.extend((window, i) for i in queued)
-                self._ensure_worker()
-                self._cond.notify()
+            if window.missing:
+                self._queue_ahead(window)
+            return functools.partial(self._missed, window)
+
+    def _missed(self, window: _Window) -> None:
+        with self._cond:
+            if not window.live:
+                return
+            window.missing = True
+            if window.ordered:
+                self._queue_ahead(window)
+
+    def _queue_ahead(self, window: _Window) -> None:
+        queued = self._plan(window)
+        if queued:
+            self._queue.extend((window, i) for i in queued)
+            self._ensure_worker()
+            self._cond.notify()
 
     def _start(
         self, directory: Hashable, name: bytes, listing: Listing, warm: Warm, old: _Window | None
-    ) -> None:
+    ) -> _Window | None:
         if old is not None:
             old.live = False
         at = _index(listing, name, 0, len(listing))
         if at is None:
             self._windows.pop(directory, None)
-            return
-        self._windows[directory] = _Window(listing, warm, at, at + 1)
+            return None
+        window = self._windows[directory] = _Window(listing, warm, at, at + 1)
         self._windows.move_to_end(directory)
         while len(self._windows) > self.windows:
             self._windows.popitem(last=False)[1].live = False
+        return window
 
     def _plan(self, window: _Window) -> list[int]:
         """The entries after ``window.pos`` within the bounds that are not queued yet."""

@@ -171,14 +171,15 @@ class TreeView:
         source = content.sources[where.layer]
         if source.toc_tree:  # its sha256 is looked up in the TOC: under layers.lock (I/O)
             return None
-        opened = contents.open_member(self.verifiers, source, tree.member(where.ref), lazy=True)
+        on_miss = None
         if isinstance(key, LayerKey | RootfsKey):
             listing = self.peek_children(key.parent())
             if listing is not None:  # the next files of the listing, into the page cache
                 name = key.path.rpartition(b"/")[2]
                 warm = functools.partial(self._warm, key.image)
-                self.caches.read_ahead.opened(key.parent(), name, listing, warm)
-        return opened
+                on_miss = self.caches.read_ahead.opened(key.parent(), name, listing, warm)
+        member = tree.member(where.ref)
+        return contents.open_member(self.verifiers, source, member, lazy=True, on_miss=on_miss)
 
     def _warm(self, image_id: str, node: Node, length: int) -> None:
         """``readahead.Warm``: the first ``length`` bytes of regular file ``node`` of image
