@@ -54,7 +54,7 @@ class Warms:
         self._fail = fail
         self._lock = threading.Lock()
 
-    def __call__(self, node: Node, length: int) -> None:
+    def __call__(self, node: Node, length: int) -> int | None:
         assert isinstance(node.key, RootfsKey)
         name = node.key.path.rpartition(b"/")[2]
         self.started.set()
@@ -66,6 +66,10 @@ class Warms:
             self.lengths.append(length)
         if name in self._fail:
             raise OSError(f"cannot open {name!r}")
+        return self.fd()
+
+    def fd(self) -> int | None:
+        return None
 
     def wait_for(self, count: int) -> list[bytes]:
         deadline = time.monotonic() + 10
@@ -86,7 +90,9 @@ def ahead() -> Iterator[ReadAhead]:
 
 def _cold(ra: ReadAhead, directory: str, name: bytes, listing: Any, warm: Warms) -> None:
     """Open ``name`` and miss the page cache with its read, as a cold reader does."""
-    on_miss = ra.opened(directory, name, listing, warm)
+    on_miss, fd = ra.opened(directory, name, listing, warm)
+    if fd is not None:
+        os.close(fd)
     if on_miss is not None:
         on_miss()
 
@@ -115,7 +121,7 @@ def test_a_reader_served_from_the_page_cache_warms_nothing(ahead: ReadAhead) -> 
     for i in range(10):
         ahead.opened("d", f"f{i:03}".encode(), listing, warms)  # no read missed
     assert _settle(ahead, warms, 0) == []
-    on_miss = ahead.opened("d", b"f010", listing, warms)
+    on_miss, _ = ahead.opened("d", b"f010", listing, warms)
     assert on_miss is not None
     on_miss()  # a miss in a directory read in order: the next files now
     assert _settle(ahead, warms, 4) == [b"f011", b"f012", b"f013", b"f014"]
@@ -230,6 +236,65 @@ def test_close_stops_the_worker_and_later_opens_do_nothing() -> None:
     assert not any(t.name == "imgfs-readahead" and t.is_alive() for t in workers if t in workers)
 
 
+class OpeningWarms(Warms):
+    """Warms that open a file (as ``LayerSource.warm_file`` does) and remember its fd."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.fds: list[int] = []
+
+    def fd(self) -> int | None:
+        fd = os.open(self.path, os.O_RDONLY)
+        self.fds.append(fd)
+        return fd
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_warmed_files_are_handed_to_the_reader_and_the_rest_closed(
+    ahead: ReadAhead, tmp_path: Path
+) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    listing, warms = _listing(50), OpeningWarms(tmp_path / "f")
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
+    assert _settle(ahead, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
+    assert ahead.open_fds() == 4
+    on_miss, fd = ahead.opened("d", b"f002", listing, warms)
+    assert fd == warms.fds[0]  # the reader owns it now
+    assert on_miss is not None
+    os.close(fd)
+    _, fd = ahead.opened("d", b"f002", listing, warms)  # the same file again: no fd
+    assert fd is None
+    _, fd = ahead.opened("d", b"f003", listing, warms)  # no miss: nothing more is queued
+    assert fd == warms.fds[1]
+    os.close(fd)
+    assert ahead.open_fds() == 2
+    _, fd = ahead.opened("d", b"f040", listing, warms)  # a jump: the window's fds are closed
+    assert fd is None
+    assert ahead.open_fds() == 0
+    assert [_is_open(fd) for fd in warms.fds[2:4]] == [False, False]
+
+
+def test_close_closes_the_fds_kept(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    ra = ReadAhead(files=4)
+    listing, warms = _listing(50), OpeningWarms(tmp_path / "f")
+    _cold(ra, "d", b"f000", listing, warms)
+    _cold(ra, "d", b"f001", listing, warms)
+    assert len(_settle(ra, warms, 4)) == 4
+    ra.close()
+    assert ra.open_fds() == 0
+    assert not any(_is_open(fd) for fd in warms.fds)
+
+
 # -- on a store ------------------------------------------------------------------------------
 
 FILES = 40
@@ -340,6 +405,7 @@ def test_files_opened_in_order_bring_the_next_ones_into_the_page_cache(
     assert not any(_resident(p) for p in files[2 + ahead :])  # bounded
     names = [f"f{i:03}".encode() for i in range(2, FILES)]
     assert _open_in_order(view, image_id, names) == [_content(i) for i in range(2, FILES)]
+    assert view.caches.read_ahead.open_fds() == 0  # every file warmed was handed over
 
 
 def test_a_lone_open_warms_no_other_file(view: TreeView, made: storemaker.StoreMaker) -> None:
@@ -362,7 +428,7 @@ def test_a_file_replaced_by_a_symlink_is_not_followed_and_the_rest_is_warmed(
     failures: list[BaseException] = []
     warm_file = LayerSource.warm_file
 
-    def recorded(source: LayerSource, name: bytes, size: int, length: int) -> bool:
+    def recorded(source: LayerSource, name: bytes, size: int, length: int) -> int | None:
         try:
             return warm_file(source, name, size, length)
         except BaseException as exc:

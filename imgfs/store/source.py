@@ -163,20 +163,21 @@ class LayerSource:
         finally:
             LAYER_DIRS.let_go(held)
 
-    def warm_file(self, name: bytes, size: int, length: int) -> bool:
-        """Ask the kernel to read the first ``length`` bytes of content file ``name`` into its
-        page cache (``posix_fadvise`` WILLNEED: queued, not waited for), the file opened as
-        ``open_file`` opens it and closed at once. False, and nothing opened, for a rootless
-        store (its files are opened by the user-namespace helper: a round trip per file
-        would cost more than the read it saves)."""
+    def warm_file(self, name: bytes, size: int, length: int) -> int | None:
+        """Content file ``name`` opened as ``open_file`` opens it, its first ``length`` bytes
+        asked into the kernel's page cache (``posix_fadvise`` WILLNEED: queued, not waited
+        for); the caller owns the fd. None, and nothing opened, for a rootless store (its
+        files are opened by the user-namespace helper: a round trip per file would cost more
+        than the read it saves)."""
         if is_rootless_store(self.home.layers_dir):
-            return False
+            return None
         fd = self.open_file(name, size)
         try:
             os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
-        finally:
+        except BaseException:
             os.close(fd)
-        return True
+            raise
+        return fd
 
     def _dirs_key(self) -> tuple[object, ...]:
         chain = self.chain

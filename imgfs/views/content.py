@@ -156,11 +156,30 @@ def open_member(
     member: Member,
     lazy: bool = False,
     on_miss: Callable[[], None] | None = None,
+    fd: int | None = None,
 ) -> Content:
     """A regular file of ``layers/`` or ``rootfs/``, checked by the member's verifier.
     ``lazy``: the layer file is opened at the first read (none at all when the kernel serves
     every read from its page cache), else now. ``on_miss``: called when an inline read
-    (``read_nowait``) finds the bytes not in the page cache (the read-ahead's cue)."""
+    (``read_nowait``) finds the bytes not in the page cache (the read-ahead's cue). ``fd``:
+    the member's layer file, opened already by its ``LayerSource`` (the read-ahead's), given
+    to the open file (closed here if the open fails)."""
+    try:
+        return _open_member(verifiers, source, member, lazy, on_miss, fd)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+
+
+def _open_member(
+    verifiers: Verifiers,
+    source: LayerSource,
+    member: Member,
+    lazy: bool,
+    on_miss: Callable[[], None] | None,
+    fd: int | None,
+) -> Content:
     what = f"{source.what}: file {member.data_name!r:.200}"
     if member.typeflag != REGULAR:
         raise LayerUnavailable(f"{what}: not a regular file (unresolved hardlink?)")
@@ -173,7 +192,7 @@ def open_member(
     )
     if verifier.failure is not None:
         raise IntegrityError(verifier.failure)
-    file = MemberFile(source, member.data_name, member.size, what, on_miss)
+    file = MemberFile(source, member.data_name, member.size, what, on_miss, fd)
     if not lazy and member.size:
         file.open()
     return Streamed(VerifiedReader(file, verifier), page_cache=True)
@@ -200,13 +219,14 @@ class MemberFile:
         size: int,
         what: str,
         on_miss: Callable[[], None] | None = None,
+        fd: int | None = None,
     ) -> None:
         self._source = source
         self._name = name
         self.size = size
         self._what = what
         self._on_miss = on_miss
-        self._fd: int | None = None
+        self._fd = fd
         self._closed = False
 
     def open(self) -> int:

@@ -4,18 +4,24 @@ Owns: ``ReadAhead`` — when a reader opens the regular files of one ``layers/``
 directory in its readdir order (``find | xargs cat``, ``tar -c``, ``grep -r``, scanners), a
 worker thread asks the kernel to read the next files of that listing into its page cache, so
 that the reader's inline ``RWF_NOWAIT`` read (``content.read_nowait``) finds their pages there
-instead of hopping to a thread and waiting for the disk, one file at a time. The policy and
-its bounds: a window per directory being read (at most ``windows``, the least recently used
-dropped); a window starts at the first open in a directory and reads ahead only once the next
-open is of the next regular file of the listing (a lone ``cat`` of one file warms nothing) and
-a read of one of its files missed the page cache (a reader served from the page caches, as a
-second pass is, costs no warms);
-then at most ``files`` entries and ``max_bytes`` bytes ahead of the reader; an open elsewhere in
-the directory (a jump) abandons what the window had queued; an entry the reader reached before
-the worker is passed over. It only warms the page cache: the view's ``warm`` opens each file
-through its ``LayerSource`` (the one opener: under the layers lock, never waiting for a
-writer, never through a symlink), the bytes served are still read and checked by the file's
-verifier, and a failed warm is only logged (the reader's own open reports the error).
+instead of hopping to a thread and waiting for the disk, one file at a time; and keeps each
+file it warmed open for the reader's open to take (``opened`` hands the fd over: the
+requests' thread then opens nothing).
+
+The policy and its bounds: a window per directory being read (at most ``windows``, the least
+recently used dropped). A window starts at the first open in a directory and reads ahead only
+once the next open is of the next regular file of the listing (a lone ``cat`` of one file
+warms nothing) and a read of one of its files missed the page cache (a reader served from the
+page caches, as a second pass is, costs no warms); then at most ``files`` entries and
+``max_bytes`` bytes ahead of the reader. An open elsewhere in the directory (a jump) abandons
+what the window had queued; an entry the reader reached before the worker is passed over; the
+fds kept are at most ``files`` per window, closed when the reader passes them or the window
+ends.
+
+It only warms the page cache: the view's ``warm`` opens each file through its ``LayerSource``
+(the one opener: under the layers lock, never waiting for a writer, never through a symlink),
+the bytes served are still read and checked by the file's verifier, and a failed warm is only
+logged (the reader's own open reports the error).
 Must not know: pyfuse3, trio, the store's formats (the view's ``warm`` opens).
 """
 
@@ -24,16 +30,20 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imgfs.views.node import Node
 
 log = logging.getLogger(__name__)
 
 Listing = Sequence[tuple[bytes, Node]]
-Warm = Callable[[Node, int], None]  # warm(node, length): its first ``length`` bytes
+# warm(node, length): the first ``length`` bytes of file ``node`` asked into the page cache;
+# returns the file's open fd (for the reader's open to take) or None
+Warm = Callable[[Node, int], int | None]
+OnMiss = Callable[[], None]
 
 READ_AHEAD_FILES = 32
 READ_AHEAD_BYTES = 2 << 20  # per window (page cache the reader has not asked for yet)
@@ -52,6 +62,7 @@ class _Window:
     live: bool = True
     ordered: bool = False  # an open of the next file seen
     missing: bool = False  # a read of one of its files missed the page cache
+    fds: dict[int, int] = field(default_factory=dict)  # warmed entries' open files, by index
 
 
 class ReadAhead:
@@ -79,31 +90,40 @@ class ReadAhead:
 
     def opened(
         self, directory: Hashable, name: bytes, listing: Listing, warm: Warm
-    ) -> Callable[[], None] | None:
+    ) -> tuple[OnMiss | None, int | None]:
         """The reader opened entry ``name`` of ``directory``, whose listing is ``listing``;
         ``warm(node, length)`` (in the worker) reads the first ``length`` bytes of a file of
         it into the page cache. Returns what to call when a read of this file misses the page
-        cache (``MemberFile``'s ``on_miss``): only then does the window read ahead, so that a
-        reader served from the page caches costs no warms."""
-        with self._cond:
-            if self._closed:
-                return None
-            window = self._windows.get(directory)
-            at = None
-            if window is not None and window.listing is listing:
-                if _index(listing, name, window.pos, window.pos + 1) is not None:
-                    return functools.partial(self._missed, window)  # the same file again
-                at = _next_file(listing, name, window.pos + 1, window.pos + 1 + self.files)
-            if at is None:  # a new directory, or a jump: start over, warm nothing yet
-                window = self._start(directory, name, listing, warm, window)
-                return None if window is None else functools.partial(self._missed, window)
-            assert window is not None
-            window.pos = at
-            window.ordered = True
-            self._windows.move_to_end(directory)
-            if window.missing:
-                self._queue_ahead(window)
-            return functools.partial(self._missed, window)
+        cache (``MemberFile``'s ``on_miss``: only then does the window read ahead, so that a
+        reader served from the page caches costs no warms), and the file's fd if the worker
+        opened it already (the caller owns it)."""
+        stale: list[int] = []
+        try:
+            with self._cond:
+                if self._closed:
+                    return None, None
+                window = self._windows.get(directory)
+                at = None
+                if window is not None and window.listing is listing:
+                    if _index(listing, name, window.pos, window.pos + 1) is not None:
+                        return functools.partial(self._missed, window), None  # the same again
+                    at = _next_file(listing, name, window.pos + 1, window.pos + 1 + self.files)
+                if at is None:  # a new directory, or a jump: start over, warm nothing yet
+                    window = self._start(directory, name, listing, warm, window, stale)
+                    return (
+                        None if window is None else functools.partial(self._missed, window)
+                    ), None
+                assert window is not None
+                window.pos = at
+                window.ordered = True
+                self._windows.move_to_end(directory)
+                fd = window.fds.pop(at, None)
+                stale += [window.fds.pop(i) for i in [i for i in window.fds if i < at]]
+                if window.missing:
+                    self._queue_ahead(window)
+                return functools.partial(self._missed, window), fd
+        finally:
+            _close(stale)
 
     def _missed(self, window: _Window) -> None:
         with self._cond:
@@ -121,10 +141,16 @@ class ReadAhead:
             self._cond.notify()
 
     def _start(
-        self, directory: Hashable, name: bytes, listing: Listing, warm: Warm, old: _Window | None
+        self,
+        directory: Hashable,
+        name: bytes,
+        listing: Listing,
+        warm: Warm,
+        old: _Window | None,
+        stale: list[int],
     ) -> _Window | None:
         if old is not None:
-            old.live = False
+            _retire(old, stale)
         at = _index(listing, name, 0, len(listing))
         if at is None:
             self._windows.pop(directory, None)
@@ -132,7 +158,7 @@ class ReadAhead:
         window = self._windows[directory] = _Window(listing, warm, at, at + 1)
         self._windows.move_to_end(directory)
         while len(self._windows) > self.windows:
-            self._windows.popitem(last=False)[1].live = False
+            _retire(self._windows.popitem(last=False)[1], stale)
         return window
 
     def _plan(self, window: _Window) -> list[int]:
@@ -171,26 +197,54 @@ class ReadAhead:
                     continue  # abandoned, or the reader got there first
             node = window.listing[i][1]
             try:
-                window.warm(node, min(node.size, self.max_bytes))
+                fd = window.warm(node, min(node.size, self.max_bytes))
             except Exception as exc:  # harmless: the reader's own open reports it
                 log.debug("read-ahead of %r: %s", window.listing[i][0], exc)
+                continue
+            if fd is None:
+                continue
+            with self._cond:
+                keep = window.live and i > window.pos and i not in window.fds
+                if keep:
+                    window.fds[i] = fd
+            if not keep:
+                os.close(fd)
 
     def pending(self) -> int:
-        """Entries queued for the worker (tests, and the request log)."""
+        """Entries queued for the worker (tests)."""
         with self._cond:
             return len(self._queue)
 
+    def open_fds(self) -> int:
+        """Files the worker opened that no reader took yet (tests)."""
+        with self._cond:
+            return sum(len(w.fds) for w in self._windows.values())
+
     def close(self) -> None:
+        stale: list[int] = []
         with self._cond:
             self._closed = True
             self._queue.clear()
             for window in self._windows.values():
-                window.live = False
+                _retire(window, stale)
             self._windows.clear()
             self._cond.notify_all()
             thread = self._thread
+        _close(stale)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
+
+
+def _retire(window: _Window, stale: list[int]) -> None:
+    """``window`` is no longer read: its queued entries are passed over, its fds closed."""
+    window.live = False
+    stale += window.fds.values()
+    window.fds.clear()
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _next_file(listing: Listing, name: bytes, start: int, end: int) -> int | None:
