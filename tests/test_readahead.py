@@ -171,6 +171,19 @@ def test_only_regular_files_with_content_are_warmed(ahead: ReadAhead) -> None:
     assert _settle(ahead, warms, 4) == [b"f005", b"f006", b"f007", b"f008"]
 
 
+def test_a_walk_goes_on_in_order_into_the_next_directory(ahead: ReadAhead) -> None:
+    a, b, c = _listing(6), _listing(50), _listing(50)
+    for i in range(6):  # a read in order to its last file
+        _cold(ahead, "a", f"f{i:03}".encode(), a, Warms())
+    warms = Warms()
+    _cold(ahead, "b", b"f000", b, warms)  # its first file, missed: in order at once
+    assert _settle(ahead, warms, 4) == [b"f001", b"f002", b"f003", b"f004"]
+    _cold(ahead, "b", b"f001", b, warms)
+    warms_c = Warms()
+    _cold(ahead, "c", b"f000", c, warms_c)  # b was left in the middle: c starts as a lone open
+    assert _settle(ahead, warms_c, 0) == []
+
+
 def test_a_jump_abandons_what_was_queued(ahead: ReadAhead) -> None:
     gate = threading.Event()
     listing, warms = _listing(50), Warms(gate)

@@ -11,7 +11,9 @@ requests' thread then opens nothing).
 The policy and its bounds: a window per directory being read (at most ``windows``, the least
 recently used dropped). A window starts at the first open in a directory and reads ahead only
 once the next open is of the next regular file of the listing (a lone ``cat`` of one file
-warms nothing) and a read of one of its files missed the page cache (a reader served from the
+warms nothing; a directory whose first file is opened right after the last file of a
+directory read in order counts as in order at once: ``find | xargs cat`` walks on) and a read
+of one of its files missed the page cache (a reader served from the
 page caches, as a second pass is, costs no warms); then at most ``files`` entries and
 ``max_bytes`` bytes ahead of the reader. An open elsewhere in the directory (a jump) abandons
 what the window had queued; an entry the reader reached before the worker is passed over; the
@@ -155,7 +157,12 @@ class ReadAhead:
         if at is None:
             self._windows.pop(directory, None)
             return None
-        window = self._windows[directory] = _Window(listing, warm, at, at + 1)
+        last = next(reversed(self._windows.values()), None)
+        window = _Window(listing, warm, at, at + 1)
+        # A walk that read its last directory in order to its last file goes on here (find
+        # lists a directory's files, then the next directory's): in order from its first file.
+        window.ordered = at == _first_file(listing) and last is not None and _walked(last, self)
+        self._windows[directory] = window
         self._windows.move_to_end(directory)
         while len(self._windows) > self.windows:
             _retire(self._windows.popitem(last=False)[1], stale)
@@ -245,6 +252,19 @@ def _retire(window: _Window, stale: list[int]) -> None:
 def _close(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
+
+
+def _walked(window: _Window, ahead: ReadAhead) -> bool:
+    """Whether ``window`` was read in order up to its last regular file (none in the next
+    ``ahead.files`` entries)."""
+    listing, start = window.listing, window.pos + 1
+    return window.ordered and not any(
+        listing[i][1].kind == "file" for i in range(start, min(len(listing), start + ahead.files))
+    )
+
+
+def _first_file(listing: Listing) -> int | None:
+    return next((i for i, (_, node) in enumerate(listing) if node.kind == "file"), None)
 
 
 def _next_file(listing: Listing, name: bytes, start: int, end: int) -> int | None:
