@@ -106,6 +106,49 @@ def test_rootfs_equals_layers_applied_in_order(
     assert compared > 200
 
 
+def _drop_pages(root: bytes) -> None:
+    """Drop the page cache of every regular file below ``root`` (the store's layer files; the
+    files are only opened read-only: nothing in the store changes)."""
+    for top, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(top, name)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                os.fsync(fd)  # written pages are dropped only once clean
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def test_rootfs_read_in_listing_order_from_a_cold_store_equals_the_oracle(
+    mount: tuple[Mount, str], real_stores: realstores.StoreSet, tmp_path: Path
+) -> None:
+    """``find | xargs cat``'s order (each directory's files in readdir order) with the layer
+    files' pages dropped first, so that the reads miss the page cache and the read-ahead
+    across files (imgfs/views/readahead.py) warms and hands over the next files: every file's
+    bytes are the layers' applied in order."""
+    m, driver = mount
+    store = real_stores.store(driver)
+    read = 0
+    for img in _images(real_stores, driver):
+        want = os.fsencode(tmp_path / img.kind)
+        apply_layers(img.layer_paths(), Path(os.fsdecode(want)))
+        _drop_pages(os.fsencode(store.root))
+        rootfs = os.fsencode(m.path / img.id / "rootfs")
+        for top, _dirs, files in os.walk(rootfs):
+            for name in files:  # readdir order
+                path = os.path.join(top, name)
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+                rel = os.path.relpath(path, rootfs)
+                with open(path, "rb") as got, open(os.path.join(want, rel), "rb") as ref:
+                    assert got.read() == ref.read(), f"{driver}/{img.kind}: {rel!r}"
+                read += 1
+    assert read > 100
+
+
 def test_rootfs_awkward_semantics(
     mount: tuple[Mount, str], real_stores: realstores.StoreSet
 ) -> None:

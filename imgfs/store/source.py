@@ -163,6 +163,22 @@ class LayerSource:
         finally:
             LAYER_DIRS.let_go(held)
 
+    def warm_file(self, name: bytes, size: int, length: int) -> int | None:
+        """Content file ``name`` opened as ``open_file`` opens it, its first ``length`` bytes
+        asked into the kernel's page cache (``posix_fadvise`` WILLNEED: queued, not waited
+        for); the caller owns the fd. None, and nothing opened, for a rootless store (its
+        files are opened by the user-namespace helper: a round trip per file would cost more
+        than the read it saves)."""
+        if is_rootless_store(self.home.layers_dir):
+            return None
+        fd = self.open_file(name, size)
+        try:
+            os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _dirs_key(self) -> tuple[object, ...]:
         chain = self.chain
         return (chain.roots, chain.ids[: self.depth + 1], chain.lowers, self.what)

@@ -6,7 +6,8 @@ reader (a ``--direct`` layer blob, a ``layers/``/``rootfs/`` file) checked by th
 verifier — and the policy that picks one (snapshots unless the caches were built for
 ``--direct``); the open layer member (``MemberFile``: opened at once or at its first read) and
 the inline attempt of its reads (``read_nowait``: never waits for the disk or a store lock).
-Also owns ``Caches``, built once by the CLI's wiring and shared by every view.
+Also owns ``Caches``, built once by the CLI's wiring and shared by every view (with the
+cross-file read-ahead, ``readahead.ReadAhead``).
 Must not know: pyfuse3, trio, inode numbers, errno values, the tree's names.
 """
 
@@ -16,6 +17,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +31,7 @@ from imgfs.layer.tree import Member
 from imgfs.layer.verify import VerifiedReader, Verifiers, member_verifier, read_exact
 from imgfs.store import locks
 from imgfs.store.source import LayerSource
+from imgfs.views.readahead import ReadAhead
 from imgfs.views.rootfs import RootFSCache
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,7 @@ class Caches:
     rootfs: RootFSCache
     snapshots: SnapshotCache | None = None
     budget: Budget = field(default_factory=Budget)
+    read_ahead: ReadAhead = field(default_factory=ReadAhead)  # of files opened in order
 
     @classmethod
     def build(
@@ -101,6 +105,7 @@ class Caches:
         return cls(trees, blobs, RootFSCache(budget), snapshots, budget)
 
     def close(self) -> None:
+        self.read_ahead.close()
         if self.snapshots is not None:
             self.snapshots.close()
 
@@ -146,11 +151,35 @@ def _produce(
 
 
 def open_member(
-    verifiers: Verifiers, source: LayerSource, member: Member, lazy: bool = False
+    verifiers: Verifiers,
+    source: LayerSource,
+    member: Member,
+    lazy: bool = False,
+    on_miss: Callable[[], None] | None = None,
+    fd: int | None = None,
 ) -> Content:
     """A regular file of ``layers/`` or ``rootfs/``, checked by the member's verifier.
     ``lazy``: the layer file is opened at the first read (none at all when the kernel serves
-    every read from its page cache), else now."""
+    every read from its page cache), else now. ``on_miss``: called when an inline read
+    (``read_nowait``) finds the bytes not in the page cache (the read-ahead's cue). ``fd``:
+    the member's layer file, opened already by its ``LayerSource`` (the read-ahead's), given
+    to the open file (closed here if the open fails)."""
+    try:
+        return _open_member(verifiers, source, member, lazy, on_miss, fd)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+
+
+def _open_member(
+    verifiers: Verifiers,
+    source: LayerSource,
+    member: Member,
+    lazy: bool,
+    on_miss: Callable[[], None] | None,
+    fd: int | None,
+) -> Content:
     what = f"{source.what}: file {member.data_name!r:.200}"
     if member.typeflag != REGULAR:
         raise LayerUnavailable(f"{what}: not a regular file (unresolved hardlink?)")
@@ -163,7 +192,7 @@ def open_member(
     )
     if verifier.failure is not None:
         raise IntegrityError(verifier.failure)
-    file = MemberFile(source, member.data_name, member.size, what)
+    file = MemberFile(source, member.data_name, member.size, what, on_miss, fd)
     if not lazy and member.size:
         file.open()
     return Streamed(VerifiedReader(file, verifier), page_cache=True)
@@ -183,12 +212,21 @@ class MemberFile:
     through its ``LayerSource`` at ``open`` or the first read, size-checked reads, and in
     ``read_nowait`` reads that raise ``BlockingIOError`` instead of waiting for the disk."""
 
-    def __init__(self, source: LayerSource, name: bytes, size: int, what: str) -> None:
+    def __init__(
+        self,
+        source: LayerSource,
+        name: bytes,
+        size: int,
+        what: str,
+        on_miss: Callable[[], None] | None = None,
+        fd: int | None = None,
+    ) -> None:
         self._source = source
         self._name = name
         self.size = size
         self._what = what
-        self._fd: int | None = None
+        self._on_miss = on_miss
+        self._fd = fd
         self._closed = False
 
     def open(self) -> int:
@@ -208,10 +246,17 @@ class MemberFile:
         try:
             got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
         except OSError as exc:  # EAGAIN (not cached), or a file system without RWF_NOWAIT
+            self._missed()
             raise BlockingIOError(f"{self._what}: {exc}") from exc
         if got != n:  # partly cached, or short: a worker thread's read_exact tells which
+            self._missed()
             raise BlockingIOError(f"{self._what}: {got} of {n} bytes cached")
         return bytes(buf)
+
+    def _missed(self) -> None:
+        if self._on_miss is not None:
+            on_miss, self._on_miss = self._on_miss, None  # once per open
+            on_miss()
 
     def close(self) -> None:
         fd, self._fd, self._closed = self._fd, None, True

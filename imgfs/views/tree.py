@@ -15,6 +15,7 @@ affect that image's nodes only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -25,9 +26,11 @@ from typing import TYPE_CHECKING
 
 from imgfs.budget import LISTING_ENTRY_BYTES, NODE_BYTES
 from imgfs.errors import ImgfsError, NotFound
+from imgfs.layer.tarheader import REGULAR
 from imgfs.layer.tree import LayerTree
 from imgfs.layer.verify import Verifiers
 from imgfs.lru import LRU
+from imgfs.store import locks
 from imgfs.store.image import BlobInfo, Image
 from imgfs.store.source import LayerSource
 from imgfs.views import content as contents
@@ -243,7 +246,35 @@ class TreeView:
         source = content.sources[where.layer]
         if source.toc_tree:  # its sha256 is looked up in the TOC: under layers.lock (I/O)
             return None
-        return contents.open_member(self.verifiers, source, tree.member(where.ref), lazy=True)
+        on_miss, fd = None, None
+        if isinstance(key, LayerKey | RootfsKey):
+            listing = self.peek_children(key.parent())
+            if listing is not None:  # the next files of the listing, into the page cache
+                name = key.path.rpartition(b"/")[2]
+                warm = functools.partial(self._warm, key.image)
+                on_miss, fd = self.caches.read_ahead.opened(key.parent(), name, listing, warm)
+        member = tree.member(where.ref)
+        return contents.open_member(
+            self.verifiers, source, member, lazy=True, on_miss=on_miss, fd=fd
+        )
+
+    def _warm(self, image_id: str, node: Node, length: int) -> int | None:
+        """``readahead.Warm``: regular file ``node`` of image ``image_id`` opened as
+        ``open_known`` would open it, its first ``length`` bytes asked into the page cache;
+        its fd, or None for a file ``open_known`` would not open. Never waits for a store
+        lock."""
+        where = node.origin
+        tree = None if where is None else where.tree()
+        with self._lock:
+            content = self._content.get(image_id)
+        if where is None or tree is None or content is None:
+            return None
+        source = content.sources[where.layer]
+        member = tree.member(where.ref)
+        if source.toc_tree or source.refused is not None or member.typeflag != REGULAR:
+            return None
+        with locks.no_waiting():
+            return source.warm_file(member.data_name, member.size, length)
 
     def resolve(self, path: bytes) -> Node:
         """The node at ``path`` below the root (lookups one name at a time; links not followed)."""

@@ -1,0 +1,288 @@
+"""Read-ahead across the files of a directory, in its listing order.
+
+Owns: ``ReadAhead`` — when a reader opens the regular files of one ``layers/`` or ``rootfs/``
+directory in its readdir order (``find | xargs cat``, ``tar -c``, ``grep -r``, scanners), a
+worker thread asks the kernel to read the next files of that listing into its page cache, so
+that the reader's inline ``RWF_NOWAIT`` read (``content.read_nowait``) finds their pages there
+instead of hopping to a thread and waiting for the disk, one file at a time; and keeps each
+file it warmed open for the reader's open to take (``opened`` hands the fd over: the
+requests' thread then opens nothing).
+
+The policy and its bounds: a window per directory being read (at most ``windows``, the least
+recently used dropped). A window starts at the first open in a directory and reads ahead only
+once the next open is of the next regular file of the listing (a lone ``cat`` of one file
+warms nothing; a directory whose first file is opened right after the last file of a
+directory read in order counts as in order at once: ``find | xargs cat`` walks on) and a read
+of one of its files missed the page cache (a reader served from the
+page caches, as a second pass is, costs no warms); then at most ``files`` entries and
+``max_bytes`` bytes ahead of the reader. An open elsewhere in the directory (a jump) abandons
+what the window had queued; an entry the reader reached before the worker is passed over; the
+fds kept are at most ``files`` per window, closed when the reader passes them or the window
+ends.
+
+It only warms the page cache: the view's ``warm`` opens each file through its ``LayerSource``
+(the one opener: under the layers lock, never waiting for a writer, never through a symlink),
+the bytes served are still read and checked by the file's verifier, and a failed warm is only
+logged (the reader's own open reports the error).
+Must not know: pyfuse3, trio, the store's formats (the view's ``warm`` opens).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+from imgfs.views.node import Node
+
+log = logging.getLogger(__name__)
+
+Listing = Sequence[tuple[bytes, Node]]
+# warm(node, length): the first ``length`` bytes of file ``node`` asked into the page cache;
+# returns the file's open fd (for the reader's open to take) or None
+Warm = Callable[[Node, int], int | None]
+OnMiss = Callable[[], None]
+
+READ_AHEAD_FILES = 32
+READ_AHEAD_BYTES = 2 << 20  # per window (page cache the reader has not asked for yet)
+READ_AHEAD_WINDOWS = 4
+
+
+@dataclass(eq=False)
+class _Window:
+    """One directory being read in order: the entry opened last (``pos``) and how far the
+    worker has been given entries (``queued``: every entry before it)."""
+
+    listing: Listing
+    warm: Warm
+    pos: int
+    queued: int
+    live: bool = True
+    ordered: bool = False  # an open of the next file seen
+    missing: bool = False  # a read of one of its files missed the page cache
+    fds: dict[int, int] = field(default_factory=dict)  # warmed entries' open files, by index
+
+
+class ReadAhead:
+    """Cross-file read-ahead (the module docstring has the policy). Thread-safe: ``opened``
+    is called by the requests' thread, the warms run in one worker thread (started at the
+    first warm, stopped by ``close``)."""
+
+    def __init__(
+        self,
+        files: int = READ_AHEAD_FILES,
+        max_bytes: int = READ_AHEAD_BYTES,
+        windows: int = READ_AHEAD_WINDOWS,
+    ) -> None:
+        self.files = files
+        self.max_bytes = max_bytes
+        self.windows = windows
+        self._windows: collections.OrderedDict[Hashable, _Window] = collections.OrderedDict()
+        # Entries given to the worker: bounded (the oldest dropped), one window's worth each.
+        self._queue: collections.deque[tuple[_Window, int]] = collections.deque(
+            maxlen=files * windows
+        )
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def opened(
+        self, directory: Hashable, name: bytes, listing: Listing, warm: Warm
+    ) -> tuple[OnMiss | None, int | None]:
+        """The reader opened entry ``name`` of ``directory``, whose listing is ``listing``;
+        ``warm(node, length)`` (in the worker) reads the first ``length`` bytes of a file of
+        it into the page cache. Returns what to call when a read of this file misses the page
+        cache (``MemberFile``'s ``on_miss``: only then does the window read ahead, so that a
+        reader served from the page caches costs no warms), and the file's fd if the worker
+        opened it already (the caller owns it)."""
+        stale: list[int] = []
+        try:
+            with self._cond:
+                if self._closed:
+                    return None, None
+                window = self._windows.get(directory)
+                at = None
+                if window is not None and window.listing is listing:
+                    if _index(listing, name, window.pos, window.pos + 1) is not None:
+                        return functools.partial(self._missed, window), None  # the same again
+                    at = _next_file(listing, name, window.pos + 1, window.pos + 1 + self.files)
+                if at is None:  # a new directory, or a jump: start over, warm nothing yet
+                    window = self._start(directory, name, listing, warm, window, stale)
+                    return (
+                        None if window is None else functools.partial(self._missed, window)
+                    ), None
+                assert window is not None
+                window.pos = at
+                window.ordered = True
+                self._windows.move_to_end(directory)
+                fd = window.fds.pop(at, None)
+                stale += [window.fds.pop(i) for i in [i for i in window.fds if i < at]]
+                if window.missing:
+                    self._queue_ahead(window)
+                return functools.partial(self._missed, window), fd
+        finally:
+            _close(stale)
+
+    def _missed(self, window: _Window) -> None:
+        with self._cond:
+            if not window.live:
+                return
+            window.missing = True
+            if window.ordered:
+                self._queue_ahead(window)
+
+    def _queue_ahead(self, window: _Window) -> None:
+        queued = self._plan(window)
+        if queued:
+            self._queue.extend((window, i) for i in queued)
+            self._ensure_worker()
+            self._cond.notify()
+
+    def _start(
+        self,
+        directory: Hashable,
+        name: bytes,
+        listing: Listing,
+        warm: Warm,
+        old: _Window | None,
+        stale: list[int],
+    ) -> _Window | None:
+        if old is not None:
+            _retire(old, stale)
+        at = _index(listing, name, 0, len(listing))
+        if at is None:
+            self._windows.pop(directory, None)
+            return None
+        last = next(reversed(self._windows.values()), None)
+        window = _Window(listing, warm, at, at + 1)
+        # A walk that read its last directory in order to its last file goes on here (find
+        # lists a directory's files, then the next directory's): in order from its first file.
+        window.ordered = at == _first_file(listing) and last is not None and _walked(last, self)
+        self._windows[directory] = window
+        self._windows.move_to_end(directory)
+        while len(self._windows) > self.windows:
+            _retire(self._windows.popitem(last=False)[1], stale)
+        return window
+
+    def _plan(self, window: _Window) -> list[int]:
+        """The entries after ``window.pos`` within the bounds that are not queued yet."""
+        listing, start = window.listing, window.pos + 1
+        out = []
+        ahead = 0
+        end = min(len(listing), start + self.files)
+        i = start
+        while i < end:
+            node = listing[i][1]
+            if node.kind == "file" and node.size and node.origin is not None:
+                ahead += min(node.size, self.max_bytes)
+                if ahead > self.max_bytes and i > start:
+                    break
+                if i >= window.queued:
+                    out.append(i)
+            i += 1
+        window.queued = max(window.queued, i)
+        return out
+
+    def _ensure_worker(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="imgfs-readahead", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                window, i = self._queue.popleft()
+                if not window.live or i <= window.pos:
+                    continue  # abandoned, or the reader got there first
+            node = window.listing[i][1]
+            try:
+                fd = window.warm(node, min(node.size, self.max_bytes))
+            except Exception as exc:  # harmless: the reader's own open reports it
+                log.debug("read-ahead of %r: %s", window.listing[i][0], exc)
+                continue
+            if fd is None:
+                continue
+            with self._cond:
+                keep = window.live and i > window.pos and i not in window.fds
+                if keep:
+                    window.fds[i] = fd
+            if not keep:
+                os.close(fd)
+
+    def pending(self) -> int:
+        """Entries queued for the worker (tests)."""
+        with self._cond:
+            return len(self._queue)
+
+    def open_fds(self) -> int:
+        """Files the worker opened that no reader took yet (tests)."""
+        with self._cond:
+            return sum(len(w.fds) for w in self._windows.values())
+
+    def close(self) -> None:
+        stale: list[int] = []
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            for window in self._windows.values():
+                _retire(window, stale)
+            self._windows.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        _close(stale)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+
+
+def _retire(window: _Window, stale: list[int]) -> None:
+    """``window`` is no longer read: its queued entries are passed over, its fds closed."""
+    window.live = False
+    stale += window.fds.values()
+    window.fds.clear()
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _walked(window: _Window, ahead: ReadAhead) -> bool:
+    """Whether ``window`` was read in order up to its last regular file (none in the next
+    ``ahead.files`` entries)."""
+    listing, start = window.listing, window.pos + 1
+    return window.ordered and not any(
+        listing[i][1].kind == "file" for i in range(start, min(len(listing), start + ahead.files))
+    )
+
+
+def _first_file(listing: Listing) -> int | None:
+    return next((i for i, (_, node) in enumerate(listing) if node.kind == "file"), None)
+
+
+def _next_file(listing: Listing, name: bytes, start: int, end: int) -> int | None:
+    """The index of ``name`` if it is the first regular file of ``listing[start:end]`` (the
+    next file a reader in listing order opens: directories, links and devices between are
+    passed over), else None."""
+    for i in range(start, min(end, len(listing))):
+        entry, node = listing[i]
+        if entry == name:
+            return i
+        if node.kind == "file":
+            return None
+    return None
+
+
+def _index(listing: Listing, name: bytes, start: int, end: int) -> int | None:
+    """The index of ``name`` among ``listing[start:end]``, or None."""
+    for i in range(max(start, 0), min(end, len(listing))):
+        if listing[i][0] == name:
+            return i
+    return None

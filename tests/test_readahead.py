@@ -1,0 +1,469 @@
+"""Cross-file read-ahead (imgfs/views/readahead.py), kernel-free.
+
+The window logic on listings of plain nodes (what is warmed, its bounds, jumps, entries the
+reader passed, failures, the windows' bound, close), then on a store written by
+tests/storemaker: files opened in listing order through ``TreeView.open_known`` bring the
+next files' pages into the page cache (``mincore`` of the layer files after ``DONTNEED``),
+never a file reached through a symlink, and the bytes read stay the layer's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+import imgfs
+from imgfs.store.source import LayerSource
+from imgfs.views.content import Caches, Streamed, read_nowait, release
+from imgfs.views.keys import RootfsKey
+from imgfs.views.node import Node, Origin
+from imgfs.views.readahead import ReadAhead
+from imgfs.views.tree import TreeView, build_view
+from tests import storemaker
+from tests.tarsplit_maker import make_tar
+
+ORIGIN = Origin(0, cast(Any, None), 0)  # ReadAhead looks only at whether a file has one
+
+
+def _node(name: str, kind: str = "file", size: int = 100) -> Node:
+    origin = ORIGIN if kind == "file" else None
+    return Node(RootfsKey("img", b"d/" + name.encode()), cast(Any, kind), size, 0, origin=origin)
+
+
+def _listing(n: int, size: int = 100) -> list[tuple[bytes, Node]]:
+    return [(f"f{i:03}".encode(), _node(f"f{i:03}", size=size)) for i in range(n)]
+
+
+class Warms:
+    """A ``readahead.Warm`` that records what it warmed; ``gate``: the first warm waits for
+    it; ``fail``: names that raise."""
+
+    def __init__(self, gate: threading.Event | None = None, fail: frozenset[bytes] = frozenset()):
+        self.names: list[bytes] = []
+        self.lengths: list[int] = []
+        self.started = threading.Event()
+        self._gate = gate
+        self._fail = fail
+        self._lock = threading.Lock()
+
+    def __call__(self, node: Node, length: int) -> int | None:
+        assert isinstance(node.key, RootfsKey)
+        name = node.key.path.rpartition(b"/")[2]
+        self.started.set()
+        if self._gate is not None:
+            self._gate.wait(10)
+            self._gate = None
+        with self._lock:
+            self.names.append(name)
+            self.lengths.append(length)
+        if name in self._fail:
+            raise OSError(f"cannot open {name!r}")
+        return self.fd()
+
+    def fd(self) -> int | None:
+        return None
+
+    def wait_for(self, count: int) -> list[bytes]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.names) >= count:
+                    return list(self.names)
+            time.sleep(0.005)
+        return list(self.names)
+
+
+@pytest.fixture
+def ahead() -> Iterator[ReadAhead]:
+    ra = ReadAhead(files=4, max_bytes=1 << 20, windows=2)
+    yield ra
+    ra.close()
+
+
+def _cold(ra: ReadAhead, directory: str, name: bytes, listing: Any, warm: Warms) -> None:
+    """Open ``name`` and miss the page cache with its read, as a cold reader does."""
+    on_miss, fd = ra.opened(directory, name, listing, warm)
+    if fd is not None:
+        os.close(fd)
+    if on_miss is not None:
+        on_miss()
+
+
+def _settle(ra: ReadAhead, warms: Warms, count: int) -> list[bytes]:
+    got = warms.wait_for(count)
+    deadline = time.monotonic() + 10
+    while ra.pending() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)  # anything beyond ``count`` would show up now
+    return list(warms.names) if len(warms.names) > len(got) else got
+
+
+def test_a_lone_open_warms_nothing(ahead: ReadAhead) -> None:
+    listing, warms = _listing(50), Warms()
+    _cold(ahead, "d", b"f010", listing, warms)
+    _cold(ahead, "e", b"f010", _listing(50), warms)
+    _cold(ahead, "d", b"f040", listing, warms)  # a jump: still no order seen
+    _cold(ahead, "d", b"f040", listing, warms)  # the same file again
+    assert ahead.pending() == 0
+    assert _settle(ahead, warms, 0) == []
+
+
+def test_a_reader_served_from_the_page_cache_warms_nothing(ahead: ReadAhead) -> None:
+    listing, warms = _listing(50), Warms()
+    for i in range(10):
+        ahead.opened("d", f"f{i:03}".encode(), listing, warms)  # no read missed
+    assert _settle(ahead, warms, 0) == []
+    on_miss, _ = ahead.opened("d", b"f010", listing, warms)
+    assert on_miss is not None
+    on_miss()  # a miss in a directory read in order: the next files now
+    assert _settle(ahead, warms, 4) == [b"f011", b"f012", b"f013", b"f014"]
+
+
+def test_in_order_opens_warm_the_next_files_up_to_the_bound(ahead: ReadAhead) -> None:
+    listing, warms = _listing(50), Warms()
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
+    assert _settle(ahead, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
+    _cold(ahead, "d", b"f002", listing, warms)
+    _cold(ahead, "d", b"f003", listing, warms)
+    assert _settle(ahead, warms, 6) == [b"f00" + str(i).encode() for i in range(2, 8)]
+    assert warms.lengths == [100] * 6
+    _cold(ahead, "d", b"f005", listing, warms)  # a file passed over: a jump, nothing queued
+    _cold(ahead, "d", b"f007", listing, warms)
+    assert _settle(ahead, warms, 6) == [b"f00" + str(i).encode() for i in range(2, 8)]
+
+
+def test_bytes_ahead_are_bounded_and_a_big_file_warms_only_its_start() -> None:
+    ra = ReadAhead(files=10, max_bytes=2500, windows=2)
+    try:
+        listing, warms = _listing(50, size=1000), Warms()
+        listing[5] = (b"f005", _node("f005", size=10 << 20))
+        _cold(ra, "d", b"f000", listing, warms)
+        _cold(ra, "d", b"f001", listing, warms)
+        assert _settle(ra, warms, 2) == [b"f002", b"f003"]  # a third: 3000 > 2500 bytes
+        _cold(ra, "d", b"f002", listing, warms)
+        _cold(ra, "d", b"f003", listing, warms)  # f004, and f005 would be over the bound
+        assert _settle(ra, warms, 3) == [b"f002", b"f003", b"f004"]
+        _cold(ra, "d", b"f004", listing, warms)  # f005 alone: its first 2500 bytes
+        assert _settle(ra, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
+        assert warms.lengths == [1000, 1000, 1000, 2500]
+    finally:
+        ra.close()
+
+
+def test_only_regular_files_with_content_are_warmed(ahead: ReadAhead) -> None:
+    listing, warms = _listing(10), Warms()
+    listing[2] = (b"f002", _node("f002", kind="dir"))
+    listing[3] = (b"f003", _node("f003", kind="link"))
+    listing[4] = (b"f004", _node("f004", size=0))
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
+    assert _settle(ahead, warms, 1) == [b"f005"]
+    _cold(ahead, "d", b"f004", listing, warms)  # the dir and the link between: in order
+    assert _settle(ahead, warms, 4) == [b"f005", b"f006", b"f007", b"f008"]
+
+
+def test_a_walk_goes_on_in_order_into_the_next_directory(ahead: ReadAhead) -> None:
+    a, b, c = _listing(6), _listing(50), _listing(50)
+    for i in range(6):  # a read in order to its last file
+        _cold(ahead, "a", f"f{i:03}".encode(), a, Warms())
+    warms = Warms()
+    _cold(ahead, "b", b"f000", b, warms)  # its first file, missed: in order at once
+    assert _settle(ahead, warms, 4) == [b"f001", b"f002", b"f003", b"f004"]
+    _cold(ahead, "b", b"f001", b, warms)
+    warms_c = Warms()
+    _cold(ahead, "c", b"f000", c, warms_c)  # b was left in the middle: c starts as a lone open
+    assert _settle(ahead, warms_c, 0) == []
+
+
+def test_a_jump_abandons_what_was_queued(ahead: ReadAhead) -> None:
+    gate = threading.Event()
+    listing, warms = _listing(50), Warms(gate)
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)  # queues f002..f005; the worker waits in f002
+    assert warms.started.wait(10)
+    _cold(ahead, "d", b"f030", listing, warms)  # elsewhere: f003..f005 are not wanted now
+    gate.set()
+    assert _settle(ahead, warms, 1) == [b"f002"]
+    _cold(ahead, "d", b"f031", listing, warms)  # in order again from the new place
+    assert _settle(ahead, warms, 5) == [b"f002", b"f032", b"f033", b"f034", b"f035"]
+
+
+def test_files_the_reader_reached_first_are_passed_over(ahead: ReadAhead) -> None:
+    gate = threading.Event()
+    listing, warms = _listing(50), Warms(gate)
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
+    assert warms.started.wait(10)  # the worker is in f002
+    _cold(ahead, "d", b"f003", listing, warms)
+    _cold(ahead, "d", b"f004", listing, warms)
+    gate.set()
+    assert _settle(ahead, warms, 4) == [b"f002", b"f005", b"f006", b"f007", b"f008"]
+
+
+def test_a_failed_warm_is_harmless(ahead: ReadAhead) -> None:
+    listing, warms = _listing(50), Warms(fail=frozenset({b"f002", b"f003"}))
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
+    assert _settle(ahead, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
+    _cold(ahead, "d", b"f002", listing, warms)
+    assert _settle(ahead, warms, 5)[-1] == b"f006"
+
+
+def test_windows_are_bounded(ahead: ReadAhead) -> None:
+    warms = Warms()
+    lists = {d: _listing(50) for d in "abc"}
+    for d in "abc":  # windows=2: a's is dropped when c's starts
+        _cold(ahead, d, b"f000", lists[d], warms)
+    _cold(ahead, "a", b"f001", lists["a"], warms)  # a new window for a: no order seen yet
+    _cold(ahead, "c", b"f001", lists["c"], warms)
+    assert _settle(ahead, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
+    _cold(ahead, "a", b"f002", lists["a"], warms)  # now a is in order
+    assert len(_settle(ahead, warms, 8)) == 8
+    # a new listing of the same directory (a new view) starts a new window
+    _cold(ahead, "a", b"f003", _listing(50), warms)
+    assert _settle(ahead, warms, 8) == warms.names[:8]
+
+
+def test_close_stops_the_worker_and_later_opens_do_nothing() -> None:
+    ra = ReadAhead(files=4)
+    listing, warms = _listing(50), Warms()
+    _cold(ra, "d", b"f000", listing, warms)
+    _cold(ra, "d", b"f001", listing, warms)
+    assert len(warms.wait_for(4)) == 4
+    workers = [t for t in threading.enumerate() if t.name == "imgfs-readahead"]
+    ra.close()
+    _cold(ra, "d", b"f002", listing, warms)
+    _cold(ra, "d", b"f003", listing, warms)
+    assert ra.pending() == 0
+    for worker in workers:
+        worker.join(5)
+    assert not any(t.name == "imgfs-readahead" and t.is_alive() for t in workers if t in workers)
+
+
+class OpeningWarms(Warms):
+    """Warms that open a file (as ``LayerSource.warm_file`` does) and remember its fd."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.fds: list[int] = []
+
+    def fd(self) -> int | None:
+        fd = os.open(self.path, os.O_RDONLY)
+        self.fds.append(fd)
+        return fd
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_warmed_files_are_handed_to_the_reader_and_the_rest_closed(
+    ahead: ReadAhead, tmp_path: Path
+) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    listing, warms = _listing(50), OpeningWarms(tmp_path / "f")
+    _cold(ahead, "d", b"f000", listing, warms)
+    _cold(ahead, "d", b"f001", listing, warms)
+    assert _settle(ahead, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
+    assert ahead.open_fds() == 4
+    on_miss, fd = ahead.opened("d", b"f002", listing, warms)
+    assert fd == warms.fds[0]  # the reader owns it now
+    assert on_miss is not None
+    os.close(fd)
+    _, fd = ahead.opened("d", b"f002", listing, warms)  # the same file again: no fd
+    assert fd is None
+    _, fd = ahead.opened("d", b"f003", listing, warms)  # no miss: nothing more is queued
+    assert fd == warms.fds[1]
+    os.close(fd)
+    assert ahead.open_fds() == 2
+    _, fd = ahead.opened("d", b"f040", listing, warms)  # a jump: the window's fds are closed
+    assert fd is None
+    assert ahead.open_fds() == 0
+    assert [_is_open(fd) for fd in warms.fds[2:4]] == [False, False]
+
+
+def test_close_closes_the_fds_kept(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    ra = ReadAhead(files=4)
+    listing, warms = _listing(50), OpeningWarms(tmp_path / "f")
+    _cold(ra, "d", b"f000", listing, warms)
+    _cold(ra, "d", b"f001", listing, warms)
+    assert len(_settle(ra, warms, 4)) == 4
+    ra.close()
+    assert ra.open_fds() == 0
+    assert not any(_is_open(fd) for fd in warms.fds)
+
+
+# -- on a store ------------------------------------------------------------------------------
+
+FILES = 40
+
+
+def _content(i: int) -> bytes:
+    return (f"file {i}\n".encode()) * (100 + 37 * i)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> storemaker.StoreMaker:
+    members: list[tuple[str, bytes | str | None]] = [("d", None)]
+    members += [(f"d/f{i:03}", _content(i)) for i in range(FILES)]
+    maker = storemaker.StoreMaker(tmp_path_factory.mktemp("readahead") / "root")
+    maker.add_image("localhost/many:v1", [make_tar(members)])
+    maker.write()
+    return maker
+
+
+@pytest.fixture
+def view(made: storemaker.StoreMaker, tmp_path: Path) -> Iterator[TreeView]:
+    store = imgfs.Store.open(str(made.root), str(tmp_path / "run"), storemaker.DRIVER)
+    caches = Caches.build(None)
+    yield build_view(store.images, 0, caches)
+    caches.close()
+
+
+def _diff(made: storemaker.StoreMaker) -> Path:
+    return made.root / storemaker.DRIVER / made.images[0].layers[0] / "diff"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+]  # fmt: skip
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def _resident(path: Path) -> bool:
+    """Whether every page of ``path`` is in the page cache (``mincore`` of a mapping)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr is not None, ctypes.get_errno()
+        assert addr != ctypes.c_void_p(-1).value, ctypes.get_errno()
+        try:
+            vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+            assert _libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+            return all(b & 1 for b in vec)
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _evict(paths: list[Path]) -> None:
+    """Drop these files' pages (written back first: dirty pages stay)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _open_in_order(view: TreeView, image_id: str, names: list[bytes]) -> list[bytes]:
+    """Open (``open_known``) and read each file as the FUSE adapter does for ``cat``: inline
+    if its pages are cached (``read_nowait``), else in a worker's read."""
+    top = view.resolve(f"{image_id}/rootfs/d".encode())
+    view.children(top.key)
+    out = []
+    for name in names:
+        content = view.open_known(RootfsKey(image_id, b"d/" + name))
+        assert isinstance(content, Streamed), name
+        try:
+            data = read_nowait(content, 0, 1 << 17)
+            out.append(content.reader.read(0, 1 << 17) if data is None else data)
+        finally:
+            release(view.caches, content)
+    return out
+
+
+def _wait_resident(paths: list[Path]) -> list[bool]:
+    deadline = time.monotonic() + 10
+    while True:
+        got = [_resident(p) for p in paths]
+        if all(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.01)
+
+
+def test_files_opened_in_order_bring_the_next_ones_into_the_page_cache(
+    view: TreeView, made: storemaker.StoreMaker
+) -> None:
+    files = [_diff(made) / "d" / f"f{i:03}" for i in range(FILES)]
+    _evict(files)
+    if any(_resident(p) for p in files):
+        pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED")
+    image_id = made.images[0].id
+    assert _open_in_order(view, image_id, [b"f000", b"f001"]) == [_content(0), _content(1)]
+    ahead = view.caches.read_ahead.files
+    assert _wait_resident(files[2 : 2 + ahead]) == [True] * ahead
+    time.sleep(0.1)
+    assert not any(_resident(p) for p in files[2 + ahead :])  # bounded
+    names = [f"f{i:03}".encode() for i in range(2, FILES)]
+    assert _open_in_order(view, image_id, names) == [_content(i) for i in range(2, FILES)]
+    assert view.caches.read_ahead.open_fds() == 0  # every file warmed was handed over
+
+
+def test_a_lone_open_warms_no_other_file(view: TreeView, made: storemaker.StoreMaker) -> None:
+    files = [_diff(made) / "d" / f"f{i:03}" for i in range(FILES)]
+    _evict(files)
+    image_id = made.images[0].id
+    assert _open_in_order(view, image_id, [b"f010"]) == [_content(10)]
+    assert _open_in_order(view, image_id, [b"f030"]) == [_content(30)]  # a jump
+    time.sleep(0.2)
+    assert [i for i, p in enumerate(files) if _resident(p)] == [10, 30]
+
+
+def test_a_file_replaced_by_a_symlink_is_not_followed_and_the_rest_is_warmed(
+    view: TreeView, made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    diff = _diff(made) / "d"
+    outside = tmp_path / "outside"
+    outside.write_bytes(_content(3))  # the size the tar-split records: only the link differs
+    _evict([outside])
+    failures: list[BaseException] = []
+    warm_file = LayerSource.warm_file
+
+    def recorded(source: LayerSource, name: bytes, size: int, length: int) -> int | None:
+        try:
+            return warm_file(source, name, size, length)
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    monkeypatch.setattr(LayerSource, "warm_file", recorded)
+    target = diff / "f003"
+    saved = target.read_bytes()
+    target.unlink()
+    target.symlink_to(outside)
+    try:
+        files = [diff / f"f{i:03}" for i in range(4, 10)]
+        _evict(files)
+        image_id = made.images[0].id
+        _open_in_order(view, image_id, [b"f000", b"f001"])
+        assert _wait_resident(files) == [True] * len(files)
+        assert len(failures) == 1, failures
+        assert isinstance(failures[0], imgfs.ImgfsError), failures
+        assert not _resident(outside)
+        with pytest.raises(imgfs.ImgfsError):  # the reader's own open reports it
+            _open_in_order(view, image_id, [b"f003"])
+    finally:
+        target.unlink()
+        target.write_bytes(saved)
