@@ -82,6 +82,7 @@ class ReadAhead:
         self.max_bytes = max_bytes
         self.windows = windows
         self._windows: collections.OrderedDict[Hashable, _Window] = collections.OrderedDict()
+        self._busy = 0  # entries the worker took from the queue and has not finished
         # Entries given to the worker: bounded (the oldest dropped), one window's worth each.
         self._queue: collections.deque[tuple[_Window, int]] = collections.deque(
             maxlen=files * windows
@@ -202,25 +203,33 @@ class ReadAhead:
                 window, i = self._queue.popleft()
                 if not window.live or i <= window.pos:
                     continue  # abandoned, or the reader got there first
-            node = window.listing[i][1]
+                self._busy += 1
             try:
-                fd = window.warm(node, min(node.size, self.max_bytes))
-            except Exception as exc:  # harmless: the reader's own open reports it
-                log.debug("read-ahead of %r: %s", window.listing[i][0], exc)
-                continue
-            if fd is None:
-                continue
-            with self._cond:
-                keep = window.live and i > window.pos and i not in window.fds
-                if keep:
-                    window.fds[i] = fd
-            if not keep:
-                os.close(fd)
+                self._warm(window, i)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+
+    def _warm(self, window: _Window, i: int) -> None:
+        node = window.listing[i][1]
+        try:
+            fd = window.warm(node, min(node.size, self.max_bytes))
+        except Exception as exc:  # harmless: the reader's own open reports it
+            log.debug("read-ahead of %r: %s", window.listing[i][0], exc)
+            return
+        if fd is None:
+            return
+        with self._cond:
+            keep = window.live and i > window.pos and i not in window.fds
+            if keep:
+                window.fds[i] = fd
+        if not keep:
+            os.close(fd)
 
     def pending(self) -> int:
-        """Entries queued for the worker (tests)."""
+        """Entries queued for the worker or being warmed by it (tests)."""
         with self._cond:
-            return len(self._queue)
+            return len(self._queue) + self._busy
 
     def open_fds(self) -> int:
         """Files the worker opened that no reader took yet (tests)."""
