@@ -262,8 +262,12 @@ member(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     size = PyLong_AsUnsignedLongLong(size_obj);
-    if (size == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
+    if (size == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear(); /* negative, or 2**64 and more: no header holds it; Python's error */
+        Py_RETURN_NONE;
+    }
 
     data_len = PyBytes_GET_SIZE(data);
     if (data_len < BLOCK || data_len >= 2 * BLOCK)
