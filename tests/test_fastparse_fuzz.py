@@ -378,6 +378,17 @@ def test_allocation_failures_raise_memory_error(call: str) -> None:
 
 
 @needs_ext
+def test_sizes_no_header_holds_are_declined() -> None:
+    """A negative size or one of 2**64 and more: None (Python decides: an error), not an
+    OverflowError escaping the fast path."""
+    for size in (-1, -(1 << 70), 1 << 64, 1 << 100):
+        assert _ext().member(_GOOD, b"dir/file", size, _CRC, 3) is None
+        assert _python(_GOOD, b"dir/file", size, _CRC, 3) is None
+    with pytest.raises(TypeError):
+        _ext().member(_GOOD, b"dir/file", 5.0, _CRC, 3)
+
+
+@needs_ext
 def test_only_bytes_are_taken() -> None:
     """bytearray, memoryview (strided too) and str are a caller's error (TypeError), never read."""
     strided = memoryview(_GOOD * 2)[::2]
