@@ -80,18 +80,16 @@ def _same_or_none(
     return True
 
 
-def _members(tar: bytes) -> Iterator[tuple[bytes, bytes, int, int | None]]:
-    """(header bytes, name, size, crc) of each member, as LayerTree.build collects them."""
+def _last_blocks(tar: bytes) -> Iterator[bytes]:
+    """The last header block before each member's content, as the tar-split holds it."""
     pending: list[bytes] = []
     for entry in iter_entries(io.BytesIO(disassemble(tar).gz()), "t"):
         if isinstance(entry, Segment):
             pending.append(entry.payload)
             continue
         assert isinstance(entry, FileEntry)
-        data = b"".join(pending)
+        yield b"".join(pending)[-512:]
         pending.clear()
-        crc = int.from_bytes(entry.crc, "big") if entry.crc and entry.size else None
-        yield data, entry.name, entry.size, crc
 
 
 def _block(name: str = "dir/file", kind: bytes = tarfile.REGTYPE, fmt: int = tarfile.USTAR_FORMAT,
@@ -121,7 +119,7 @@ def _corpus() -> list[bytes]:
             blocks += [block, _v7(block)]
     blocks.append(_block("p" * 150 + "/" + "n" * 99, fmt=tarfile.USTAR_FORMAT))  # prefix
     for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):  # (ustar cannot hold its long paths)
-        blocks += [data[-512:] for data, *_ in _members(awkward_tar(fmt))]
+        blocks += list(_last_blocks(awkward_tar(fmt)))
     return blocks
 
 
