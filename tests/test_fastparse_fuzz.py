@@ -6,14 +6,27 @@ width, spaces and NULs in every position, base-256 marks, names with ``.``/``..`
 type flag, the three magics, padding of 0..2048 bytes, truncations; lines with non-canonical and
 malformed base64, JSON escapes, control characters, invalid UTF-8, numbers at their digit limits.
 Wherever the extension returns a value it must be the Python code's (``_same_or_none``,
-``_check_line``); it must never crash (run it in an ASan build, see the README's
-"Compiled fast path") nor leak: tracemalloc and the refcounts of everything it hands out are
-checked around many calls on each exit path, and every allocation is made to fail in turn.
+``_check_line``); it must never crash nor leak: tracemalloc and the refcounts of everything it
+hands out are checked around many calls on each exit path, and every allocation is made to fail
+in turn.
 
 By default each fuzz test runs a fixed number of cases (seconds in the suite);
 ``IMGFS_FUZZ_SECONDS=N`` runs each for N seconds instead, ``IMGFS_FUZZ_SEED`` picks the seed and
-``IMGFS_FUZZ_CORPUS=/var/tmp/imgfs-bench`` adds every tar-split below that directory (read only)
-to the corpus.
+``IMGFS_FUZZ_CORPUS=/var/tmp/imgfs-bench`` adds (a sample of) every tar-split below that
+directory, read only, to the corpus.
+
+AddressSanitizer + UBSan run, in a scratch copy of imgfs/, tests/ and pyproject.toml (pytest
+imports imgfs from the directory it runs in):
+
+    gcc -shared -fPIC -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+        -fno-omit-frame-pointer -I/usr/include/python3.11 imgfs/layer/_fastparse.c \
+        -o imgfs/layer/_fastparse.cpython-311-x86_64-linux-gnu.so
+    LD_PRELOAD=$(gcc -print-file-name=libasan.so) PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0 \
+        IMGFS_FUZZ_SECONDS=600 /path/to/.venv/bin/python -m pytest tests/test_fastparse_fuzz.py
+
+``PYTHONMALLOC=malloc`` matters: under pymalloc a bytes object under 512 bytes (nearly every
+tar-split line) sits inside an arena and ASan cannot see a read past it. A read of exactly one
+byte past a bytes object stays invisible either way (its trailing NUL).
 """
 
 from __future__ import annotations
