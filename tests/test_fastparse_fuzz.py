@@ -20,6 +20,7 @@ imports imgfs from the directory it runs in):
 
     gcc -shared -fPIC -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
         -fno-omit-frame-pointer -I/usr/include/python3.11 imgfs/layer/_fastparse.c \
+        -DSOURCE_SHA256="\"$(sha256sum imgfs/layer/_fastparse.c | cut -c1-64)\"" \
         -o imgfs/layer/_fastparse.cpython-311-x86_64-linux-gnu.so
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0 \
         IMGFS_FUZZ_SECONDS=600 /path/to/.venv/bin/python -m pytest tests/test_fastparse_fuzz.py
@@ -37,6 +38,7 @@ import glob
 import gzip
 import io
 import os
+import pathlib
 import random
 import sys
 import tarfile
@@ -46,6 +48,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from imgfs.layer import compiled
 from imgfs.layer.tarsplit import Segment, iter_entries
 from imgfs.layer.tree import parse_member
 from tests.test_fastparse import (
@@ -429,3 +432,17 @@ def test_only_bytes_are_taken() -> None:
         with pytest.raises(TypeError):
             _ext().entry(data)
     assert parse_member(_GOOD, b"dir/file", 5, _CRC, 3, "t") == _CALLS["member"]()
+
+
+@needs_ext
+def test_a_stale_build_is_not_used(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build of another C source (the checkout changed since set-up built it) computes other
+    results than the Python code beside it: compiled.py declines it; without the source beside
+    it (an install) the build is what was installed."""
+    assert compiled.extension() is _ext()
+    changed = tmp_path / "_fastparse.c"
+    changed.write_bytes(compiled.SOURCE.read_bytes() + b"/* changed */\n")
+    monkeypatch.setattr(compiled, "SOURCE", changed)
+    assert compiled.extension() is None
+    monkeypatch.setattr(compiled, "SOURCE", tmp_path / "missing.c")
+    assert compiled.extension() is _ext()
