@@ -30,6 +30,11 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The SHA-256 of this file, from setup.py: compiled.py declines a build of another source. */
+#ifndef SOURCE_SHA256
+#define SOURCE_SHA256 "unknown"
+#endif
+
 #define BLOCK 512
 #define OCTAL_DIGITS_MAX 12
 _Static_assert(3 * OCTAL_DIGITS_MAX < 64, "a 12-digit octal field fits 64 bits");
@@ -262,8 +267,12 @@ member(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     size = PyLong_AsUnsignedLongLong(size_obj);
-    if (size == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
+    if (size == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear(); /* negative, or 2**64 and more: no header holds it; Python's error */
+        Py_RETURN_NONE;
+    }
 
     data_len = PyBytes_GET_SIZE(data);
     if (data_len < BLOCK || data_len >= 2 * BLOCK)
@@ -633,8 +642,13 @@ PyMODINIT_FUNC
 PyInit__fastparse(void)
 {
     init_b64();
+    PyObject *module;
+
     empty_tuple = PyTuple_New(0);
     if (empty_tuple == NULL)
         return NULL;
-    return PyModule_Create(&module_def);
+    module = PyModule_Create(&module_def);
+    if (module != NULL && PyModule_AddStringConstant(module, "SOURCE_SHA256", SOURCE_SHA256) < 0)
+        Py_CLEAR(module);
+    return module;
 }
