@@ -260,7 +260,7 @@ def test_members_of_a_listing_equal_members_parsed_one_by_one(
     app, _ = made.images
     tree = view.rootfs(view.image(app.id)).layers[0]
     refs = [ref for children in tree.dirs.values() for ref in children.values()]
-    assert any(ref < 0 for ref in [*refs, tree.root_ref()]) or refs
+    assert len(refs) > 3  # the members of several directories
     monkeypatch.setattr(layer_tree, "SPAN_BYTES", 900)
     batch = tree.members([*reversed(refs), refs[0]])  # any order, repeats: each once
     assert sorted(batch) == sorted(set(refs))

@@ -296,14 +296,7 @@ def test_hash_behind_without_a_thread_hashes_inline_and_passes(
         def read_raw(self, offset: int, n: int) -> bytes:
             return data[offset : offset + n]
 
-    real_start = threading.Thread.start
-
-    def start(self: threading.Thread) -> None:
-        if self.name == "imgfs-hash-behind":
-            raise RuntimeError("can't start new thread")
-        real_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
+    _thread_cannot_start(monkeypatch, "imgfs-hash-behind")
     verifier = verify.Verifier(
         len(data), lambda: verify.DigestChecker(digest, "blob b", behind=True), "blob b"
     )
@@ -333,14 +326,19 @@ def test_generation_without_an_open_ahead_thread_fails_with_its_cause(
         def close(self) -> None:
             closed.append(True)
 
+    _thread_cannot_start(monkeypatch, "imgfs-open-ahead")
+    with layer.files() as files, pytest.raises(RuntimeError, match="can't start new thread"):
+        generate(Entries(), files, RecordingSink(), layer.digest, len(layer.tar), "layer L")
+    assert closed == [True]
+
+
+def _thread_cannot_start(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Starting a thread called ``name`` fails as it does when the process is out of threads."""
     real_start = threading.Thread.start
 
     def start(self: threading.Thread) -> None:
-        if self.name == "imgfs-open-ahead":
+        if self.name == name:
             raise RuntimeError("can't start new thread")
         real_start(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
-    with layer.files() as files, pytest.raises(RuntimeError, match="can't start new thread"):
-        generate(Entries(), files, RecordingSink(), layer.digest, len(layer.tar), "layer L")
-    assert closed == [True]
