@@ -7,6 +7,8 @@ Owns: Go's string escaping (HTML-safe: ``<``, ``>``, ``&``, U+2028/2029; control
 
 from __future__ import annotations
 
+import re
+
 _ESCAPES = {
     '"': '\\"',
     "\\": "\\\\",
@@ -21,8 +23,14 @@ _ESCAPES = {
 }
 
 
+# a string Go writes as it is: nothing escaped or replaced (most digests, media types, names)
+_VERBATIM = re.compile('[^"\\\\<>&\u2028\u2029\x00-\x1f\ud800-\udfff]*')
+
+
 def string(value: str) -> bytes:
     """A JSON string as Go's ``json.Marshal`` writes it."""
+    if _VERBATIM.fullmatch(value):
+        return b'"' + value.encode("utf-8") + b'"'
     out = []
     for ch in value:
         esc = _ESCAPES.get(ch)

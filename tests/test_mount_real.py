@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+import imgfs
+from imgfs.views.keys import RootfsKey
+from imgfs.views.tree import build_view
 from tests import realstores
 from tests.mounting import Mount, mounted, sha256_file
 
@@ -239,3 +242,22 @@ def test_layer_blobs_are_direct_io_private_mmap_works(
         with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as view:
             assert view[:] == want
         assert f.read() == want
+
+
+def test_a_listed_rootfs_entry_stats_as_the_image_root(
+    real_stores: realstores.StoreSet, tmp_path: Path
+) -> None:
+    """An image directory lists ``rootfs/`` provisionally (its attributes need the layer
+    trees); a ``stat`` after the listing still shows the merged root's own attributes."""
+    store = real_stores.store("overlay")
+    view = build_view(imgfs.Store.open(str(store.root), str(store.runroot), "overlay").images, 0)
+    with mounted(store.root, store.runroot, "overlay", tmp_path) as m:
+        for img in real_stores.images["overlay"]:
+            d = m.path / img.id
+            if "rootfs" not in os.listdir(d):  # readdirplus: rootfs/ with timeouts 0
+                continue
+            st = os.stat(d / "rootfs")
+            node = view.node(RootfsKey(img.id))
+            assert (st.st_mode, st.st_uid, st.st_gid) == (node.mode, node.uid, node.gid), img.id
+            assert st.st_mtime_ns == node.mtime_ns, img.id
+            assert [e.name for e in os.scandir(d) if e.name == "rootfs" and e.is_dir()]

@@ -339,6 +339,35 @@ def test_a_listing_is_built_once_per_view_and_opendir_then_needs_no_hop(
     assert built == [RootfsKey(made.images[0].id, b"dir")]
 
 
+def test_a_provisional_rootfs_entry_is_listed_with_timeouts_zero_and_looked_up_for_real(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = _ops(made, tmp_path)
+    image = made.images[0].id.encode()
+    listed: dict[bytes, pyfuse3.EntryAttributes] = {}
+    monkeypatch.setattr(
+        pyfuse3, "readdir_reply", lambda _t, name, attrs, _o: not listed.update({name: attrs})
+    )
+
+    async def main() -> None:
+        image_dir = await _lookup_path(ops, image)
+        fh = await ops.opendir(image_dir.st_ino, ROOT_CTX)
+        await ops.readdir(fh, 0, None)
+        await ops.releasedir(fh)
+        entry = listed[b"rootfs"]
+        assert (entry.entry_timeout, entry.attr_timeout) == (0, 0)  # the kernel asks again
+        assert listed[b"blobs"].entry_timeout > 0
+        real = await ops.lookup(image_dir.st_ino, b"rootfs", ROOT_CTX)
+        assert real.st_ino == entry.st_ino  # the same inode, its real attributes
+        assert real.entry_timeout > 0
+        assert real.attr_timeout > 0
+        root = ops.view.node(RootfsKey(made.images[0].id, b""))
+        assert real.st_mode == root.mode != ops.ownership.mode("dir")  # the image's, not 0500
+        assert (await ops.getattr(entry.st_ino, ROOT_CTX)).st_mode == real.st_mode
+
+    _run(main)
+
+
 def test_a_listing_over_its_share_is_built_again(
     made: storemaker.StoreMaker, tmp_path: Path
 ) -> None:

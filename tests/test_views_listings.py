@@ -50,6 +50,20 @@ def store(shared_base: Path, tmp_path: Path) -> Path:
     return crafted.copy_store(shared_base, tmp_path / "root")
 
 
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The layer IDs whose tar-split is opened, in order."""
+    found: list[str] = []
+    real = LayerSource.open_tarsplit
+
+    def counting(self: LayerSource) -> int:
+        found.append(self.layer_id)
+        return real(self)
+
+    monkeypatch.setattr(LayerSource, "open_tarsplit", counting)
+    return found
+
+
 def _view(root: Path) -> TreeView:
     return build_view(imgfs.Store.open(str(root), str(root.parent / "run"), DRIVER).images, 0)
 
@@ -91,6 +105,11 @@ def test_a_listed_name_is_answered_as_its_section_would(store: Path) -> None:
         fresh = _view(store)  # nothing listed: every lookup goes to the section
         for name, listed in view.children(parent):
             peeked = view.peek_child(parent, name)
+            if listed.provisional:  # rootfs/: only its key and kind are known, no peek
+                assert (name, peeked) == (b"rootfs", None), parent
+                real = fresh.lookup(parent, name)
+                assert (real.key, real.kind, real.provisional) == (listed.key, "dir", False)
+                continue
             assert peeked is not None, (parent, name)
             assert peeked == listed == fresh.lookup(parent, name), (parent, name)
             if listed.kind == "link":  # readlink asks peek(key)
@@ -130,21 +149,11 @@ def test_the_oci_layout_is_computed_once_and_matches_its_bytes(store: Path) -> N
     assert _view(store).layout(view.image(image)) == layout
 
 
-def test_a_shared_base_layer_is_opened_once_per_view(
-    store: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    opened: list[str] = []
-    real = LayerSource.open_tarsplit
-
-    def counting(self: LayerSource) -> int:
-        opened.append(self.layer_id)
-        return real(self)
-
-    monkeypatch.setattr(LayerSource, "open_tarsplit", counting)
+def test_a_shared_base_layer_is_opened_once_per_view(store: Path, opened: list[str]) -> None:
     view = _view(store)
     tops = [_id(view, "top1"), _id(view, "top2")]
     for image in tops:
-        view.children(ImageKey(image))  # its rootfs/ entry needs the merged root
+        view.lookup(ImageKey(image), b"rootfs")  # its attributes need the merged root
     base = view.content(view.image(tops[0])).sources[0].layer_id
     assert opened.count(base) == 1
     assert len(opened) == 3  # the base, and each top layer
@@ -166,7 +175,7 @@ def test_image_listings_are_built_ahead_in_root_order(store: Path) -> None:
 def test_rootfs_entry_is_the_same_before_and_after_its_content_is_read(store: Path) -> None:
     view = _view(store)
     image = _id(view, "top1")
-    before = dict(view.children(ImageKey(image)))[b"rootfs"]
+    before = view.lookup(ImageKey(image), b"rootfs")
     names = [name for name, _ in view.children(RootfsKey(image))]
     assert b"top1.txt" in names
     assert b"base.txt" in names
@@ -177,6 +186,28 @@ def test_rootfs_entry_is_the_same_before_and_after_its_content_is_read(store: Pa
     assert before == view.node(RootfsKey(image)) == fresh.node(RootfsKey(image))
     assert before.mode is not None
     assert before.kind == "dir"
+
+
+def test_an_image_listing_parses_no_layer_tree_and_its_rootfs_entry_is_provisional(
+    store: Path, opened: list[str]
+) -> None:
+    view = _view(store)
+    image = _id(view, "top1")
+    listed = dict(view.children(ImageKey(image)))[b"rootfs"]
+    assert opened == []  # an ls -lR that leaves rootfs/ out parses no layer
+    assert listed.provisional
+    assert listed.kind == "dir"
+    assert listed.key == RootfsKey(image)
+    assert view.peek_child(ImageKey(image), b"rootfs") is None  # a lookup must compute it
+    looked_up = view.lookup(ImageKey(image), b"rootfs")
+    assert not looked_up.provisional
+    assert looked_up.mode is not None
+    assert opened  # the lookup merged the image's root
+    assert looked_up == _view(store).node(RootfsKey(image))
+    assert view.peek_child(ImageKey(image), b"rootfs") == looked_up  # now known: no hop
+    fresh = _view(store)  # (view may have listed top2 ahead already, provisionally)
+    fresh.lookup(ImageKey(image), b"rootfs")
+    assert dict(fresh.children(ImageKey(image)))[b"rootfs"] == looked_up  # merged: listed
 
 
 def test_listing_blobs_reads_no_config_and_reading_it_checks_diff_ids(

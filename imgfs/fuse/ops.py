@@ -176,6 +176,8 @@ class Operations(pyfuse3.Operations):
             # that the view access rule (``_visible``) sees each caller, not a cached answer.
             # Without default_permissions (self_checked) that holds for every node.
             timeout = 0.0
+        if node.provisional:  # a listing's stand-in: a stat must ask for the real node
+            timeout = 0.0
         attrs.entry_timeout = timeout
         attrs.attr_timeout = timeout
         attrs.st_mode = self.ownership.mode(node.kind) if node.mode is None else node.mode

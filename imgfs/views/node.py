@@ -166,3 +166,7 @@ class Node:
     nlink: int = 0
     rdev: int = 0
     origin: Origin | None = None  # a layers/ or rootfs/ regular file: what opens it
+    # listed before its attributes were computed (an image directory's rootfs/ entry: they
+    # need the layer trees): only its key and kind are true, the kernel must not keep the
+    # rest (timeouts 0) and a lookup or getattr computes the real node
+    provisional: bool = False

@@ -150,12 +150,16 @@ class TreeView:
 
     def peek_child(self, parent: Key, name: bytes) -> Node | None:
         """``peek`` of the child ``name`` of ``parent``: known by its key, or listed in
-        ``parent``'s listing (a section's lookup of a listed name is that listing's node)."""
+        ``parent``'s listing (a section's lookup of a listed name is that listing's node,
+        unless that node is only provisional)."""
         child = child_key(parent, name)
         if child is not None:
             return self.peek(child)
         listed = self._listings.get(parent)
-        return None if listed is None else listed[1].get(name)
+        found = None if listed is None else listed[1].get(name)
+        if found is not None and found.provisional:  # only what the view has computed
+            return self._nodes.get(found.key)
+        return found
 
     def lookup(self, parent: Key, name: bytes) -> Node:
         """The child ``name`` of directory ``parent`` (``.`` and ``..`` included)."""

@@ -45,7 +45,7 @@ class ImageDir(Section):
         return Node(key, "dir", 0, view.image_mtime(image))
 
     def children(self, view: TreeView, key: ImageKey) -> list[tuple[bytes, Node]]:
-        listing = [(n, self._listed_node(view, key, n)) for n in self._names(view, key)]
+        listing = [(n, self._entry(view, key, n)) for n in self._names(view, key)]
         _build_small_listings(view, key, listing)
         return listing
 
@@ -69,6 +69,19 @@ class ImageDir(Section):
         if content.has_layout:
             names.append(b"oci")
         return names
+
+    def _entry(self, view: TreeView, key: ImageKey, name: bytes) -> Node:
+        """The listing's node of ``name``: ``rootfs/``'s is provisional unless this view has
+        merged the image's root already (its attributes need every layer's tree; an ``ls -lR``
+        that leaves ``rootfs/`` out then parses none, and a ``stat`` of it asks the kernel
+        for the real node)."""
+        if name == b"rootfs":
+            child = RootfsKey(key.image)
+            known = view.peek(child)
+            if known is not None:
+                return known
+            return Node(child, "dir", 0, view.image_mtime(view.image(key.image)), provisional=True)
+        return self._listed_node(view, key, name)
 
     def _listed_node(self, view: TreeView, key: ImageKey, name: bytes) -> Node:
         child = _child_key(key.image, name)

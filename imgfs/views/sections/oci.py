@@ -49,7 +49,8 @@ class Oci(Section):
         names = _DIRS[key.parts]
         if names is None:
             names = sorted(view.layout(image).blobs)
-        return [(n, self.node(view, OciKey(key.image, (*key.parts, n)))) for n in names]
+        # view.node: remembered, so an opendir of a listed directory needs no thread hop
+        return [(n, view.node(OciKey(key.image, (*key.parts, n)))) for n in names]
 
     def lookup(self, view: TreeView, key: OciKey, name: bytes) -> Node:
         return self.node(view, OciKey(key.image, (*key.parts, name)))
