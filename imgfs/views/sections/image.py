@@ -8,6 +8,7 @@ signatures and other blobs. Must not know: pyfuse3, trio, inode numbers, errno v
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from imgfs.errors import ImgfsError, NotFound
@@ -25,18 +26,21 @@ _OCI_DIRS = ((), (b"blobs",), (b"blobs", b"sha256"))
 _DESIGN_FILES = (b"manifest.json", b"config.json", b"signatures", b"blobs")
 
 
+_CHILD_KEYS: dict[bytes, Callable[[str], Key]] = {
+    b"manifest.json": lambda image: ImageFileKey(image, "manifest.json"),
+    b"config.json": lambda image: ImageFileKey(image, "config.json"),
+    b"signatures": lambda image: SectionKey(image, "signatures"),
+    b"blobs": lambda image: SectionKey(image, "blobs"),
+    b"instances": lambda image: SectionKey(image, "instances"),
+    b"layers": lambda image: SectionKey(image, "layers"),
+    b"rootfs": lambda image: RootfsKey(image),
+    b"oci": lambda image: OciKey(image),
+}
+
+
 def _child_key(image_id: str, name: bytes) -> Key | None:
-    keys: dict[bytes, Key] = {
-        b"manifest.json": ImageFileKey(image_id, "manifest.json"),
-        b"config.json": ImageFileKey(image_id, "config.json"),
-        b"signatures": SectionKey(image_id, "signatures"),
-        b"blobs": SectionKey(image_id, "blobs"),
-        b"instances": SectionKey(image_id, "instances"),
-        b"layers": SectionKey(image_id, "layers"),
-        b"rootfs": RootfsKey(image_id),
-        b"oci": OciKey(image_id),
-    }
-    return keys.get(name)
+    make = _CHILD_KEYS.get(name)
+    return None if make is None else make(image_id)
 
 
 class ImageDir(Section):
