@@ -178,12 +178,23 @@ def _unmount_imgfs(mnt: Path, log: Path, command: Sequence[str]) -> None:
     subprocess.run([*command, "-u", str(mnt)], check=False)
     started = time.monotonic()
     while time.monotonic() - started < DAEMON_EXIT_SECONDS:
-        if not Path(f"/proc/{pid}").exists():
+        if _exited(pid):
             if time.monotonic() - started > 1:
                 print(f"(imgfs daemon took {time.monotonic() - started:.1f} s to exit)")
             return
         time.sleep(0.01)
     raise RuntimeError(f"imgfs daemon {pid} did not exit after unmounting {mnt}")
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited: gone, or a zombie. A daemon's parent is init, which may
+    reap it late (this machine's PID 1 took up to 2 s after the daemon's exit_group, seen with
+    strace); that wait is not imgfs's."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat_line.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
 def ratarmount_index(tar: Path, work: Path) -> Path:
