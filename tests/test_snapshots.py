@@ -741,3 +741,66 @@ def test_a_read_with_ahead_advises_only_published_bytes_after_it(
         gate.set()
         cache.release(snap)
         cache.close()
+
+
+HOLE = 64 << 10  # the sink's hole block (snapshots._HOLE_BLOCK)
+
+
+def _pieces(*parts: tuple[str, int]) -> bytes:
+    """``("d", n)``: n bytes with no zero byte, ``("z", n)``: n zero bytes."""
+    rng = random.Random(7)
+    return b"".join(
+        bytes(n) if kind == "z" else bytes(b or 1 for b in rng.randbytes(n)) for kind, n in parts
+    )
+
+
+@pytest.mark.parametrize(
+    ("parts", "chunk", "writes"),
+    [
+        # 1 MiB of data in one sink.write: block by block
+        ((("d", 1 << 20),), 1 << 20, [(k * HOLE, HOLE) for k in range(16)]),
+        # aligned all-zero blocks are skipped (holes); the partial last block is written
+        (
+            (("d", 2 * HOLE), ("z", 2 * HOLE), ("d", HOLE + 5), ("z", HOLE - 5), ("z", 100)),
+            1 << 20,
+            [(0, HOLE), (HOLE, HOLE), (4 * HOLE, HOLE), (5 * HOLE, HOLE), (6 * HOLE, 100)],
+        ),
+        # a zero block split between two writes is written, not skipped
+        (
+            (("d", 1000), ("z", 2 * HOLE), ("d", 1000)),
+            HOLE + 300,
+            [
+                (0, HOLE),
+                (HOLE, 300),
+                (HOLE + 300, HOLE - 300),
+                (2 * HOLE, 600),
+                (2 * HOLE + 600, 1400),
+            ],
+        ),
+    ],
+)
+def test_the_sink_writes_block_by_block_and_skips_zero_blocks(
+    cache: SnapshotCache,
+    monkeypatch: pytest.MonkeyPatch,
+    parts: tuple[tuple[str, int], ...],
+    chunk: int,
+    writes: list[tuple[int, int]],
+) -> None:
+    """Bytes and holes as written, and no pwrite larger than a block: one 1 MiB pwrite into
+    ext4 cost 4x the CPU of sixteen 64 KiB ones (see _SnapshotSink.write)."""
+    data = _pieces(*parts)
+    calls: list[tuple[int, int]] = []
+    real = os.pwrite
+
+    def counting(fd: int, buf: bytes | memoryview, offset: int) -> int:
+        calls.append((offset, len(buf)))
+        return real(fd, buf, offset)
+
+    monkeypatch.setattr(os, "pwrite", counting)
+    snap = cache.acquire("k", len(data), whole(data, chunk=chunk))
+    try:
+        assert snap.read(0, len(data), timeout=WAIT) == data
+        assert calls == writes
+        assert os.pread(snap.fd, len(data), 0) == data  # the holes read as zeros
+    finally:
+        cache.release(snap)

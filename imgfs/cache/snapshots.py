@@ -360,6 +360,10 @@ class _SnapshotSink:
             )
         while view:
             # Block-aligned all-zero blocks stay holes (the file was sized at creation).
+            # One pwrite per 64 KiB block, even between holes: one 1 MiB pwrite into ext4 cost
+            # 4x the CPU (1.1 GiB from one reused buffer: 1.0-1.2 s against 0.23 s; 128 KiB
+            # the same as 64 KiB, 256 KiB 0.2-0.7 s; the daemon's write thread 0.74-1.77 s
+            # against 0.31 s per cold 1 GiB cp; kernel 6.18, this machine's ext4).
             block = min(len(view), _HOLE_BLOCK - self._written % _HOLE_BLOCK)
             if block == _HOLE_BLOCK and _zero(view[:block]):
                 self._written += block

@@ -61,12 +61,32 @@ def used_bytes(path: Path) -> int:
 
 @dataclass
 class Peaks:
-    """Peak RSS of a process and peak extra used bytes of a filesystem during a run, and how
-    often another process dropped the page caches meanwhile."""
+    """Peak RSS of a process and peak extra used bytes of a filesystem during a run, how often
+    another process dropped the page caches meanwhile, and the CPU seconds (user + system)
+    the process and the run's finished commands used: on a shared machine CPU varies much less
+    than wall time."""
 
     rss: int = 0
     disk: int = 0
     foreign_drops: int = 0
+    cpu: float = 0.0
+    command_cpu: float = 0.0
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds ``pid`` used so far, its finished threads included (None once
+    it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
 
 
 class Sampler:
@@ -77,6 +97,8 @@ class Sampler:
         self._disk = disk
         self._base = used_bytes(disk)
         self._drops = drop_count()
+        self._cpu0 = self._cpu = cpu_seconds(pid) if pid is not None else None
+        self._children0 = _children_cpu()
         self.peaks = Peaks()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -84,6 +106,7 @@ class Sampler:
     def _sample(self) -> None:
         if self._pid is not None:
             self.peaks.rss = max(self.peaks.rss, rss_bytes(self._pid))
+            self._cpu = cpu_seconds(self._pid) or self._cpu  # the last value while it lived
         self.peaks.disk = max(self.peaks.disk, used_bytes(self._disk) - self._base)
 
     def _loop(self) -> None:
@@ -100,6 +123,9 @@ class Sampler:
         self._thread.join()
         self._sample()
         self.peaks.foreign_drops = drop_count() - self._drops
+        if self._cpu is not None and self._cpu0 is not None:
+            self.peaks.cpu = self._cpu - self._cpu0
+        self.peaks.command_cpu = _children_cpu() - self._children0
 
 
 def run(cmd: Sequence[str], **kw: object) -> float:

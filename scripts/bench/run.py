@@ -106,6 +106,11 @@ class Bench:
         )
 
     def add(self, row: Row, samples: list[Sample] | None = None) -> None:
+        cpu = median([x.peaks.cpu for x in samples]) if samples else 0.0
+        if cpu:
+            busy = f"daemon CPU {cpu:.2f} s, command CPU "
+            busy += f"{median([x.peaks.command_cpu for x in samples or []]):.2f} s"
+            row.note = f"{row.note}; {busy}" if row.note else busy
         disturbed = sum(1 for x in samples or [] if x.peaks.foreign_drops)
         if disturbed:
             runs = f"{disturbed} of {len(samples or [])} runs"
