@@ -327,14 +327,17 @@ class LayerTree:
             self._members.put(ref, found)
         return found
 
-    def members(self, refs: Iterable[int]) -> dict[int, Member]:
+    def members(self, refs: Iterable[int], keep: bool = True) -> dict[int, Member]:
         """ref → member of each of ``refs`` (a listing's): the ones not cached are parsed in
-        tar order, their headers read in spans of up to SPAN_BYTES, and cached."""
+        tar order, their headers read in spans of up to SPAN_BYTES, and cached unless not
+        ``keep`` (a caller that keeps what it builds from them: caching them too would only
+        evict others)."""
         wanted = set(refs)
         found = self._members.get_many(r for r in wanted if r >= 0)
         missing = sorted(r for r in wanted if r >= 0 and r not in found)
         parsed = list(self._parse_in_order(missing))
-        self._members.put_many(parsed)
+        if keep:
+            self._members.put_many(parsed)
         found.update(parsed)
         for ref in wanted:
             if ref < 0:
