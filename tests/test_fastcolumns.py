@@ -197,6 +197,8 @@ def test_bounds_give_the_same_errors_at_the_same_line(monkeypatch: pytest.Monkey
         len(e.payload) if isinstance(e, tarsplit.Segment) else e.size
         for e in tarsplit.iter_entries(io.BytesIO(gzip.compress(data)), "t")
     )
+    assert "diff-size of -1 bytes" in str(_check(data, limit=-1))  # a hostile record's
+    assert "diff-size of -1 bytes" in str(_check(b"\n" + data, limit=-1))
     for limit in (0, 1, 511, 512, 1500, total // 2, total - 1, total):
         got = _check(data, limit=limit)
         assert isinstance(got, str) == (limit < total), limit

@@ -557,7 +557,8 @@ class _Collector:
         first line ``first``: each line ``columns`` takes in C, every other one through
         ``tarsplit.decode_lines`` and ``add``."""
         utf8_ok = tarsplit.start_chunk(chunk, first, newlines, state)
-        if not utf8_ok or self.total > self.counts[_LIMIT]:  # the latter: past 2**63 bytes
+        if not utf8_ok or not 0 <= self.total <= self.counts[_LIMIT]:
+            # (past 2**63 bytes, or a negative diff-size: the Python code's ints decide)
             for entry in tarsplit.decode_lines(chunk.split(b"\n"), first, state, utf8_ok):
                 self.add(entry)
             return
