@@ -7,6 +7,7 @@ must never happen inside pytest) and always unmount in teardown.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -481,3 +482,24 @@ def test_unwritable_log_file_fails_before_mounting(hello: HelloMount) -> None:
     assert result.returncode == 2
     assert "cannot open log file" in one_error_line(result.stderr)
     assert not is_listed_mount(hello.path)
+
+
+class _Stop(BaseException):
+    """Ends ``_run_trio`` from its ``prepare`` step (which swallows Exceptions)."""
+
+
+def test_full_collections_are_rare_while_serving_and_restored_after() -> None:
+    from imgfs.fuse import daemon
+
+    seen: list[tuple[int, int, int]] = []
+
+    def prepare() -> None:
+        seen.append(gc.get_threshold())
+        raise _Stop
+
+    before = gc.get_threshold()
+    assert before[2] < daemon.FULL_GC_THRESHOLD  # the precondition: Python's default is lower
+    with pytest.raises(_Stop):
+        daemon._run_trio(None, None, prepare)
+    assert seen == [(before[0], before[1], daemon.FULL_GC_THRESHOLD)]
+    assert gc.get_threshold() == before

@@ -369,7 +369,7 @@ def _decode(data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> list[ob
     """The entries the decoder yields for ``data`` (whole lines), or its error's type."""
     monkeypatch.setattr(tarsplit, "FAST_ENTRY", _ext().entry if fast else None)
     try:
-        return list(tarsplit._decode_chunk(data, 1, tarsplit._State("t")))
+        return list(tarsplit._decode_chunk(data, 1, data.count(b"\n"), tarsplit.State("t")))
     except (MalformedMetadata, UnsafePath) as exc:
         return type(exc).__name__ + str(exc)
 

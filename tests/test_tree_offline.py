@@ -254,6 +254,34 @@ def test_listed_nodes_equal_the_nodes_of_lookups(
         assert _shown(looked_up) == _shown(node), path
 
 
+def test_a_rootfs_listing_keeps_its_nodes_once(made: storemaker.StoreMaker, tmp_path: Path) -> None:
+    """A rootfs/ listing's nodes are found through the listing the view keeps (``peek`` of
+    each path, and of a hardlinked file's own key), and its members are not also kept in the
+    layer trees' member caches (they would only evict others)."""
+    store = imgfs.Store.open(str(made.root), str(tmp_path / "run"), storemaker.DRIVER)
+    app, _ = made.images
+    view = build_view(store.images, 0, Caches.build(None))
+    fs = view.rootfs(view.image(app.id))
+    listed: dict[bytes, Node] = {}
+    _listed(view, f"{app.id}/rootfs".encode(), listed)
+    assert any(node.nlink == 2 for node in listed.values())  # the hardlink pair
+    for path, node in listed.items():
+        key = RootfsKey(app.id, path.split(b"/", 2)[2])
+        assert view.peek(key) == node, path  # the listed one (a directory: its lookup's)
+        assert view.peek(node.key) == node, path  # the hardlinked ones' RootfsInodeKey too
+        if node.kind != "dir":
+            assert view.peek(key) is node, path
+    # in the member caches: only the directories the walk looked up (resolve) and the
+    # hardlinks with their targets (the link groups)
+    files = 0
+    for tree in fs.layers:
+        links = {*tree.hardlinks, *(tree.link_target(link) for link in tree.hardlinks)}
+        cached = list(tree._members._items)
+        assert all(tree.is_dir(ref) or ref in links for ref in cached)
+        files += sum(tree.typeflag(ref) == "0" for ref in tree.child_refs(b"etc").values())
+    assert files > 0  # the precondition: the listings had regular files
+
+
 def test_members_of_a_listing_equal_members_parsed_one_by_one(
     view: TreeView, made: storemaker.StoreMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

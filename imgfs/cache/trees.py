@@ -16,7 +16,6 @@ import threading
 
 from imgfs.budget import Budget
 from imgfs.cache import files as cachefiles
-from imgfs.layer.tarsplit import iter_entries
 from imgfs.layer.tree import LayerTree
 from imgfs.lru import LRU
 from imgfs.store.source import LayerSource
@@ -92,9 +91,7 @@ class FileViews:
         log.info("reading the file tree of %s", source.what)
         gz = os.fdopen(os.dup(fd), "rb")
         with gz:
-            return LayerTree.build(
-                iter_entries(gz, source.what), source.what, source.size, self.max_bytes
-            )
+            return LayerTree.from_tarsplit(gz, source.what, source.size, self.max_bytes)
 
     def _path(self, key: str) -> str | None:
         return None if self.index_dir is None else os.path.join(self.index_dir, f"{key}.tree")

@@ -3,12 +3,16 @@
  * Owns: member() -- LayerTree._parse (imgfs/layer/tree.py) for header bytes that are the
  * previous member's padding (less than 512 bytes) followed by exactly ONE plain ustar / GNU / v7
  * header block whose fields are in the plain form nearly every tar writes; entry() -- one
- * tar-split line (imgfs/layer/tarsplit.py) of the exact shapes Go writes, with canonical base64.
+ * tar-split line (imgfs/layer/tarsplit.py) of the exact shapes Go writes, with canonical base64;
+ * columns() -- the build loop of a layer tree (tree._Collector.add over tarsplit.decode_lines)
+ * for a run of such lines: the decode, the duplicate check (names whose key is the name or the
+ * name less a trailing "/"), the running counts and bounds the caller hands it, the member
+ * columns; newlines() -- bytes.count(b"\n") with memchr.
  * Must not know: PAX records, GNU long names, base-256 numbers, JSON beyond those shapes, the
- * decoder's running state (counts, duplicates), error messages.
+ * bounds' values (the caller passes them), error messages.
  *
- * The Python code (tree.parse_member, tarsplit._decode_chunk) is the reference and the only code
- * that raises errors. This module returns None for anything it does not handle exactly as that
+ * The Python code (tree.parse_member, tarsplit.decode_lines, tree._Collector.add) is the
+ * reference and the only code that raises errors. This module returns None for anything it does not handle exactly as that
  * code would (extension headers, a field that is not plain octal, a name that needs an error or
  * is not already the tar-split's name, sizes that differ, unknown types, escapes in a line,
  * base64 that is not canonical, ...), and the Python code then decides. It never raises for
@@ -18,7 +22,11 @@
  * checked to lie inside the bytes object first; no field is assumed to be NUL-terminated
  * (memchr bounded by the field's length); octal fields have at most 12 digits (< 2**36, checked
  * at compile time to fit 64 bits) and mtime * 10**9 is only computed below INT64_MAX; the GIL is
- * held throughout (a call is a few hundred nanoseconds).
+ * held throughout (a call of member() or entry() is a few hundred nanoseconds; one of columns()
+ * at most one chunk of lines or 4096 members, about a millisecond). columns() checks every
+ * bound before it changes anything (a declined line leaves all as it was), compares counts
+ * with bounds by subtracting two non-negative int64s (checked at entry), and appends only to
+ * bytearrays it resized first.
  *
  * Results are built without calling the frozen dataclasses' __init__: the instance is made by
  * object.__new__ and each slot is set through its member descriptor, which is what the
@@ -356,27 +364,31 @@ init_b64(void)
         B64[(unsigned char)alphabet[i]] = (unsigned char)i;
 }
 
-/* Canonical base64 (length a multiple of 4, "=" only as the last one or two characters, unused
- * bits zero) decoded into a new bytes object; NULL without an exception when the text is not
- * canonical (the Python code decides), NULL with one when memory ran out. */
-static PyObject *
-b64_decode(const unsigned char *text, size_t len)
+/* The decoded length of base64 text of len bytes in the canonical shape (a multiple of 4,
+ * "=" only as the last one or two characters), else -1. */
+static Py_ssize_t
+b64_length(const unsigned char *text, size_t len)
 {
-    size_t pad = 0, full, out_len, o = 0;
-    PyObject *out;
-    unsigned char *dst;
-    unsigned bad = 0;
+    size_t pad = 0;
 
     if (len % 4 != 0)
-        return NULL;
+        return -1;
     if (len > 0 && text[len - 1] == '=')
         pad = text[len - 2] == '=' ? 2 : 1; /* len >= 4 here */
+    return (Py_ssize_t)(len / 4 * 3 - pad);
+}
+
+/* Canonical base64 (b64_length >= 0, unused bits zero) decoded into dst (room for
+ * b64_length bytes): 0, or -1 when the text is not canonical (dst then holds garbage). */
+static int
+b64_into(const unsigned char *text, size_t len, unsigned char *dst)
+{
+    size_t pad = 0, full, o = 0;
+    unsigned bad = 0;
+
+    if (len > 0 && text[len - 1] == '=')
+        pad = text[len - 2] == '=' ? 2 : 1;
     full = pad ? len - 4 : len; /* the quanta without padding */
-    out_len = len / 4 * 3 - pad;
-    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_len);
-    if (out == NULL)
-        return NULL;
-    dst = (unsigned char *)PyBytes_AS_STRING(out);
     for (size_t i = 0; i < full; i += 4) {
         unsigned a = B64[text[i]], b = B64[text[i + 1]], c = B64[text[i + 2]], d = B64[text[i + 3]];
         bad |= a | b | c | d;
@@ -396,7 +408,23 @@ b64_decode(const unsigned char *text, size_t len)
         if (pad == 1)
             dst[o++] = (unsigned char)(q >> 8);
     }
-    if ((bad & 0x80) || o != out_len) {
+    return (bad & 0x80) ? -1 : 0;
+}
+
+/* Canonical base64 decoded into a new bytes object; NULL without an exception when the text
+ * is not canonical (the Python code decides), NULL with one when memory ran out. */
+static PyObject *
+b64_decode(const unsigned char *text, size_t len)
+{
+    Py_ssize_t out_len = b64_length(text, len);
+    PyObject *out;
+
+    if (out_len < 0)
+        return NULL;
+    out = PyBytes_FromStringAndSize(NULL, out_len);
+    if (out == NULL)
+        return NULL;
+    if (b64_into(text, len, (unsigned char *)PyBytes_AS_STRING(out)) < 0) {
         Py_DECREF(out);
         return NULL;
     }
@@ -420,21 +448,33 @@ position_tail(const unsigned char *p, size_t len)
     return digits >= 1 && digits <= 19;
 }
 
+/* {"type":2,"payload":"<base64>","position":N}: 0 and the payload text's span, else -1. */
+static int
+segment_span(const unsigned char *line, size_t len, size_t *start, size_t *end)
+{
+    size_t head = strlen(SEGMENT_HEAD);
+    const unsigned char *quote = memchr(line + head, '"', len - head);
+
+    if (quote == NULL)
+        return -1;
+    *start = head;
+    *end = (size_t)(quote - line);
+    /* after the payload: `","position":N}` */
+    if (len - *end < 2 || quote[1] != ',' || !position_tail(quote + 2, len - *end - 2))
+        return -1;
+    return 0;
+}
+
 /* {"type":2,"payload":"<base64>","position":N} -> Segment */
 static PyObject *
 segment_line(const unsigned char *line, size_t len)
 {
-    size_t head = strlen(SEGMENT_HEAD);
-    const unsigned char *quote = memchr(line + head, '"', len - head);
+    size_t start, end;
     PyObject *payload, *obj;
 
-    if (quote == NULL)
+    if (segment_span(line, len, &start, &end) < 0)
         return NULL;
-    size_t end = (size_t)(quote - line);
-    /* after the payload: `","position":N}` */
-    if (len - end < 2 || quote[1] != ',' || !position_tail(quote + 2, len - end - 2))
-        return NULL;
-    payload = b64_decode(line + head, end - head);
+    payload = b64_decode(line + start, end - start);
     if (payload == NULL)
         return NULL;
     obj = new_instance(&SEGMENT);
@@ -444,41 +484,51 @@ segment_line(const unsigned char *line, size_t len)
     return obj;
 }
 
-/* {"type":1,"name":"<name>",["size":N,]"payload":("<base64>"|null),"position":N} -> FileEntry
- * (the name without escapes, NUL or control characters; size 1-15 digits; a size needs an
- * 8-byte CRC payload; without a size the payload is ignored, as the Python code does). */
-static PyObject *
-file_line(const unsigned char *line, size_t len)
-{
-    size_t i = strlen(FILE_HEAD), name_start = i, name_end, crc_start = 0, crc_end = 0;
-    long long size = 0;
-    int has_size = 0, has_crc = 0;
-    PyObject *name = NULL, *size_obj = NULL, *crc = NULL, *obj = NULL;
+/* The fields of one file line, C values. */
+struct file_fields {
+    size_t name_start, name_end;
+    long long size;     /* 0 without a size */
+    int has_crc;        /* a size, and so its 8-byte CRC */
+    unsigned char crc[CRC_LEN];
+};
 
+/* {"type":1,"name":"<name>",["size":N,]"payload":("<base64>"|null),"position":N}: 0 and its
+ * fields (the name without escapes, NUL or control characters; size 1-15 digits; a size needs
+ * an 8-byte CRC payload; without a size the payload is ignored, as the Python code does), else
+ * -1 (the Python code decides). */
+static int
+file_fields(const unsigned char *line, size_t len, struct file_fields *f)
+{
+    size_t i = strlen(FILE_HEAD), crc_start = 0, crc_end = 0;
+    int has_size = 0, has_payload = 0;
+
+    f->name_start = i;
+    f->size = 0;
+    f->has_crc = 0;
     while (i < len && line[i] != '"' && line[i] != '\\' && line[i] >= 0x20)
         i++;
-    name_end = i;
-    if (name_end == name_start || !starts(line + i, len - i, "\","))
-        return NULL;
+    f->name_end = i;
+    if (f->name_end == f->name_start || !starts(line + i, len - i, "\","))
+        return -1;
     i += 2;
     if (starts(line + i, len - i, "\"size\":")) {
         size_t digits = 0;
         i += strlen("\"size\":");
         if (i >= len || line[i] < '1' || line[i] > '9')
-            return NULL;
+            return -1;
         while (i < len && line[i] >= '0' && line[i] <= '9') {
             if (++digits > 16)
-                return NULL;
-            size = size * 10 + (line[i] - '0'); /* at most 16 digits: < 2**63 */
+                return -1;
+            f->size = f->size * 10 + (line[i] - '0'); /* at most 16 digits: < 2**63 */
             i++;
         }
         if (digits >= 16 || i >= len || line[i] != ',')
-            return NULL; /* 16 digits: the Python code's general path */
+            return -1; /* 16 digits: the Python code's general path */
         i++;
         has_size = 1;
     }
     if (!starts(line + i, len - i, "\"payload\":"))
-        return NULL;
+        return -1;
     i += strlen("\"payload\":");
     if (starts(line + i, len - i, "null")) {
         i += 4;
@@ -487,32 +537,39 @@ file_line(const unsigned char *line, size_t len)
         while (i < len && line[i] != '"' && line[i] != '\\')
             i++;
         if (i >= len || line[i] != '"')
-            return NULL;
+            return -1;
         crc_end = i++;
-        has_crc = 1;
+        has_payload = 1;
     } else {
-        return NULL;
+        return -1;
     }
     if (i >= len || line[i] != ',' || !position_tail(line + i + 1, len - i - 1))
-        return NULL;
-    if (has_size && !has_crc)
-        return NULL; /* a size without a CRC: the general path (an error) */
-    if (has_size) {
-        crc = b64_decode(line + crc_start, crc_end - crc_start);
-        if (crc == NULL)
-            return NULL;
-        if (PyBytes_GET_SIZE(crc) != CRC_LEN) {
-            Py_DECREF(crc);
-            return NULL;
-        }
-    } else {
-        crc = Py_NewRef(Py_None);
-        size = 0;
+        return -1;
+    if (!has_size) {
+        f->size = 0;
+        return 0;
     }
-    name = PyBytes_FromStringAndSize((const char *)line + name_start,
-                                     (Py_ssize_t)(name_end - name_start));
-    size_obj = PyLong_FromLongLong(size);
-    if (name != NULL && size_obj != NULL) {
+    if (!has_payload || b64_length(line + crc_start, crc_end - crc_start) != CRC_LEN
+        || b64_into(line + crc_start, crc_end - crc_start, f->crc) < 0)
+        return -1; /* a size without an 8-byte CRC: the general path (an error) */
+    f->has_crc = 1;
+    return 0;
+}
+
+/* The file line as a FileEntry. */
+static PyObject *
+file_line(const unsigned char *line, size_t len)
+{
+    struct file_fields f;
+    PyObject *name = NULL, *size_obj = NULL, *crc = NULL, *obj = NULL;
+
+    if (file_fields(line, len, &f) < 0)
+        return NULL;
+    crc = f.has_crc ? PyBytes_FromStringAndSize((const char *)f.crc, CRC_LEN) : Py_NewRef(Py_None);
+    name = PyBytes_FromStringAndSize((const char *)line + f.name_start,
+                                     (Py_ssize_t)(f.name_end - f.name_start));
+    size_obj = PyLong_FromLongLong(f.size);
+    if (name != NULL && size_obj != NULL && crc != NULL) {
         obj = new_instance(&FILE_ENTRY);
         if (obj != NULL
             && (set_field(&FILE_ENTRY, obj, 0, Py_NewRef(name)) < 0
@@ -522,7 +579,7 @@ file_line(const unsigned char *line, size_t len)
     }
     Py_XDECREF(name);
     Py_XDECREF(size_obj);
-    Py_DECREF(crc);
+    Py_XDECREF(crc);
     return obj;
 }
 
@@ -558,6 +615,265 @@ entry(PyObject *module, PyObject *line_obj)
     if (found == NULL && !PyErr_Occurred())
         Py_RETURN_NONE;
     return found;
+}
+
+/* -- a layer tree's columns from tar-split lines ---------------------------------------------
+ *
+ * columns() is tree._Collector.add over tarsplit._decode_chunk for a run of lines: what the two
+ * do per line (the decode, the duplicate check, the counts and bounds, a member's columns),
+ * without building an entry. It stops BEFORE the first line it does not take exactly as they
+ * would -- any line entry() declines, a blank line that is not empty, a name whose duplicate
+ * key is not the name itself (or the name less its one trailing "/"), a duplicate, a bound that
+ * would be crossed, a member with no whole header block before it -- and leaves everything as
+ * it was before that line: the Python code then decodes it (and raises, if it must).
+ */
+
+enum {
+    C_TOTAL,       /* tar bytes described so far (rw) */
+    C_LIMIT,       /* the bound of C_TOTAL (r) */
+    C_PENDING,     /* header bytes since the last member (rw; pending holds them) */
+    C_MAX_PENDING, /* the bound of C_PENDING (r) */
+    C_SEGMENTS,    /* segment bytes so far (rw) */
+    C_MAX_SEGMENTS,/* the bound of C_SEGMENTS (r) */
+    C_MEMBERS,     /* members so far (rw): columns() returns after each 4096th */
+    C_HEAD_BASE,   /* the header stream's length before this call's headers (r) */
+    C_NAME_BASE,   /* the name bytes before this call's names (r) */
+    N_COUNTS
+};
+enum { O_TYPES, O_SIZES, O_CRCS, O_HEAD_POS, O_HEAD_LEN, O_NAME_POS, O_NAMES, O_HEADERS, N_OUT };
+#define BUDGET_EVERY 4096
+#define TYPEFLAG_AT (BLOCK - 156) /* from the block's end */
+
+/* Append n bytes to bytearray ba: 0, or -1 with MemoryError. */
+static int
+append(PyObject *ba, const void *p, size_t n)
+{
+    Py_ssize_t old = PyByteArray_GET_SIZE(ba);
+
+    if (n > (size_t)(PY_SSIZE_T_MAX - old)) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (PyByteArray_Resize(ba, old + (Py_ssize_t)n) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(ba) + old, p, n);
+    return 0;
+}
+
+/* The duplicate key (go_clean) of a fast-shape name when it is the name or the name less one
+ * trailing "/": its length, else -1. */
+static Py_ssize_t
+plain_key(const unsigned char *name, size_t len)
+{
+    if (name[0] == '.')
+        return -1;
+    for (size_t i = 0; i + 1 < len; i++)
+        if (name[i] == '/' && (name[i + 1] == '/' || name[i + 1] == '.'))
+            return -1;
+    if (name[len - 1] != '/')
+        return (Py_ssize_t)len;
+    return len >= 2 ? (Py_ssize_t)len - 1 : -1; /* "/" stays "/" */
+}
+
+/* One segment line: 1 taken, 0 declined, -1 error. */
+static int
+take_segment(const unsigned char *line, size_t len, int64_t *counts, PyObject *pending)
+{
+    size_t start, end;
+    Py_ssize_t n, old = PyByteArray_GET_SIZE(pending);
+
+    if (segment_span(line, len, &start, &end) < 0)
+        return 0;
+    n = b64_length(line + start, end - start);
+    if (n < 0 || n > counts[C_MAX_SEGMENTS] - counts[C_SEGMENTS]
+        || n > counts[C_LIMIT] - counts[C_TOTAL] || n > counts[C_MAX_PENDING] - counts[C_PENDING]
+        || old != counts[C_PENDING])
+        return 0;
+    if (PyByteArray_Resize(pending, old + n) < 0)
+        return -1;
+    if (b64_into(line + start, end - start, (unsigned char *)PyByteArray_AS_STRING(pending) + old)
+        < 0) {
+        return PyByteArray_Resize(pending, old) < 0 ? -1 : 0;
+    }
+    counts[C_SEGMENTS] += n;
+    counts[C_TOTAL] += n;
+    counts[C_PENDING] += n;
+    return 1;
+}
+
+/* One file line: 2 taken (a member), 0 declined, -1 error. */
+static int
+take_file(const unsigned char *line, size_t len, int64_t *counts, PyObject *seen,
+          PyObject *pending, PyObject *const *out)
+{
+    struct file_fields f;
+    const unsigned char *name;
+    size_t name_len, plen, skip;
+    Py_ssize_t key_len;
+    PyObject *key;
+    int found;
+    unsigned char flag;
+    uint64_t size, crc = 0, head_pos, name_pos;
+    uint32_t head_len;
+
+    if (file_fields(line, len, &f) < 0)
+        return 0;
+    name = line + f.name_start;
+    name_len = f.name_end - f.name_start;
+    key_len = plain_key(name, name_len);
+    plen = (size_t)PyByteArray_GET_SIZE(pending);
+    skip = plen % BLOCK;
+    if (key_len < 0 || f.size > counts[C_LIMIT] - counts[C_TOTAL]
+        || (int64_t)plen != counts[C_PENDING] || plen - skip < BLOCK)
+        return 0;
+    key = PyBytes_FromStringAndSize((const char *)name, key_len);
+    if (key == NULL)
+        return -1;
+    found = PySet_Contains(seen, key);
+    if (found != 0 || PySet_Add(seen, key) < 0) {
+        Py_DECREF(key);
+        return found > 0 ? 0 : -1;
+    }
+    Py_DECREF(key);
+
+    flag = (unsigned char)PyByteArray_AS_STRING(pending)[plen - TYPEFLAG_AT];
+    if (flag == 0 || flag == '0' || flag == '7') /* Go: '\0' names ending in "/" are dirs */
+        flag = flag == 0 && name[name_len - 1] == '/' ? '5' : '0';
+    size = (uint64_t)f.size;
+    for (int i = 0; f.has_crc && i < CRC_LEN; i++)
+        crc = crc << 8 | f.crc[i];
+    head_pos = (uint64_t)counts[C_HEAD_BASE] + (uint64_t)PyByteArray_GET_SIZE(out[O_HEADERS]);
+    head_len = (uint32_t)(plen - skip); /* <= C_MAX_PENDING, checked by the caller to fit */
+    if (append(out[O_TYPES], &flag, 1) < 0 || append(out[O_SIZES], &size, 8) < 0
+        || append(out[O_CRCS], &crc, 8) < 0 || append(out[O_HEAD_POS], &head_pos, 8) < 0
+        || append(out[O_HEAD_LEN], &head_len, 4) < 0 || append(out[O_NAMES], name, name_len) < 0
+        || append(out[O_HEADERS], PyByteArray_AS_STRING(pending) + skip, plen - skip) < 0)
+        return -1;
+    name_pos = (uint64_t)counts[C_NAME_BASE] + (uint64_t)PyByteArray_GET_SIZE(out[O_NAMES]);
+    if (append(out[O_NAME_POS], &name_pos, 8) < 0 || PyByteArray_Resize(pending, 0) < 0)
+        return -1;
+    counts[C_TOTAL] += f.size;
+    counts[C_PENDING] = 0;
+    counts[C_MEMBERS] += 1;
+    return 2;
+}
+
+PyDoc_STRVAR(columns_doc,
+"columns(chunk, pos, counts, seen, pending, out, /) -> (pos, declined)\n\n"
+"tree._Collector.add of tarsplit._decode_chunk's entries for the lines of `chunk` (whole\n"
+"lines, valid UTF-8, none longer than MAX_LINE) from offset `pos`: `counts` is the int64\n"
+"array of C_* values, `seen` the duplicate keys, `pending` the header bytes since the last\n"
+"member, `out` 8 bytearrays the columns are appended to (native uint64 sizes, CRCs, header\n"
+"positions, name end positions; uint32 header lengths; type bytes, names, headers). Returns\n"
+"where it stopped and whether at a line it declined (else after a 4096th member, or past the\n"
+"end: len(chunk) + 1).");
+
+static PyObject *
+columns(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *chunk, *seen, *pending, *out_tuple;
+    PyObject *out[N_OUT];
+    Py_buffer view;
+    Py_ssize_t pos;
+    const unsigned char *data;
+    size_t len;
+    int64_t *counts;
+    int declined = 0, rc = 1;
+
+    (void)module;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "columns() takes 6 arguments");
+        return NULL;
+    }
+    chunk = args[0], seen = args[3], pending = args[4], out_tuple = args[5];
+    pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(chunk) || !PySet_Check(seen) || !PyByteArray_Check(pending)
+        || !PyTuple_Check(out_tuple) || PyTuple_GET_SIZE(out_tuple) != N_OUT || pos < 0
+        || pos > PyBytes_GET_SIZE(chunk) + 1) {
+        PyErr_SetString(PyExc_TypeError, "columns() wants bytes, a position in it, counts, a set, "
+                                         "a bytearray and 8 bytearrays");
+        return NULL;
+    }
+    for (int i = 0; i < N_OUT; i++) {
+        out[i] = PyTuple_GET_ITEM(out_tuple, i);
+        if (!PyByteArray_Check(out[i]) || out[i] == pending) {
+            PyErr_SetString(PyExc_TypeError, "columns(): out holds 8 other bytearrays");
+            return NULL;
+        }
+    }
+    if (PyObject_GetBuffer(args[2], &view, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (view.itemsize != 8 || view.len != N_COUNTS * 8 || view.format == NULL
+        || (strcmp(view.format, "q") != 0 && strcmp(view.format, "l") != 0)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "columns(): counts is an int64 array of N_COUNTS items");
+        return NULL;
+    }
+    counts = (int64_t *)view.buf;
+    for (int i = 0; i < N_COUNTS; i++)
+        rc &= counts[i] >= 0;
+    /* (C_PENDING may exceed its bound: the Python code then dropped the bytes, and every
+     * later header is declined) */
+    if (!rc || counts[C_TOTAL] > counts[C_LIMIT] || counts[C_SEGMENTS] > counts[C_MAX_SEGMENTS]
+        || counts[C_MAX_PENDING] > (int64_t)UINT32_MAX) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "columns(): counts out of range (or the header bound "
+                                          "does not fit 32 bits)");
+        return NULL;
+    }
+    data = (const unsigned char *)PyBytes_AS_STRING(chunk);
+    len = (size_t)PyBytes_GET_SIZE(chunk);
+    while ((size_t)pos <= len) {
+        const unsigned char *line = data + pos;
+        const unsigned char *nl = memchr(line, '\n', len - (size_t)pos);
+        size_t line_len = nl == NULL ? len - (size_t)pos : (size_t)(nl - line);
+
+        if (line_len == 0)
+            rc = 1; /* a blank line: skipped (the caller counted it) */
+        else if (starts(line, line_len, SEGMENT_HEAD))
+            rc = take_segment(line, line_len, counts, pending);
+        else if (starts(line, line_len, FILE_HEAD))
+            rc = take_file(line, line_len, counts, seen, pending, out);
+        else
+            rc = 0;
+        if (rc <= 0) {
+            declined = rc == 0;
+            break;
+        }
+        pos += (Py_ssize_t)line_len + 1;
+        if (rc == 2 && counts[C_MEMBERS] % BUDGET_EVERY == 0)
+            break; /* the caller checks the memory budget */
+    }
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return NULL;
+    return Py_BuildValue("(nO)", pos, declined ? Py_True : Py_False);
+}
+
+PyDoc_STRVAR(newlines_doc,
+"newlines(data, /) -> int\n\n"
+"data.count(b\"\\n\") for bytes `data` (memchr).");
+
+static PyObject *
+newlines(PyObject *module, PyObject *data)
+{
+    const char *p, *end;
+    Py_ssize_t count = 0;
+
+    (void)module;
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "newlines() wants bytes");
+        return NULL;
+    }
+    p = PyBytes_AS_STRING(data);
+    end = p + PyBytes_GET_SIZE(data);
+    while (p < end && (p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        count++;
+        p++;
+    }
+    return PyLong_FromSsize_t(count);
 }
 
 PyDoc_STRVAR(bind_doc,
@@ -628,6 +944,8 @@ bind(PyObject *module, PyObject *cls)
 static PyMethodDef methods[] = {
     {"member", (PyCFunction)(void (*)(void))member, METH_FASTCALL, member_doc},
     {"entry", entry, METH_O, entry_doc},
+    {"columns", (PyCFunction)(void (*)(void))columns, METH_FASTCALL, columns_doc},
+    {"newlines", newlines, METH_O, newlines_doc},
     {"bind", bind, METH_O, bind_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -94,6 +94,22 @@ def _fast_entry() -> Callable[[bytes], Segment | FileEntry | None] | None:
 FAST_ENTRY = _fast_entry()
 
 
+def _count_newlines(data: bytes) -> int:
+    return data.count(b"\n")
+
+
+def _fast_newlines() -> Callable[[bytes], int]:
+    """``data.count(b"\\n")``: the compiled ``_fastparse.newlines`` (memchr, ~10x) if built."""
+    ext = compiled.extension()
+    if ext is None:
+        return _count_newlines
+    newlines: Callable[[bytes], int] = ext.newlines
+    return newlines
+
+
+_newlines = _fast_newlines()
+
+
 def clean_name(name: bytes) -> bytes:
     """Clean a member name lexically, relative to the layer root.
 
@@ -151,13 +167,14 @@ def iter_entries(gz: BinaryIO, what: str) -> Generator[Segment | FileEntry, None
     Bounds: lines <= MAX_LINE bytes, <= MAX_ENTRIES lines (blank ones included), segment bytes
     <= MAX_SEGMENT_BYTES, decompressed input <= MAX_INPUT_BYTES, sizes <= MAX_SIZE.
     """
-    state = _State(what)
-    for lineno, chunk in _iter_chunks(gz, what):
-        yield from _decode_chunk(chunk, lineno, state)
+    state = State(what)
+    for lineno, chunk, newlines in iter_chunks(gz, what):
+        yield from _decode_chunk(chunk, lineno, newlines, state)
 
 
-class _State:
-    """Running counters and the duplicate set of one decode."""
+class State:
+    """Running counters and the duplicate set of one decode (``segment_bytes`` and ``seen``
+    are also kept by ``_fastparse.columns``: tree.py)."""
 
     __slots__ = ("entries", "seen", "segment_bytes", "what")
 
@@ -172,8 +189,12 @@ def _fail(what: str, lineno: int, reason: str) -> MalformedMetadata:
     return MalformedMetadata(f"{what}: tar-split line {lineno}: {reason}")
 
 
-def _iter_chunks(gz: BinaryIO, what: str) -> Iterator[tuple[int, bytes]]:
-    """Yield (number of the first line, bytes of whole lines) from the decompressed stream."""
+def iter_chunks(gz: BinaryIO, what: str) -> Generator[tuple[int, bytes, int], None, None]:
+    """Yield (number of the first line, bytes of whole lines, their count of newlines) from
+    the decompressed stream
+    (close it, or exhaust it, before closing ``gz``). Each chunk is decoded by ``start_chunk``
+    then ``decode_lines`` of its lines (``iter_entries``), or by a caller's fast path that
+    hands ``decode_lines`` every line it does not take."""
     lineno = 1
     total = 0
     pending = b""
@@ -191,12 +212,13 @@ def _iter_chunks(gz: BinaryIO, what: str) -> Iterator[tuple[int, bytes]]:
                 continue
             chunk = pending + data[: cut + 1]
             pending = data[cut + 1 :]
-            yield lineno, chunk
-            lineno += chunk.count(b"\n")
+            newlines = _newlines(chunk)
+            yield lineno, chunk, newlines
+            lineno += newlines
     finally:
         inflater.close()
     if pending.strip():
-        yield lineno, pending
+        yield lineno, pending, _newlines(pending)
 
 
 def _next_block(inflater: _Inflater, what: str, lineno: int) -> bytes:
@@ -304,23 +326,42 @@ def _inflate(gz: BinaryIO) -> Iterator[bytes]:
         raise _GzipError("compressed file ended before the end-of-stream marker")
 
 
-def _decode_chunk(chunk: bytes, first: int, state: _State) -> Iterator[Segment | FileEntry]:
-    """Decode whole lines: a fast path for the shapes Go writes, json.loads for the rest."""
+def _decode_chunk(
+    chunk: bytes, first: int, newlines: int, state: State
+) -> Iterator[Segment | FileEntry]:
+    """Decode whole lines (``newlines`` of them end in a newline)."""
+    utf8_ok = start_chunk(chunk, first, newlines, state)
+    return decode_lines(chunk.split(b"\n"), first, state, utf8_ok)
+
+
+def start_chunk(chunk: bytes, first: int, newlines: int, state: State) -> bool:
+    """Count the lines of ``chunk`` (blank ones too; ``newlines`` is its count of newlines)
+    against MAX_ENTRIES and check their lengths, raising as the decode must; whether the chunk
+    is valid UTF-8 (else no line of it may take a fast path)."""
     what = state.what
-    lines = chunk.split(b"\n")
-    if state.entries + len(lines) > MAX_ENTRIES:
+    count = newlines + 1
+    if state.entries + count > MAX_ENTRIES:
         # Blank lines count too; one past the cap is already too many entries.
         raise _fail(what, first + MAX_ENTRIES - state.entries, f"more than {MAX_ENTRIES} entries")
-    state.entries += len(lines)
+    state.entries += count
     utf8_ok = chunk.isascii() or _valid_utf8(chunk)
+    if len(chunk) > MAX_LINE:
+        _check_line_lengths(chunk.split(b"\n"), first, what)
+    return utf8_ok
+
+
+def decode_lines(
+    lines: list[bytes], first: int, state: State, utf8_ok: bool
+) -> Iterator[Segment | FileEntry]:
+    """Decode the lines (counted by ``start_chunk``; the first is line ``first``): a fast path
+    for the shapes Go writes, json.loads for the rest."""
+    what = state.what
     seen = state.seen
     seg_bytes = state.segment_bytes
     seg_tail = _SEGMENT_TAIL.fullmatch
     file_match = _FILE_RE.fullmatch
     b64 = pybase64.b64decode  # SIMD base64, same strictness as binascii's strict_mode
     lineno = first - 1
-    if len(chunk) > MAX_LINE:
-        _check_line_lengths(lines, first, what)
     fast = FAST_ENTRY if utf8_ok else None
     for line in lines:
         lineno += 1

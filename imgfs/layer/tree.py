@@ -27,12 +27,13 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import zstandard
 
 from imgfs.budget import MEMBER_BYTES, TREE_MEMBER_BYTES
 from imgfs.errors import MalformedMetadata, NotFound, OverBudget
-from imgfs.layer import compiled
+from imgfs.layer import compiled, tarsplit
 from imgfs.layer.index import MAX_BLOB_SIZE, close_iterable, longer_than
 from imgfs.layer.tarheader import (
     BLOCK,
@@ -102,6 +103,21 @@ def _fast_member() -> Callable[[bytes, bytes, int, int | None, int], Member | No
 
 
 FAST_MEMBER = _fast_member()
+_Columns_Fn = Callable[
+    [bytes, int, "array[int]", set[bytes], bytearray, tuple[bytearray, ...]], tuple[int, bool]
+]
+
+
+def _fast_columns() -> _Columns_Fn | None:
+    """The compiled ``_fastparse.columns`` (the build loop of ``from_tarsplit``), or None."""
+    ext = compiled.extension()
+    if ext is None or array("I").itemsize != 4 or array("q").itemsize != 8:
+        return None
+    fn: _Columns_Fn = ext.columns
+    return fn
+
+
+FAST_COLUMNS = _fast_columns()
 
 
 @dataclass(frozen=True)
@@ -152,19 +168,36 @@ class LayerTree:
         ``IntegrityError`` as soon as the tar described so far is longer; with ``max_bytes``,
         with ``OverBudget`` as soon as the tree would hold more (``nbytes``' estimate).
         """
-        limit = MAX_BLOB_SIZE if expected_size is None else expected_size
-        headers = ChunkWriter(CHUNK)
-        cols = _Columns(
-            bytearray(), array("Q"), array("Q"), array("Q"), array("I"), array("Q", [0]), b"",
-            ChunkedBytes([], 0, CHUNK, what, _CHUNK_CACHE),
-        )  # fmt: skip
-        names: list[bytes] = []
+        collector = _Collector(what, expected_size, max_bytes)
         try:
-            _collect(entries, cols, headers, names, what, limit, max_bytes)
+            for entry in entries:
+                collector.add(entry)
         finally:
             close_iterable(entries)
-        full = {"names": b"".join(names), "headers": headers.finish(what, _CHUNK_CACHE)}
-        return cls(_Columns(**{**cols.__dict__, **full}), what, max_bytes)
+        return cls(collector.finish(), what, max_bytes)
+
+    @classmethod
+    def from_tarsplit(
+        cls,
+        gz: BinaryIO,
+        what: str,
+        expected_size: int | None = None,
+        max_bytes: int | None = None,
+    ) -> LayerTree:
+        """``build(tarsplit.iter_entries(gz, what), ...)``: the same tree, the same errors;
+        with the compiled ``FAST_COLUMNS`` the lines it takes build their columns in C and
+        every other line goes through the Python code (``_Collector.add``)."""
+        if FAST_COLUMNS is None:
+            return cls.build(tarsplit.iter_entries(gz, what), what, expected_size, max_bytes)
+        collector = _Collector(what, expected_size, max_bytes)
+        state = tarsplit.State(what)
+        chunks = tarsplit.iter_chunks(gz, what)
+        try:
+            for first, chunk, newlines in chunks:
+                collector.add_chunk(chunk, first, newlines, state, FAST_COLUMNS)
+        finally:
+            close_iterable(chunks)
+        return cls(collector.finish(), what, max_bytes)
 
     def _index_names(self) -> None:
         cols = self._cols
@@ -294,14 +327,17 @@ class LayerTree:
             self._members.put(ref, found)
         return found
 
-    def members(self, refs: Iterable[int]) -> dict[int, Member]:
+    def members(self, refs: Iterable[int], keep: bool = True) -> dict[int, Member]:
         """ref → member of each of ``refs`` (a listing's): the ones not cached are parsed in
-        tar order, their headers read in spans of up to SPAN_BYTES, and cached."""
+        tar order, their headers read in spans of up to SPAN_BYTES, and cached unless not
+        ``keep`` (a caller that keeps what it builds from them: caching them too would only
+        evict others)."""
         wanted = set(refs)
         found = self._members.get_many(r for r in wanted if r >= 0)
         missing = sorted(r for r in wanted if r >= 0 and r not in found)
         parsed = list(self._parse_in_order(missing))
-        self._members.put_many(parsed)
+        if keep:
+            self._members.put_many(parsed)
         found.update(parsed)
         for ref in wanted:
             if ref < 0:
@@ -440,64 +476,138 @@ def _implied_dir(path: bytes, ref: int) -> Member:
     return Member(path, DIRECTORY, 0o755, 0, 0, 0, 0, b"", 0, 0, (), None, b"", ref, True)
 
 
-def _collect(
-    entries: Iterable[Segment | FileEntry],
-    cols: _Columns,
-    headers: ChunkWriter,
-    names: list[bytes],
-    what: str,
-    limit: int,
-    max_bytes: int | None = None,
-) -> None:
-    """Append each member's columns; only the type byte of its header is looked at.
+# _Collector.counts: what _fastparse.columns reads and updates (its C_* order)
+_TOTAL, _LIMIT, _PENDING, _MAX_PENDING, _SEGMENTS, _MAX_SEGMENTS, _MEMBERS = range(7)
+_HEAD_BASE, _NAME_BASE, _N_COUNTS = 7, 8, 9
+_INT64_MAX = (1 << 63) - 1
 
-    Stops as soon as the tar described so far is longer than ``limit`` bytes, or the tree
-    would be larger than ``max_bytes`` (checked every 4096 members)."""
-    pending: list[bytes] = []
-    pending_bytes = 0  # bounded: a gzip bomb of segments must not be held in memory
-    name_total = 0
-    total = 0  # tar bytes described so far
-    types, sizes, crcs = cols.types, cols.sizes, cols.crcs
-    head_pos, head_len, name_pos = cols.head_pos, cols.head_len, cols.name_pos
-    for entry in entries:
+
+class _Collector:
+    """The columns of a tree being built, member by member; only the type byte of each
+    member's header is looked at. Stops as soon as the tar described so far is longer than the
+    limit, or the tree would be larger than ``max_bytes`` (checked every 4096 members)."""
+
+    def __init__(self, what: str, expected_size: int | None, max_bytes: int | None) -> None:
+        self.what = what
+        self.max_bytes = max_bytes
+        self.headers = ChunkWriter(CHUNK)
+        self.cols = _Columns(
+            bytearray(), array("Q"), array("Q"), array("Q"), array("I"), array("Q", [0]), b"",
+            ChunkedBytes([], 0, CHUNK, what, _CHUNK_CACHE),
+        )  # fmt: skip
+        self.names: list[bytes] = []
+        self.name_total = 0
+        # bounded: a gzip bomb of segments must not be held in memory (MAX_HEADER_BYTES)
+        self.pending = bytearray()
+        limit = MAX_BLOB_SIZE if expected_size is None else expected_size
+        self.limit = limit
+        self.total = 0  # tar bytes described so far (a Python int: the limit may be any size)
+        self.counts = array("q", [0] * _N_COUNTS)
+        self.counts[_LIMIT] = min(limit, _INT64_MAX)
+        self.counts[_MAX_PENDING] = MAX_HEADER_BYTES
+        self.counts[_MAX_SEGMENTS] = tarsplit.MAX_SEGMENT_BYTES
+
+    def add(self, entry: Segment | FileEntry) -> None:
+        """Append one entry (the reference of ``_fastparse.columns``)."""
+        counts, what = self.counts, self.what
         if type(entry) is Segment:
-            pending_bytes += len(entry.payload)
-            total += len(entry.payload)
-            if total > limit:
-                raise longer_than(what, limit)
-            if pending_bytes <= MAX_HEADER_BYTES:
-                pending.append(entry.payload)
+            counts[_PENDING] += len(entry.payload)
+            self.total += len(entry.payload)
+            if self.total > self.limit:
+                raise longer_than(what, self.limit)
+            if counts[_PENDING] <= MAX_HEADER_BYTES:
+                self.pending += entry.payload
             else:
-                pending.clear()  # only trailing data may be this long
-            continue
+                self.pending.clear()  # only trailing data may be this long
+            return
         assert isinstance(entry, FileEntry)
-        total += entry.size
-        if total > limit:
-            raise longer_than(what, limit)
-        if pending_bytes > MAX_HEADER_BYTES:
+        self.total += entry.size
+        if self.total > self.limit:
+            raise longer_than(what, self.limit)
+        if counts[_PENDING] > MAX_HEADER_BYTES:
             raise MalformedMetadata(
                 f"{what}: more than {MAX_HEADER_BYTES} bytes of tar headers before "
                 f"{entry.name!r:.200}"
             )
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        pending_bytes = 0
+        data = self.pending
         skip = len(data) % BLOCK
         if len(data) - skip < BLOCK:
             raise MalformedMetadata(f"{what}: no tar header before {entry.name!r:.200}")
         flag = data[-BLOCK + 156]
         if flag in (0, 0x30, 0x37):  # Go: '\0' names ending in '/' are directories
             flag = _DIR_BYTE if flag == 0 and entry.name.endswith(b"/") else 0x30
-        types.append(flag)
-        sizes.append(entry.size)
-        crcs.append(0 if entry.crc is None else int.from_bytes(entry.crc, "big"))
-        head_pos.append(headers.append(data[skip:] if skip else data))
-        head_len.append(len(data) - skip)
-        names.append(entry.name)
-        name_total += len(entry.name)
-        name_pos.append(name_total)
-        if not len(types) & 4095:
-            _check_budget(len(types), name_total, max_bytes, what)
+        cols = self.cols
+        cols.types.append(flag)
+        cols.sizes.append(entry.size)
+        cols.crcs.append(0 if entry.crc is None else int.from_bytes(entry.crc, "big"))
+        cols.head_pos.append(self.headers.append(bytes(data[skip:])))
+        cols.head_len.append(len(data) - skip)
+        data.clear()
+        counts[_PENDING] = 0
+        self.names.append(entry.name)
+        self.name_total += len(entry.name)
+        cols.name_pos.append(self.name_total)
+        if not len(cols.types) & 4095:
+            _check_budget(len(cols.types), self.name_total, self.max_bytes, what)
+
+    def add_chunk(
+        self, chunk: bytes, first: int, newlines: int, state: tarsplit.State, columns: _Columns_Fn
+    ) -> None:
+        """Append the entries of the tar-split lines ``chunk`` (``tarsplit.iter_chunks``), its
+        first line ``first``: each line ``columns`` takes in C, every other one through
+        ``tarsplit.decode_lines`` and ``add``."""
+        utf8_ok = tarsplit.start_chunk(chunk, first, newlines, state)
+        if not utf8_ok or not 0 <= self.total <= self.counts[_LIMIT]:
+            # (past 2**63 bytes, or a negative diff-size: the Python code's ints decide)
+            for entry in tarsplit.decode_lines(chunk.split(b"\n"), first, state, utf8_ok):
+                self.add(entry)
+            return
+        cols, counts, headers = self.cols, self.counts, self.headers
+        out = (bytearray(), bytearray(), bytearray(), bytearray(), bytearray(), bytearray())
+        names, head_bytes = bytearray(), bytearray()
+        out_all = (*out, names, head_bytes)
+        pos, end = 0, len(chunk)
+        counted, lineno = 0, first  # line ``lineno`` starts at offset ``counted``
+        while pos <= end:
+            counts[_TOTAL] = self.total
+            counts[_SEGMENTS] = state.segment_bytes
+            counts[_MEMBERS] = len(cols.types)
+            counts[_HEAD_BASE] = headers.length
+            counts[_NAME_BASE] = self.name_total
+            pos, declined = columns(chunk, pos, counts, state.seen, self.pending, out_all)
+            state.segment_bytes = counts[_SEGMENTS]
+            self.total = counts[_TOTAL]
+            if names or head_bytes or out[0]:
+                cols.types.extend(out[0])
+                cols.sizes.frombytes(out[1])
+                cols.crcs.frombytes(out[2])
+                cols.head_pos.frombytes(out[3])
+                cols.head_len.frombytes(out[4])
+                cols.name_pos.frombytes(out[5])
+                self.names.append(bytes(names))
+                self.name_total += len(names)
+                headers.append(bytes(head_bytes))
+                for column in out_all:
+                    column.clear()
+                if not len(cols.types) & 4095:
+                    _check_budget(len(cols.types), self.name_total, self.max_bytes, self.what)
+            if declined:  # the Python code decides this line
+                stop = chunk.find(b"\n", pos)
+                stop = end if stop < 0 else stop
+                lineno += chunk.count(b"\n", counted, pos)
+                counted = pos
+                for entry in tarsplit.decode_lines([chunk[pos:stop]], lineno, state, True):
+                    self.add(entry)
+                pos = stop + 1
+                if self.total > counts[_LIMIT] and pos <= end:  # past 2**63 bytes: Python's
+                    rest = chunk[pos:].split(b"\n")
+                    for entry in tarsplit.decode_lines(rest, lineno + 1, state, True):
+                        self.add(entry)
+                    return
+
+    def finish(self) -> _Columns:
+        headers = self.headers.finish(self.what, _CHUNK_CACHE)
+        return _Columns(**{**self.cols.__dict__, "names": b"".join(self.names), "headers": headers})
 
 
 def _load_columns(data: bytes, what: str) -> _Columns:

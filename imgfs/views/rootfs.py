@@ -124,11 +124,12 @@ class RootFS:
     def members(self, entries: Collection[Entry]) -> list[Member]:
         """The members ``entries`` show, in their order, each layer's parsed in tar order (a
         listing's; not done by every merge: a lookup merges the directories above it, whose
-        members nothing may ask for)."""
+        members nothing may ask for). Not kept in the trees' member caches: the listing keeps
+        the nodes built from them."""
         by_layer: dict[int, list[int]] = {}
         for entry in entries:
             by_layer.setdefault(entry.layer, []).append(entry.ref)
-        parsed = {i: self.layers[i].members(refs) for i, refs in by_layer.items()}
+        parsed = {i: self.layers[i].members(refs, keep=False) for i, refs in by_layer.items()}
         return [parsed[entry.layer][entry.ref] for entry in entries]
 
     def _check_budget(self, path: bytes, sources: tuple[int, ...]) -> None:

@@ -46,7 +46,8 @@ class Rootfs(Section):
         layers = [(source.created_ns, weakref.ref(tree)) for source, tree in trees]
         prefix = key.path + b"/" if key.path else b""
         listing: list[tuple[bytes, Node]] = []
-        remembered: list[tuple[Key, Node]] = []
+        remembered: list[tuple[Key, Node]] = []  # a hardlinked file's inode key (``peek``
+        # finds a path's node in the listing, which the view keeps: TreeView.children)
         for (name, entry), member in zip(entries.items(), members, strict=True):
             path_key = RootfsKey(key.image, prefix + name)
             shown, nlink = _shown(fs, entry, path_key)
@@ -54,10 +55,10 @@ class Rootfs(Section):
             where = Origin(entry.layer, tree, entry.ref)
             node = member_node(shown, member, nlink, created, where)
             listing.append((name, node))
-            remembered.append((path_key, node))
             if shown is not path_key:
                 remembered.append((shown, node))
-        view.remember_many(remembered)
+        if remembered:
+            view.remember_many(remembered)
         return listing
 
     def lookup(self, view: TreeView, key: RootfsKeys, name: bytes) -> Node:
