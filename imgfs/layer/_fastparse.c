@@ -668,7 +668,8 @@ PyInit__fastparse(void)
  * (entry, fd) pairs into the staging buffer: segments verbatim, each file's content by pread
  * from offset 0, its end checked (one more pread returns nothing) and its CRC-64/GO-ISO
  * (the polynomial and conventions of Go's hash/crc64 ISO table, as fastcrc's go_iso) compared
- * with the tar-split's; crc64_go_iso() for the tests.
+ * with the tar-split's; entries() -- tarsplit._decode_chunk's loop for the lines entry()
+ * decodes (duplicate names and the segment bound checked as there); crc64_go_iso() for tests.
  * Must not know: error messages, lower directories, publish marks, the pipeline.
  *
  * As above, the Python code is the reference and the only code that raises for bad input:
@@ -1132,10 +1133,145 @@ done:
     return result;
 }
 
+static PyObject *str_name;
+
+/* Whether tarsplit.go_clean(name) is name for a name file_line() gave (the duplicate key). */
+static int
+go_clean_is_same(PyObject *name)
+{
+    const char *b = PyBytes_AS_STRING(name);
+    Py_ssize_t n = PyBytes_GET_SIZE(name);
+
+    if (n == 0 || b[0] == '.' || b[n - 1] == '/')
+        return 0;
+    for (Py_ssize_t i = 0; i + 1 < n; i++)
+        if (b[i] == '/' && (b[i + 1] == '/' || b[i + 1] == '.'))
+            return 0;
+    return 1;
+}
+
+PyDoc_STRVAR(entries_doc,
+"entries(chunk, pos, seen, segment_room) -> (entries, pos, lines, segment_bytes)\n\n"
+"tarsplit._decode_chunk's loop over the lines of chunk (valid UTF-8) from byte offset pos, for\n"
+"the lines entry() decodes (and blank ones): each file's name (when go_clean keeps it) checked\n"
+"against and added to the set seen, the segments' bytes kept within segment_room. Stops before\n"
+"the first other line (pos: its offset; lines: how many lines were consumed) or past the end\n"
+"(pos > len(chunk)); the Python code decides that line.");
+
+static PyObject *
+entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const unsigned char *buf;
+    Py_ssize_t len, pos, lines = 0;
+    long long room, seg_bytes = 0;
+    PyObject *chunk, *seen, *out, *result;
+
+    (void)module;
+    if (nargs != 4 || !PyBytes_CheckExact(args[0]) || !PySet_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "entries(chunk: bytes, pos: int, seen: set, room: int)");
+        return NULL;
+    }
+    if (SEGMENT.type == NULL || FILE_ENTRY.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "entries(): bind() Segment and FileEntry first");
+        return NULL;
+    }
+    chunk = args[0];
+    seen = args[2];
+    pos = PyLong_AsSsize_t(args[1]);
+    room = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    buf = (const unsigned char *)PyBytes_AS_STRING(chunk);
+    len = PyBytes_GET_SIZE(chunk);
+    if (pos < 0 || pos > len + 1) {
+        PyErr_SetString(PyExc_ValueError, "entries(): pos out of range");
+        return NULL;
+    }
+    out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    while (pos <= len) {
+        const unsigned char *line = buf + pos, *nl = memchr(line, '\n', (size_t)(len - pos));
+        size_t llen = nl != NULL ? (size_t)(nl - line) : (size_t)(len - pos);
+        Py_ssize_t next = nl != NULL ? (Py_ssize_t)(nl - buf) + 1 : len + 1;
+        PyObject *obj;
+
+        if (llen == 0) { /* a blank line: skipped (as line.strip() is empty) */
+            pos = next;
+            lines++;
+            continue;
+        }
+        if (starts(line, llen, SEGMENT_HEAD))
+            obj = segment_line(line, llen);
+        else if (starts(line, llen, FILE_HEAD))
+            obj = file_line(line, llen);
+        else
+            break;
+        if (obj == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            break;
+        }
+        if (Py_IS_TYPE(obj, SEGMENT.type)) {
+            PyObject *payload = PyObject_GetAttr(obj, str_payload);
+            long long plen;
+            if (payload == NULL) {
+                Py_DECREF(obj);
+                goto fail;
+            }
+            plen = (long long)PyBytes_GET_SIZE(payload);
+            Py_DECREF(payload);
+            if (plen > room - seg_bytes) { /* the Python code raises at this line */
+                Py_DECREF(obj);
+                break;
+            }
+            seg_bytes += plen;
+        } else {
+            PyObject *name = PyObject_GetAttr(obj, str_name);
+            int dup;
+            if (name == NULL) {
+                Py_DECREF(obj);
+                goto fail;
+            }
+            if (!go_clean_is_same(name)) { /* its key is go_clean's: the Python code */
+                Py_DECREF(name);
+                Py_DECREF(obj);
+                break;
+            }
+            dup = PySet_Contains(seen, name);
+            if (dup == 0)
+                dup = PySet_Add(seen, name) < 0 ? -1 : 0;
+            else if (dup == 1) { /* a duplicate: the Python code raises at this line */
+                Py_DECREF(name);
+                Py_DECREF(obj);
+                break;
+            }
+            Py_DECREF(name);
+            if (dup < 0) {
+                Py_DECREF(obj);
+                goto fail;
+            }
+        }
+        if (PyList_Append(out, obj) < 0) {
+            Py_DECREF(obj);
+            goto fail;
+        }
+        Py_DECREF(obj);
+        pos = next;
+        lines++;
+    }
+    result = Py_BuildValue("(NnnL)", out, pos, lines, seg_bytes);
+    return result;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef generation_methods[] = {
     {"open_files", (PyCFunction)(void (*)(void))open_files, METH_FASTCALL, open_files_doc},
     {"copy_entries", (PyCFunction)(void (*)(void))copy_entries, METH_FASTCALL, copy_entries_doc},
     {"crc64_go_iso", crc64_go_iso, METH_VARARGS, crc64_doc},
+    {"entries", (PyCFunction)(void (*)(void))entries, METH_FASTCALL, entries_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1146,7 +1282,8 @@ add_generation(PyObject *module)
     str_payload = PyUnicode_InternFromString("payload");
     str_size = PyUnicode_InternFromString("size");
     str_crc = PyUnicode_InternFromString("crc");
-    if (str_payload == NULL || str_size == NULL || str_crc == NULL)
+    str_name = PyUnicode_InternFromString("name");
+    if (str_payload == NULL || str_size == NULL || str_crc == NULL || str_name == NULL)
         return -1;
     return PyModule_AddFunctions(module, generation_methods);
 }

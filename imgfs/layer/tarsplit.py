@@ -92,6 +92,11 @@ def _fast_entry() -> Callable[[bytes], Segment | FileEntry | None] | None:
 
 
 FAST_ENTRY = _fast_entry()
+_Entries = Callable[[bytes, int, set[bytes], int], tuple[list[Segment | FileEntry], int, int, int]]
+# The compiled loop over a chunk's lines (``_fastparse.entries``, bound with FAST_ENTRY), or None.
+FAST_ENTRIES: _Entries | None = (
+    getattr(compiled.extension(), "entries", None) if FAST_ENTRY else None
+)
 
 
 def clean_name(name: bytes) -> bytes:
@@ -305,22 +310,52 @@ def _inflate(gz: BinaryIO) -> Iterator[bytes]:
 
 
 def _decode_chunk(chunk: bytes, first: int, state: _State) -> Iterator[Segment | FileEntry]:
-    """Decode whole lines: a fast path for the shapes Go writes, json.loads for the rest."""
+    """Decode whole lines: a fast path for the shapes Go writes, json.loads for the rest.
+
+    With the extension, ``FAST_ENTRIES`` decodes runs of such lines in one call (duplicates
+    and the segment bound checked as below); each line it stops at is decoded here.
+    """
     what = state.what
-    lines = chunk.split(b"\n")
-    if state.entries + len(lines) > MAX_ENTRIES:
+    count = chunk.count(b"\n") + 1  # len(chunk.split(b"\n"))
+    if state.entries + count > MAX_ENTRIES:
         # Blank lines count too; one past the cap is already too many entries.
         raise _fail(what, first + MAX_ENTRIES - state.entries, f"more than {MAX_ENTRIES} entries")
-    state.entries += len(lines)
+    state.entries += count
     utf8_ok = chunk.isascii() or _valid_utf8(chunk)
+    if len(chunk) > MAX_LINE:
+        _check_line_lengths(chunk.split(b"\n"), first, what)
+    many = FAST_ENTRIES if utf8_ok else None
+    if many is None:
+        yield from _decode_lines(chunk.split(b"\n"), first, state, utf8_ok)
+        return
+    pos, lineno, end = 0, first, len(chunk)
+    while pos <= end:
+        got, pos, lines, seg_bytes = many(
+            chunk, pos, state.seen, MAX_SEGMENT_BYTES - state.segment_bytes
+        )
+        state.segment_bytes += seg_bytes
+        lineno += lines
+        yield from got
+        if pos > end:
+            return
+        cut = chunk.find(b"\n", pos)
+        line = chunk[pos:] if cut < 0 else chunk[pos:cut]
+        yield from _decode_lines([line], lineno, state, utf8_ok)
+        pos = end + 1 if cut < 0 else cut + 1
+        lineno += 1
+
+
+def _decode_lines(
+    lines: list[bytes], first: int, state: _State, utf8_ok: bool
+) -> Iterator[Segment | FileEntry]:
+    """Decode ``lines`` (numbered from ``first``), each checked and counted in ``state``."""
+    what = state.what
     seen = state.seen
     seg_bytes = state.segment_bytes
     seg_tail = _SEGMENT_TAIL.fullmatch
     file_match = _FILE_RE.fullmatch
     b64 = pybase64.b64decode  # SIMD base64, same strictness as binascii's strict_mode
     lineno = first - 1
-    if len(chunk) > MAX_LINE:
-        _check_line_lengths(lines, first, what)
     fast = FAST_ENTRY if utf8_ok else None
     for line in lines:
         lineno += 1
