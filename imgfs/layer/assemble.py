@@ -57,7 +57,8 @@ class FileOpener(Protocol):
 @runtime_checkable
 class BatchOpener(Protocol):
     """A FileOpener that opens several files in one call for less than several calls cost (a
-    rootless store's user-namespace helper: one round trip instead of one per file)."""
+    rootless store's user-namespace helper: one round trip instead of one per file; the
+    store's LayerFiles: one compiled call instead of Python per file)."""
 
     def open(self, name: bytes, size: int) -> int: ...
 
@@ -396,7 +397,8 @@ _Job = tuple[bytearray | None, int, int]
 class _Generator:
     """State of one sequential generation: a staging buffer, hash, verified and published marks.
 
-    Every byte goes through the staging buffer (file content is read straight into it), which is
+    Every byte goes through the staging buffer (file content is read straight into it, by the
+    compiled ``copy_entries`` for runs of small files when the extension is built), which is
     hashed and submitted to the pipeline when full. ``_verified`` is how far the bytes passed
     their checks: segments at once, file content up to its last byte until the CRC matches.
     """
