@@ -1151,24 +1151,25 @@ go_clean_is_same(PyObject *name)
 }
 
 PyDoc_STRVAR(entries_doc,
-"entries(chunk, pos, seen, segment_room) -> (entries, pos, lines, segment_bytes)\n\n"
+"entries(chunk, pos, seen, segment_room, max_lines) -> (entries, pos, lines, segment_bytes)\n\n"
 "tarsplit._decode_chunk's loop over the lines of chunk (valid UTF-8) from byte offset pos, for\n"
 "the lines entry() decodes (and blank ones): each file's name (when go_clean keeps it) checked\n"
 "against and added to the set seen, the segments' bytes kept within segment_room. Stops before\n"
-"the first other line (pos: its offset; lines: how many lines were consumed) or past the end\n"
-"(pos > len(chunk)); the Python code decides that line.");
+"the first other line or after max_lines lines (pos: the next line's offset; lines: how many\n"
+"were consumed), or past the end (pos > len(chunk)); the Python code decides the line at pos\n"
+"(max_lines bounds how long one call holds the GIL).");
 
 static PyObject *
 entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     const unsigned char *buf;
-    Py_ssize_t len, pos, lines = 0;
+    Py_ssize_t len, pos, lines = 0, max_lines;
     long long room, seg_bytes = 0;
     PyObject *chunk, *seen, *out, *result;
 
     (void)module;
-    if (nargs != 4 || !PyBytes_CheckExact(args[0]) || !PySet_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "entries(chunk: bytes, pos: int, seen: set, room: int)");
+    if (nargs != 5 || !PyBytes_CheckExact(args[0]) || !PySet_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "entries(chunk: bytes, pos, seen: set, room, max_lines)");
         return NULL;
     }
     if (SEGMENT.type == NULL || FILE_ENTRY.type == NULL) {
@@ -1179,6 +1180,7 @@ entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     seen = args[2];
     pos = PyLong_AsSsize_t(args[1]);
     room = PyLong_AsLongLong(args[3]);
+    max_lines = PyLong_AsSsize_t(args[4]);
     if (PyErr_Occurred())
         return NULL;
     buf = (const unsigned char *)PyBytes_AS_STRING(chunk);
@@ -1190,7 +1192,7 @@ entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    while (pos <= len) {
+    while (pos <= len && lines < max_lines) {
         const unsigned char *line = buf + pos, *nl = memchr(line, '\n', (size_t)(len - pos));
         size_t llen = nl != NULL ? (size_t)(nl - line) : (size_t)(len - pos);
         Py_ssize_t next = nl != NULL ? (Py_ssize_t)(nl - buf) + 1 : len + 1;
