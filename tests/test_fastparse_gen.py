@@ -326,3 +326,33 @@ def test_generation_errors_name_the_layer_in_both_modes(tmp_path: Path, mode: st
     (layer.dir / name).unlink()
     with pytest.raises(LayerUnavailable, match=f"^{WHAT}: file b'{name}' not found"):
         _generate(layer, RecordingSink(truth=layer.tar))
+
+
+def test_open_many_out_of_descriptors_says_so_and_tries_no_more(tmp_path: Path) -> None:
+    """EMFILE is not the file's fault: its OSError (which makes open-ahead stop, so the file
+    opens at its turn once descriptors are free), and nothing tried after it."""
+    import errno
+    import resource
+
+    for i in range(40):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with LayerFiles([str(tmp_path)], WHAT) as files:
+        probe = os.open(os.devnull, os.O_RDONLY)
+        os.close(probe)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe + 10, hard))
+        try:
+            got = files.open_many([(f"f{i}".encode(), 1) for i in range(40)])
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        fds = [fd for fd in got if isinstance(fd, int)]
+        errors = [k for k, fd in enumerate(got) if isinstance(fd, OSError)]
+        assert len(errors) == 1
+        err = got[errors[0]]
+        assert isinstance(err, OSError)
+        assert err.errno == errno.EMFILE
+        assert assemble.out_of_descriptors(err)
+        assert got[errors[0] + 1 :] == [None] * (39 - errors[0])
+        assert len(fds) == errors[0]
+        for fd in fds:
+            os.close(fd)

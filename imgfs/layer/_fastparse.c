@@ -768,7 +768,8 @@ openat2_retry(int dirfd, const char *name, uint64_t flags, uint64_t resolve)
     return fd;
 }
 
-/* One name: its fd, or -1 (Python opens it at its turn and says why). */
+/* One name: its fd; -1 (Python opens it at its turn and says why); or -errno when the process
+ * or the system is out of descriptors (EMFILE, ENFILE: the caller stops opening ahead). */
 static int
 open_one(int dirfd, const char *name, uint64_t size, uint64_t flags, uint64_t resolve,
          uint64_t advise)
@@ -783,7 +784,7 @@ open_one(int dirfd, const char *name, uint64_t size, uint64_t flags, uint64_t re
     if (fd < 0 && errno == EPERM && (flags & O_NOATIME)) /* files.noatime */
         fd = openat2_retry(dirfd, name, flags & ~(uint64_t)O_NOATIME, resolve);
     if (fd < 0)
-        return -1;
+        return errno == EMFILE || errno == ENFILE ? -errno : -1;
     if (fstat((int)fd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != size) {
         close((int)fd);
         return -1;
@@ -821,7 +822,7 @@ PyDoc_STRVAR(open_files_doc,
 "For each member name (bytes, as the tar-split has it) that is already clean, below dirfd: a\n"
 "read-only fd of the regular file of exactly that size, opened with openat2(flags, resolve)\n"
 "(without O_NOATIME where that is refused), its first `advise` bytes asked of the disk; else\n"
-"None.");
+"None, or -errno (EMFILE, ENFILE) for the name that ran out of descriptors (and None after it).");
 
 static PyObject *
 open_files(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -888,9 +889,15 @@ open_files(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_INCREF(names); /* (the list keeps the names alive; nobody may shrink it meanwhile) */
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
+    for (Py_ssize_t i = 0; i < n; i++) {
         fds[i] = cnames[i] == NULL ? -1
                  : open_one(dirfd, cnames[i], csizes[i], flags, resolve, advise);
+        if (fds[i] < -1) { /* out of descriptors: nothing more is tried */
+            for (Py_ssize_t j = i + 1; j < n; j++)
+                fds[j] = -1;
+            break;
+        }
+    }
     Py_END_ALLOW_THREADS
     Py_DECREF(names);
     out = PyList_New(n);
@@ -901,16 +908,14 @@ open_files(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = fds[i] < 0 ? Py_NewRef(Py_None) : PyLong_FromLong(fds[i]);
+        PyObject *item = fds[i] == -1 ? Py_NewRef(Py_None) : PyLong_FromLong(fds[i]);
         if (item == NULL) { /* close this one and every later fd; the list owns the earlier */
             for (Py_ssize_t j = i; j < n; j++)
                 if (fds[j] >= 0)
                     close(fds[j]);
-            for (Py_ssize_t j = 0; j < i; j++) {
-                PyObject *got = PyList_GET_ITEM(out, j);
-                if (got != Py_None)
-                    close((int)PyLong_AsLong(got));
-            }
+            for (Py_ssize_t j = 0; j < i; j++)
+                if (fds[j] >= 0)
+                    close(fds[j]);
             Py_CLEAR(out);
             goto done;
         }

@@ -193,24 +193,24 @@ class LayerFiles:
         """``open`` of each ``(name, size)`` whose name is already clean (``clean_name`` gives
         it back) and that is a regular file of that size in the first directory, all in one
         compiled call (then ``POSIX_FADV_WILLNEED`` of its first ``advise`` bytes); None for
-        every other item (``open`` it at its turn: it says why).
+        every other item (``open`` it at its turn: it says why), except the one that ran out of
+        descriptors (EMFILE, ENFILE): its ``OSError``, and None for every item after it.
         All None without the extension or without openat2. The caller closes the fds."""
         fast = _OPEN_FILES
         if fast is None or not self._openat2 or not items:
             return [None] * len(items)
         found = self._dir(0)
         assert found is not None  # (a LayerFiles has at least one directory)
-        opened: list[int | Exception | None] = list[int | Exception | None](
-            fast(
-                found[0],
-                [name for name, _ in items],
-                [size for _, size in items],
-                _READ_FLAGS | os.O_NOATIME,
-                _RESOLVE,
-                advise,
-            )
+        got = fast(
+            found[0],
+            [name for name, _ in items],
+            [size for _, size in items],
+            _READ_FLAGS | os.O_NOATIME,
+            _RESOLVE,
+            advise,
         )
-        return opened
+        # Out of descriptors (-errno): an error the caller recognises (it stops opening ahead).
+        return [OSError(-fd, os.strerror(-fd)) if fd is not None and fd < 0 else fd for fd in got]
 
     def _open_in(self, dirfd: int, dev: int, cleaned: bytes) -> int:
         if self._openat2:
