@@ -36,7 +36,9 @@ class Batching:
         self.single.append(name)
         return self.files.open(name, size)
 
-    def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception]:
+    def open_many(
+        self, items: Sequence[tuple[bytes, int]], advise: int = 0
+    ) -> list[int | Exception]:
         self.batches.append([name for name, _ in items])
         out: list[int | Exception] = []
         for name, size in items:

@@ -77,6 +77,7 @@ static struct shape *const SHAPES[] = {&MEMBER, &SEGMENT, &FILE_ENTRY};
 _Static_assert(sizeof(MEMBER_FIELDS) / sizeof(MEMBER_FIELDS[0]) == N_MEMBER_FIELDS, "names");
 
 static PyObject *empty_tuple;
+static int add_generation(PyObject *module); /* the generation section, at the end */
 
 /* One plain octal field as tarheader._plain_numbers reads it: only "01234567", " " and NUL,
  * spaces and NULs trimmed at both ends, nothing but digits between them, empty = 0.
@@ -968,5 +969,646 @@ PyInit__fastparse(void)
     module = PyModule_Create(&module_def);
     if (module != NULL && PyModule_AddStringConstant(module, "SOURCE_SHA256", SOURCE_SHA256) < 0)
         Py_CLEAR(module);
+    if (module != NULL && add_generation(module) < 0)
+        Py_CLEAR(module);
     return module;
+}
+
+
+/* ============================================================================================
+ * Generation of a layer blob: batched opens (imgfs/store/layerfiles.py LayerFiles.open_many)
+ * and the copy loop (imgfs/layer/assemble.py _Generator.run).
+ *
+ * Owns: open_files() -- LayerFiles._open_beneath + _check for a batch of names in ONE layer
+ * directory (fstatat probe without following, openat2 with the caller's flags and resolve
+ * rules, O_NOATIME dropped on EPERM as files.noatime does, fstat: regular and of the recorded
+ * size, POSIX_FADV_WILLNEED of the first bytes); copy_entries() -- the tar bytes of a run of
+ * (entry, fd) pairs into the staging buffer: segments verbatim, each file's content by pread
+ * from offset 0, its end checked (one more pread returns nothing) and its CRC-64/GO-ISO
+ * (the polynomial and conventions of Go's hash/crc64 ISO table, as fastcrc's go_iso) compared
+ * with the tar-split's; entries() -- tarsplit._decode_chunk's loop for the lines entry()
+ * decodes (duplicate names and the segment bound checked as there); crc64_go_iso() for tests.
+ * Must not know: error messages, lower directories, publish marks, the pipeline.
+ *
+ * As above, the Python code is the reference and the only code that raises for bad input:
+ * open_files() gives None for a name it does not open cleanly (any errno, a symlink, not a
+ * regular file, another size), and LayerFiles.open opens it at its turn with its own errors;
+ * copy_entries() stops BEFORE the first pair it does not complete cleanly (no fd, a file that
+ * does not fit the room left, a short or long file, a CRC mismatch, a read error) and the
+ * Python code copies that pair itself from offset 0 (pread leaves the fd's offset alone) and
+ * raises. Bytes written past the returned fill are scratch. Both release the GIL for their
+ * syscalls: the arguments are first copied into C arrays under the GIL, holding references to
+ * the payloads and the staging buffer (a Py_buffer export: a bytearray cannot be resized).
+ * ============================================================================================ */
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+struct imgfs_open_how {
+    uint64_t flags, mode, resolve;
+};
+#define OPEN_RETRIES 8 /* files.openat2: EINTR and EAGAIN (a concurrent rename) are retried */
+#define GEN_MAX_BATCH 4096
+
+static uint64_t crc_table[8][256];
+
+static void
+init_crc(void)
+{
+    const uint64_t poly = 0xD800000000000000ULL; /* ISO 3309, reflected (Go's crc64.ISO) */
+    for (int i = 0; i < 256; i++) {
+        uint64_t crc = (uint64_t)i;
+        for (int k = 0; k < 8; k++)
+            crc = (crc & 1) ? (crc >> 1) ^ poly : crc >> 1;
+        crc_table[0][i] = crc;
+    }
+    for (int i = 0; i < 256; i++)
+        for (int k = 1; k < 8; k++)
+            crc_table[k][i] = crc_table[0][crc_table[k - 1][i] & 0xff] ^ (crc_table[k - 1][i] >> 8);
+}
+
+/* Go's crc64.Update(crc, MakeTable(ISO), p): slicing by 8. */
+static uint64_t
+crc64_update(uint64_t crc, const unsigned char *p, size_t n)
+{
+    crc = ~crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        v = __builtin_bswap64(v);
+#endif
+        crc ^= v;
+        crc = crc_table[7][crc & 0xff] ^ crc_table[6][(crc >> 8) & 0xff]
+              ^ crc_table[5][(crc >> 16) & 0xff] ^ crc_table[4][(crc >> 24) & 0xff]
+              ^ crc_table[3][(crc >> 32) & 0xff] ^ crc_table[2][(crc >> 40) & 0xff]
+              ^ crc_table[1][(crc >> 48) & 0xff] ^ crc_table[0][crc >> 56];
+        p += 8;
+        n -= 8;
+    }
+    while (n--)
+        crc = crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+PyDoc_STRVAR(crc64_doc, "crc64_go_iso(data, crc=0) -> int: Go's crc64.Update(crc, ISO, data).");
+
+static PyObject *
+crc64_go_iso(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    unsigned long long crc = 0;
+    uint64_t out;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*|K", &view, &crc))
+        return NULL;
+    out = crc64_update((uint64_t)crc, (const unsigned char *)view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(out);
+}
+
+static long
+openat2_retry(int dirfd, const char *name, uint64_t flags, uint64_t resolve)
+{
+    struct imgfs_open_how how = {flags, 0, resolve};
+    long fd = -1;
+    for (int i = 0; i < OPEN_RETRIES; i++) {
+        fd = syscall(SYS_openat2, dirfd, name, &how, sizeof how);
+        if (fd >= 0 || (errno != EINTR && errno != EAGAIN))
+            break;
+    }
+    return fd;
+}
+
+/* One name: its fd; -1 (Python opens it at its turn and says why); or -errno when the process
+ * or the system is out of descriptors (EMFILE, ENFILE: the caller stops opening ahead). */
+static int
+open_one(int dirfd, const char *name, uint64_t size, uint64_t flags, uint64_t resolve,
+         uint64_t advise)
+{
+    struct stat st;
+    long fd;
+
+    if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)
+        || (uint64_t)st.st_size != size)
+        return -1;
+    fd = openat2_retry(dirfd, name, flags, resolve);
+    if (fd < 0 && errno == EPERM && (flags & O_NOATIME)) /* files.noatime */
+        fd = openat2_retry(dirfd, name, flags & ~(uint64_t)O_NOATIME, resolve);
+    if (fd < 0)
+        return errno == EMFILE || errno == ENFILE ? -errno : -1;
+    if (fstat((int)fd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != size) {
+        close((int)fd);
+        return -1;
+    }
+    if (advise && size)
+        (void)posix_fadvise((int)fd, 0, (off_t)(size < advise ? size : advise),
+                            POSIX_FADV_WILLNEED);
+    return (int)fd;
+}
+
+/* The name tarsplit.clean_name gives for a member name that is already clean (a "./" prefix
+ * dropped, no "." or ".." component, no "//", no NUL, no "/" at either end), else NULL (the
+ * Python code cleans it, or refuses it). Points into the bytes object (NUL-terminated). */
+static const char *
+already_clean(PyObject *name)
+{
+    const char *body = PyBytes_AS_STRING(name);
+    size_t len = (size_t)PyBytes_GET_SIZE(name);
+
+    if (len >= 2 && body[0] == '.' && body[1] == '/') {
+        body += 2;
+        len -= 2;
+    }
+    if (len == 0 || body[0] == '.' || body[0] == '/' || body[len - 1] == '/'
+        || strlen(body) != len)
+        return NULL;
+    for (size_t i = 0; i + 1 < len; i++)
+        if (body[i] == '/' && (body[i + 1] == '/' || body[i + 1] == '.'))
+            return NULL;
+    return body;
+}
+
+PyDoc_STRVAR(open_files_doc,
+"open_files(dirfd, names, sizes, flags, resolve, advise) -> list[int | None]\n\n"
+"For each member name (bytes, as the tar-split has it) that is already clean, below dirfd: a\n"
+"read-only fd of the regular file of exactly that size, opened with openat2(flags, resolve)\n"
+"(without O_NOATIME where that is refused), its first `advise` bytes asked of the disk; else\n"
+"None, or -errno (EMFILE, ENFILE) for the name that ran out of descriptors (and None after it).");
+
+static PyObject *
+open_files(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int dirfd;
+    unsigned long long flags, resolve, advise;
+    PyObject *names, *sizes, *out = NULL;
+    Py_ssize_t n;
+    const char **cnames = NULL;
+    uint64_t *csizes = NULL;
+    int *fds = NULL;
+
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "open_files() takes 6 arguments");
+        return NULL;
+    }
+    {
+        long d = PyLong_AsLong(args[0]);
+        if (d == -1 && PyErr_Occurred())
+            return NULL;
+        if (d < 0 || d > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "open_files(): dirfd out of range");
+            return NULL;
+        }
+        dirfd = (int)d;
+    }
+    flags = PyLong_AsUnsignedLongLong(args[3]);
+    resolve = PyLong_AsUnsignedLongLong(args[4]);
+    advise = PyLong_AsUnsignedLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    names = args[1];
+    sizes = args[2];
+    if (!PyList_CheckExact(names) || !PyList_CheckExact(sizes)
+        || PyList_GET_SIZE(names) != PyList_GET_SIZE(sizes)) {
+        PyErr_SetString(PyExc_TypeError, "open_files(): names and sizes: lists of one length");
+        return NULL;
+    }
+    n = PyList_GET_SIZE(names);
+    if (n > GEN_MAX_BATCH) {
+        PyErr_SetString(PyExc_ValueError, "open_files(): too many names");
+        return NULL;
+    }
+    cnames = PyMem_Calloc((size_t)n + 1, sizeof *cnames);
+    csizes = PyMem_Calloc((size_t)n + 1, sizeof *csizes);
+    fds = PyMem_Calloc((size_t)n + 1, sizeof *fds);
+    if (cnames == NULL || csizes == NULL || fds == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyList_GET_ITEM(names, i), *size = PyList_GET_ITEM(sizes, i);
+        long long sz;
+        if (!PyBytes_CheckExact(name) || !PyLong_CheckExact(size)) {
+            PyErr_SetString(PyExc_TypeError, "open_files(): names are bytes, sizes ints");
+            goto done;
+        }
+        sz = PyLong_AsLongLong(size);
+        if (sz == -1 && PyErr_Occurred())
+            PyErr_Clear(); /* out of range: no file has that size */
+        cnames[i] = sz < 0 ? NULL : already_clean(name);
+        csizes[i] = (uint64_t)(sz < 0 ? 0 : sz);
+    }
+    Py_INCREF(names); /* (the list keeps the names alive; nobody may shrink it meanwhile) */
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        fds[i] = cnames[i] == NULL ? -1
+                 : open_one(dirfd, cnames[i], csizes[i], flags, resolve, advise);
+        if (fds[i] < -1) { /* out of descriptors: nothing more is tried */
+            for (Py_ssize_t j = i + 1; j < n; j++)
+                fds[j] = -1;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(names);
+    out = PyList_New(n);
+    if (out == NULL) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (fds[i] >= 0)
+                close(fds[i]);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = fds[i] == -1 ? Py_NewRef(Py_None) : PyLong_FromLong(fds[i]);
+        if (item == NULL) { /* close this one and every later fd; the list owns the earlier */
+            for (Py_ssize_t j = i; j < n; j++)
+                if (fds[j] >= 0)
+                    close(fds[j]);
+            for (Py_ssize_t j = 0; j < i; j++)
+                if (fds[j] >= 0)
+                    close(fds[j]);
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+done:
+    PyMem_Free(cnames);
+    PyMem_Free(csizes);
+    PyMem_Free(fds);
+    return out;
+}
+
+/* One pair of copy_entries, in C: a segment's bytes or a file's fd, size and CRC. */
+struct gen_item {
+    PyObject *payload; /* a segment's bytes (a strong reference), else NULL */
+    int fd;            /* a file's fd, -1 for an empty file */
+    uint64_t size;     /* bytes the pair adds to the blob */
+    uint64_t crc;
+};
+
+static PyObject *str_payload, *str_size, *str_crc;
+
+/* Read one pair's Python fields; 1: done (item filled), 0: the Python code copies it, -1: error. */
+static int
+gen_item_of(PyObject *pair, struct gen_item *item)
+{
+    PyObject *entry, *opened, *value;
+
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyErr_SetString(PyExc_TypeError, "copy_entries(): items are (entry, opened) pairs");
+        return -1;
+    }
+    entry = PyTuple_GET_ITEM(pair, 0);
+    opened = PyTuple_GET_ITEM(pair, 1);
+    item->payload = NULL;
+    item->fd = -1;
+    item->crc = 0;
+    if (SEGMENT.type != NULL && Py_IS_TYPE(entry, SEGMENT.type)) {
+        value = PyObject_GetAttr(entry, str_payload);
+        if (value == NULL)
+            return -1;
+        if (!PyBytes_CheckExact(value)) {
+            Py_DECREF(value);
+            return 0;
+        }
+        item->payload = value;
+        item->size = (uint64_t)PyBytes_GET_SIZE(value);
+        return 1;
+    }
+    if (FILE_ENTRY.type == NULL || !Py_IS_TYPE(entry, FILE_ENTRY.type))
+        return 0;
+    value = PyObject_GetAttr(entry, str_size);
+    if (value == NULL)
+        return -1;
+    if (!PyLong_CheckExact(value)) {
+        Py_DECREF(value);
+        return 0;
+    }
+    {
+        long long sz = PyLong_AsLongLong(value);
+        Py_DECREF(value);
+        if (sz == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (sz < 0)
+            return 0;
+        item->size = (uint64_t)sz;
+    }
+    if (item->size == 0)
+        return 1; /* no content (the generator skips it too) */
+    if (!PyLong_CheckExact(opened))
+        return 0; /* opened at its turn, or the error of opening it: the Python code */
+    {
+        long fd = PyLong_AsLong(opened);
+        if (fd == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (fd < 0 || fd > INT32_MAX)
+            return 0;
+        item->fd = (int)fd;
+    }
+    value = PyObject_GetAttr(entry, str_crc);
+    if (value == NULL)
+        return -1;
+    if (!PyBytes_CheckExact(value) || PyBytes_GET_SIZE(value) != 8) {
+        Py_DECREF(value);
+        return 0;
+    }
+    for (int k = 0; k < 8; k++)
+        item->crc = (item->crc << 8) | (unsigned char)PyBytes_AS_STRING(value)[k];
+    Py_DECREF(value);
+    return 1;
+}
+
+/* Copy one file's content into dst (room >= size): 0 when it is exactly size bytes long and
+ * its CRC matches, else -1 (errno is not looked at: the Python code redoes it and says why). */
+static int
+copy_file(int fd, unsigned char *dst, uint64_t size, uint64_t crc)
+{
+    uint64_t got = 0;
+    unsigned char extra;
+
+    while (got < size) {
+        ssize_t n = pread(fd, dst + got, (size_t)(size - got), (off_t)got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        got += (uint64_t)n;
+    }
+    for (;;) {
+        ssize_t n = pread(fd, &extra, 1, (off_t)size);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n != 0)
+            return -1;
+        break;
+    }
+    return crc64_update(0, dst, (size_t)size) == crc ? 0 : -1;
+}
+
+PyDoc_STRVAR(copy_entries_doc,
+"copy_entries(buf, fill, items, start, limit, stop_fill) -> (next, fill, slow)\n\n"
+"Copy items[start:] -- (Segment | FileEntry, fd | None | Exception) pairs -- into the writable\n"
+"buf from offset fill, each only if it completes cleanly, adds at most limit bytes in all and\n"
+"fits the buffer; a copied file's fd is closed. Stops after the pair that brings fill to\n"
+"stop_fill or more (slow False), or before the first pair the Python code must copy (slow\n"
+"True), or at the end of items (slow False).");
+
+static PyObject *
+copy_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t fill, start, n, count = 0, done = 0;
+    long long limit_ll, stop_ll;
+    uint64_t limit, stop_fill, pos, used = 0;
+    PyObject *items, *result = NULL;
+    struct gen_item *work = NULL;
+    int slow = 0, stop_early = 0;
+
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "copy_entries() takes 6 arguments");
+        return NULL;
+    }
+    fill = PyLong_AsSsize_t(args[1]);
+    start = PyLong_AsSsize_t(args[3]);
+    limit_ll = PyLong_AsLongLong(args[4]);
+    stop_ll = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    items = args[2];
+    if (!PyList_CheckExact(items)) {
+        PyErr_SetString(PyExc_TypeError, "copy_entries(): items must be a list");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    n = PyList_GET_SIZE(items);
+    if (fill < 0 || fill > view.len || start < 0 || start > n || limit_ll < 0 || stop_ll < 0) {
+        PyErr_SetString(PyExc_ValueError, "copy_entries(): fill, start, limit or stop_fill");
+        goto done;
+    }
+    limit = (uint64_t)limit_ll;
+    stop_fill = (uint64_t)stop_ll;
+    if (n - start > GEN_MAX_BATCH)
+        n = start + GEN_MAX_BATCH;
+    work = PyMem_Calloc((size_t)(n - start) + 1, sizeof *work);
+    if (work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Under the GIL: the pairs' fields, up to the first one the Python code must copy. */
+    for (Py_ssize_t i = start; i < n; i++) {
+        int rc = gen_item_of(PyList_GET_ITEM(items, i), &work[count]);
+        if (rc < 0)
+            goto done;
+        if (rc == 0) {
+            slow = 1;
+            break;
+        }
+        count++;
+    }
+    pos = (uint64_t)fill;
+    Py_BEGIN_ALLOW_THREADS
+    for (done = 0; done < count; done++) {
+        struct gen_item *it = &work[done];
+        unsigned char *dst = (unsigned char *)view.buf + pos;
+        if (it->size > limit - used || it->size > (uint64_t)view.len - pos)
+            break;
+        if (it->payload != NULL)
+            memcpy(dst, PyBytes_AS_STRING(it->payload), (size_t)it->size);
+        else if (it->size != 0) {
+            if (copy_file(it->fd, dst, it->size, it->crc) != 0)
+                break;
+            close(it->fd);
+        }
+        pos += it->size;
+        used += it->size;
+        if (pos >= stop_fill) {
+            done++;
+            stop_early = 1;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (done < count && !stop_early)
+        slow = 1; /* stopped before work[done]: the Python code copies it */
+    else if (stop_early)
+        slow = 0;
+    result = Py_BuildValue("(nnO)", start + done, (Py_ssize_t)pos, slow ? Py_True : Py_False);
+done:
+    if (work != NULL)
+        for (Py_ssize_t i = 0; i < count; i++)
+            Py_XDECREF(work[i].payload);
+    PyMem_Free(work);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *str_name;
+
+/* Whether tarsplit.go_clean(name) is name for a name file_line() gave (the duplicate key). */
+static int
+go_clean_is_same(PyObject *name)
+{
+    const char *b = PyBytes_AS_STRING(name);
+    Py_ssize_t n = PyBytes_GET_SIZE(name);
+
+    if (n == 0 || b[0] == '.' || b[n - 1] == '/')
+        return 0;
+    for (Py_ssize_t i = 0; i + 1 < n; i++)
+        if (b[i] == '/' && (b[i + 1] == '/' || b[i + 1] == '.'))
+            return 0;
+    return 1;
+}
+
+PyDoc_STRVAR(entries_doc,
+"entries(chunk, pos, seen, segment_room, max_lines) -> (entries, pos, lines, segment_bytes)\n\n"
+"tarsplit._decode_chunk's loop over the lines of chunk (valid UTF-8) from byte offset pos, for\n"
+"the lines entry() decodes (and blank ones): each file's name (when go_clean keeps it) checked\n"
+"against and added to the set seen, the segments' bytes kept within segment_room. Stops before\n"
+"the first other line or after max_lines lines (pos: the next line's offset; lines: how many\n"
+"were consumed), or past the end (pos > len(chunk)); the Python code decides the line at pos\n"
+"(max_lines bounds how long one call holds the GIL).");
+
+static PyObject *
+entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const unsigned char *buf;
+    Py_ssize_t len, pos, lines = 0, max_lines;
+    long long room, seg_bytes = 0;
+    PyObject *chunk, *seen, *out, *result;
+
+    (void)module;
+    if (nargs != 5 || !PyBytes_CheckExact(args[0]) || !PySet_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "entries(chunk: bytes, pos, seen: set, room, max_lines)");
+        return NULL;
+    }
+    if (SEGMENT.type == NULL || FILE_ENTRY.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "entries(): bind() Segment and FileEntry first");
+        return NULL;
+    }
+    chunk = args[0];
+    seen = args[2];
+    pos = PyLong_AsSsize_t(args[1]);
+    room = PyLong_AsLongLong(args[3]);
+    max_lines = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    buf = (const unsigned char *)PyBytes_AS_STRING(chunk);
+    len = PyBytes_GET_SIZE(chunk);
+    if (pos < 0 || pos > len + 1) {
+        PyErr_SetString(PyExc_ValueError, "entries(): pos out of range");
+        return NULL;
+    }
+    out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    while (pos <= len && lines < max_lines) {
+        const unsigned char *line = buf + pos, *nl = memchr(line, '\n', (size_t)(len - pos));
+        size_t llen = nl != NULL ? (size_t)(nl - line) : (size_t)(len - pos);
+        Py_ssize_t next = nl != NULL ? (Py_ssize_t)(nl - buf) + 1 : len + 1;
+        PyObject *obj;
+
+        if (llen == 0) { /* a blank line: skipped (as line.strip() is empty) */
+            pos = next;
+            lines++;
+            continue;
+        }
+        if (starts(line, llen, SEGMENT_HEAD))
+            obj = segment_line(line, llen);
+        else if (starts(line, llen, FILE_HEAD))
+            obj = file_line(line, llen);
+        else
+            break;
+        if (obj == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            break;
+        }
+        if (Py_IS_TYPE(obj, SEGMENT.type)) {
+            PyObject *payload = PyObject_GetAttr(obj, str_payload);
+            long long plen;
+            if (payload == NULL) {
+                Py_DECREF(obj);
+                goto fail;
+            }
+            plen = (long long)PyBytes_GET_SIZE(payload);
+            Py_DECREF(payload);
+            if (plen > room - seg_bytes) { /* the Python code raises at this line */
+                Py_DECREF(obj);
+                break;
+            }
+            seg_bytes += plen;
+        } else {
+            PyObject *name = PyObject_GetAttr(obj, str_name);
+            int dup;
+            if (name == NULL) {
+                Py_DECREF(obj);
+                goto fail;
+            }
+            if (!go_clean_is_same(name)) { /* its key is go_clean's: the Python code */
+                Py_DECREF(name);
+                Py_DECREF(obj);
+                break;
+            }
+            dup = PySet_Contains(seen, name);
+            if (dup == 0)
+                dup = PySet_Add(seen, name) < 0 ? -1 : 0;
+            else if (dup == 1) { /* a duplicate: the Python code raises at this line */
+                Py_DECREF(name);
+                Py_DECREF(obj);
+                break;
+            }
+            Py_DECREF(name);
+            if (dup < 0) {
+                Py_DECREF(obj);
+                goto fail;
+            }
+        }
+        if (PyList_Append(out, obj) < 0) {
+            Py_DECREF(obj);
+            goto fail;
+        }
+        Py_DECREF(obj);
+        pos = next;
+        lines++;
+    }
+    result = Py_BuildValue("(NnnL)", out, pos, lines, seg_bytes);
+    return result;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyMethodDef generation_methods[] = {
+    {"open_files", (PyCFunction)(void (*)(void))open_files, METH_FASTCALL, open_files_doc},
+    {"copy_entries", (PyCFunction)(void (*)(void))copy_entries, METH_FASTCALL, copy_entries_doc},
+    {"crc64_go_iso", crc64_go_iso, METH_VARARGS, crc64_doc},
+    {"entries", (PyCFunction)(void (*)(void))entries, METH_FASTCALL, entries_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+add_generation(PyObject *module)
+{
+    init_crc();
+    str_payload = PyUnicode_InternFromString("payload");
+    str_size = PyUnicode_InternFromString("size");
+    str_crc = PyUnicode_InternFromString("crc");
+    str_name = PyUnicode_InternFromString("name");
+    if (str_payload == NULL || str_size == NULL || str_crc == NULL || str_name == NULL)
+        return -1;
+    return PyModule_AddFunctions(module, generation_methods);
 }

@@ -16,11 +16,12 @@ import os
 import queue
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 from imgfs.digest import check_digest
 from imgfs.errors import IntegrityError, OutOfResources
+from imgfs.layer import compiled
 from imgfs.layer.index import FileExtent, LayerIndex, SegmentExtent, close_iterable
 from imgfs.layer.tarsplit import FileEntry, Segment
 from imgfs.layer.verify import CrcChecker, DigestChecker, Verifier, blob_verifier, read_exact
@@ -31,6 +32,15 @@ if TYPE_CHECKING:
 READ_CHUNK = 1 << 20
 PUBLISH_STEP = 256 << 10
 _MAX_OPEN_FDS = 16
+_EXT = compiled.extension()
+# The compiled copy loop (_fastparse.copy_entries), or None: the Python code of _Generator.
+_COPY_ENTRIES: (
+    Callable[
+        [bytearray, int, list[tuple[Segment | FileEntry, int | Exception | None]], int, int, int],
+        tuple[int, int, bool],
+    ]
+    | None
+) = None if _EXT is None else _EXT.copy_entries
 
 
 class FileOpener(Protocol):
@@ -47,15 +57,20 @@ class FileOpener(Protocol):
 @runtime_checkable
 class BatchOpener(Protocol):
     """A FileOpener that opens several files in one call for less than several calls cost (a
-    rootless store's user-namespace helper: one round trip instead of one per file)."""
+    rootless store's user-namespace helper: one round trip instead of one per file; the
+    store's LayerFiles: one compiled call instead of Python per file)."""
 
     def open(self, name: bytes, size: int) -> int: ...
 
     def close(self) -> None: ...
 
-    def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception | None]:
+    def open_many(
+        self, items: Sequence[tuple[bytes, int]], advise: int = 0
+    ) -> list[int | Exception | None]:
         """For each ``(name, size)``: its fd (as ``open`` returns it), the error ``open`` would
-        raise for it, or None (``open`` it at its turn); the caller closes the fds."""
+        raise for it, or None (``open`` it at its turn); the caller closes the fds. Each fd
+        returned has had its first ``min(size, advise)`` bytes asked of the disk
+        (``POSIX_FADV_WILLNEED``)."""
         ...
 
 
@@ -102,13 +117,8 @@ def generate(
     ahead = _OpenedAhead(entries, files)
     try:
         gen = _Generator(files, pipe, expected_size, what)
-        for entry, opened in ahead:
-            if type(entry) is Segment:
-                gen.segment(entry.payload)
-            else:
-                assert isinstance(entry, FileEntry)
-                if entry.size:
-                    gen.file(entry, opened)
+        for batch in ahead.batches():
+            gen.run(batch)
         gen.finish(sink)
     finally:
         ahead.close()  # joins its thread: nothing iterates ``entries`` any more
@@ -142,17 +152,26 @@ class _OpenedAhead:
         self._done = False  # the thread delivers nothing more
         self._stop = False
         self._exhausted = False  # out of descriptors once: every later file opens at its turn
+        self._batch = isinstance(files, BatchOpener)  # (a protocol check costs microseconds)
         self._thread: threading.Thread | None = None
 
     def __iter__(self) -> Iterator[tuple[Segment | FileEntry, _Opened]]:
+        for batch in self.batches():
+            while batch:
+                yield batch.popleft()
+
+    def batches(self) -> Iterator[deque[tuple[Segment | FileEntry, _Opened]]]:
+        """The batches in order; the consumer pops a pair off the batch to own its fd (the
+        pairs left in it are closed by ``close``), and takes the next batch once it is empty."""
         if self._thread is None:
             thread = threading.Thread(target=self._run, name="imgfs-open-ahead", daemon=True)
             thread.start()  # (a thread that never started is not joined by ``close``)
             self._thread = thread
         while True:
-            current = self._current
-            while current:
-                yield current.popleft()
+            if self._current:
+                yield self._current
+                if self._current:
+                    raise RuntimeError("_OpenedAhead: a batch was not consumed")
             with self._cond:
                 while not self._ready and not self._done:
                     self._cond.wait()
@@ -228,8 +247,11 @@ class _OpenedAhead:
         if not wanted:
             return []
         files = self._files
-        if isinstance(files, BatchOpener):
-            opened = files.open_many([(e.name, e.size) for e in wanted])
+        advised = self._batch
+        if advised:
+            opened = cast(BatchOpener, files).open_many(
+                [(e.name, e.size) for e in wanted], READAHEAD
+            )
         else:
             opened = []
             for entry in wanted:
@@ -243,9 +265,10 @@ class _OpenedAhead:
             if isinstance(fd, Exception) and out_of_descriptors(fd):
                 self._exhausted = True
                 opened[k] = None  # not the file's fault: opened at its turn, fds freed by then
-        for entry, fd in zip(wanted, opened, strict=True):
-            if isinstance(fd, int):
-                _advise(fd, 0, min(entry.size, READAHEAD))
+        if not advised:
+            for entry, fd in zip(wanted, opened, strict=True):
+                if isinstance(fd, int):
+                    _advise(fd, 0, min(entry.size, READAHEAD))
         return opened
 
     def close(self) -> None:
@@ -374,7 +397,8 @@ _Job = tuple[bytearray | None, int, int]
 class _Generator:
     """State of one sequential generation: a staging buffer, hash, verified and published marks.
 
-    Every byte goes through the staging buffer (file content is read straight into it), which is
+    Every byte goes through the staging buffer (file content is read straight into it, by the
+    compiled ``copy_entries`` for runs of small files when the extension is built), which is
     hashed and submitted to the pipeline when full. ``_verified`` is how far the bytes passed
     their checks: segments at once, file content up to its last byte until the CRC matches.
     """
@@ -408,6 +432,41 @@ class _Generator:
         self._published = max(self._published, mark)
         self._buf = self._pipe.take()
         self._fill = 0
+
+    def run(self, batch: deque[tuple[Segment | FileEntry, _Opened]]) -> None:
+        """Copy a batch of pairs (taking them off ``batch``: their fds are then this one's).
+
+        With the extension, runs of pairs go through one ``copy_entries`` call each (the GIL
+        released while it reads, copies and CRC-checks them), which stops after the pair that
+        fills PUBLISH_STEP bytes (the buffer is handed over, as ``_submit_early`` does) or
+        before a pair it does not complete cleanly: that one is copied here (``segment``,
+        ``file``), from its start, and raises whatever it raises.
+        """
+        items = list(batch)
+        batch.clear()
+        fast = _COPY_ENTRIES
+        i = 0
+        try:
+            while i < len(items):
+                if fast is not None:
+                    limit = self._expected_size - self._written
+                    i, fill, slow = fast(self._buf, self._fill, items, i, limit, PUBLISH_STEP)
+                    self._written += fill - self._fill
+                    self._fill = fill
+                    self._verified = self._written  # every file copied passed its CRC
+                    self._submit_early()
+                    if not slow:
+                        continue
+                entry, opened = items[i]
+                i += 1  # its fd is now ``file``'s
+                if type(entry) is Segment:
+                    self.segment(entry.payload)
+                else:
+                    assert isinstance(entry, FileEntry)
+                    if entry.size:
+                        self.file(entry, opened)
+        finally:
+            _close_opened(items[i:])
 
     def segment(self, payload: bytes) -> None:
         if self._written + len(payload) > self._expected_size:

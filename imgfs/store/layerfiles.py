@@ -10,6 +10,12 @@ digests, drivers, the store layout (callers pass the directories).
 Resolution uses ``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS|
 RESOLVE_NO_XDEV)`` through ``syscall(437)``; where openat2 is missing (ENOSYS, or EPERM from a
 seccomp filter) it walks the name one component at a time with ``O_PATH|O_NOFOLLOW``.
+
+``open_many`` (generation opens files ahead in batches) does ``open``'s first-directory case
+for a whole batch in one call of the compiled ``_fastparse.open_files`` when it is built: the
+same probe, openat2 flags and resolve rules, O_NOATIME fallback and fstat checks, in C with the
+GIL released. Whatever it does not open cleanly (a name found elsewhere, any error) it leaves
+to ``open`` at the file's turn, which gives the same errors as without it.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Protocol, cast
 
 from imgfs.errors import IntegrityError, LayerUnavailable
+from imgfs.layer import compiled
 from imgfs.layer.tarsplit import clean_name
 from imgfs.store.files import (
     RESOLVE_BENEATH,
@@ -46,6 +53,10 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MISSING = frozenset({errno.ENOENT, errno.ELOOP, errno.EXDEV, errno.ENOTDIR})
 _LAYER_ID = re.compile(r"[0-9a-f]{64}")
 _openat2 = openat2
+_EXT = compiled.extension()
+_OPEN_FILES: Callable[[int, list[bytes], list[int], int, int, int], list[int | None]] | None = (
+    None if _EXT is None else _EXT.open_files
+)
 
 
 class LayerDirs(Protocol):
@@ -175,6 +186,31 @@ class LayerFiles:
             self._check(fd, name, size)
             return fd
         raise LayerUnavailable(f"{self.what}: file {name!r:.200} not found")
+
+    def open_many(
+        self, items: Sequence[tuple[bytes, int]], advise: int = 0
+    ) -> list[int | Exception | None]:
+        """``open`` of each ``(name, size)`` whose name is already clean (``clean_name`` gives
+        it back) and that is a regular file of that size in the first directory, all in one
+        compiled call (then ``POSIX_FADV_WILLNEED`` of its first ``advise`` bytes); None for
+        every other item (``open`` it at its turn: it says why), except the one that ran out of
+        descriptors (EMFILE, ENFILE): its ``OSError``, and None for every item after it.
+        All None without the extension or without openat2. The caller closes the fds."""
+        fast = _OPEN_FILES
+        if fast is None or not self._openat2 or not items:
+            return [None] * len(items)
+        found = self._dir(0)
+        assert found is not None  # (a LayerFiles has at least one directory)
+        got = fast(
+            found[0],
+            [name for name, _ in items],
+            [size for _, size in items],
+            _READ_FLAGS | os.O_NOATIME,
+            _RESOLVE,
+            advise,
+        )
+        # Out of descriptors (-errno): an error the caller recognises (it stops opening ahead).
+        return [OSError(-fd, os.strerror(-fd)) if fd is not None and fd < 0 else fd for fd in got]
 
     def _open_in(self, dirfd: int, dev: int, cleaned: bytes) -> int:
         if self._openat2:

@@ -896,7 +896,9 @@ class UsernsLayerFiles:
                     self._remote = None
         raise LayerUnreadable(f"{self.what}: file {name!r:.200}: the opener keeps stopping")
 
-    def open_many(self, items: Sequence[tuple[bytes, int]]) -> list[int | Exception | None]:
+    def open_many(
+        self, items: Sequence[tuple[bytes, int]], advise: int = 0
+    ) -> list[int | Exception | None]:
         """``assemble.BatchOpener``: the files below a directory where a direct open was
         denied are opened by the helper, one round trip per MAX_BATCH; the others are left to
         ``open`` at their turn (None: opening them ahead would gain nothing), except the
@@ -932,6 +934,10 @@ class UsernsLayerFiles:
                     results[i] = self.open(*items[i])
                 except ImgfsError as exc:
                     results[i] = exc
+        for (_, size), got in zip(items, results, strict=True):
+            if advise and isinstance(got, int):  # the first bytes asked of the disk at once
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(got, 0, min(size, advise), os.POSIX_FADV_WILLNEED)
         return results
 
     def _remote_handle(self, cause: LayerUnavailable | None, name: bytes) -> RemoteHandle:
