@@ -156,7 +156,7 @@ class LayerSource:
                 return files.open(name, size)
             finally:
                 files.close()
-        with read_locked(self.locks) as tokens:
+        with read_locked(self.locks, keep=True) as tokens:  # one lock per file: kept fds
             held = LAYER_DIRS.hold(self._dirs_key(), tokens, self._own_files)
         try:
             return held.files.open(name, size)
