@@ -9,9 +9,11 @@ never a file reached through a symlink, and the bytes read stay the layer's.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import mmap
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -469,3 +471,63 @@ def test_a_file_replaced_by_a_symlink_is_not_followed_and_the_rest_is_warmed(
     finally:
         target.unlink()
         target.write_bytes(saved)
+
+
+def _full_plan(ra: ReadAhead, listing: Any, pos: int, queued: int) -> tuple[list[int], int]:
+    """The plan recomputed over the whole window (the reference ``ReadAhead._plan`` must
+    equal, however it gets there): (entries to queue, the new ``queued``)."""
+    start, out, ahead = pos + 1, [], 0
+    end = min(len(listing), start + ra.files)
+    i = start
+    while i < end:
+        node = listing[i][1]
+        if node.kind == "file" and node.size and node.origin is not None:
+            ahead += min(node.size, ra.max_bytes)
+            if ahead > ra.max_bytes and i > start:
+                break
+            if i >= queued:
+                out.append(i)
+        i += 1
+    return out, max(queued, i)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_incremental_plan_queues_what_the_whole_window_recomputed_would(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each open adds only the entries it brings into the window (not a walk over the whole
+    window): what is queued, open after open, equals the plan recomputed from scratch, for
+    random listings (files of every size, empty files, directories and links between) read in
+    order with the reader now and then ahead of the worker."""
+    rng = random.Random(seed)
+    ra = ReadAhead(
+        files=rng.choice([1, 2, 4, 8, 32]), max_bytes=rng.choice([1, 500, 4096, 1 << 20])
+    )
+    monkeypatch.setattr(ra, "_ensure_worker", lambda: None)  # the queue is only looked at
+    monkeypatch.setattr(ra, "_queue", collections.deque())  # all of it (no worker takes any)
+    kinds, listing, others = ["file"] * 6 + ["dir", "link"], [], 0
+    for i in range(rng.randint(1, 120)):
+        # fewer entries between two files than the window holds: the reader never jumps
+        kind = "file" if others == ra.files - 1 else rng.choice(kinds)
+        others = 0 if kind == "file" else others + 1
+        size = rng.choice([0, 1, 99, 700, 5000])
+        listing.append((f"e{i:03}".encode(), _node(f"e{i:03}", kind, size)))
+    files = [i for i, (_, node) in enumerate(listing) if node.kind == "file"]
+    if not files:
+        return
+    warms = Warms()
+    pos, queued, expected = files[0], files[0] + 1, []
+    _cold(ra, "d", listing[files[0]][0], listing, warms)  # the first open: warms nothing yet
+    for at in files[1:]:
+        on_miss, fd = ra.opened("d", listing[at][0], listing, warms)
+        assert fd is None
+        if queued <= at:
+            queued = at + 1
+        pos = at
+        planned, queued = _full_plan(ra, listing, pos, queued)
+        expected += planned
+        if on_miss is not None and rng.random() < 0.5:
+            on_miss()  # a repeated miss queues nothing more
+        got = [i for _, i in ra._queue]
+        assert got == expected, (seed, at)
+    ra.close()

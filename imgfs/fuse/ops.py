@@ -361,13 +361,14 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         key = self._key(inode)
         caller = _caller(ctx)
+        view = self.view
         node = await self._visible(key, caller)
         self._check_access(node, caller, os.R_OK)
         if node.kind != "file":
             codes = {"dir": errno.EISDIR, "link": errno.ELOOP}
             raise pyfuse3.FUSEError(codes.get(node.kind, errno.EACCES))
         # A known layers/ or rootfs/ file opens without a hop (its layer file at the first read)
-        content = self.view.open_known(key)
+        content = self.view.open_known(key, node if self.view is view else None)
         if content is None:
             content = await self._run(self.view.open, key)
         if isinstance(content, Inline):

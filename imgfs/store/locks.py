@@ -59,15 +59,18 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _mode = threading.local()
 
 
-@contextlib.contextmanager
-def no_waiting() -> Iterator[None]:
-    """In this thread, a lock a writer holds raises LockBusy instead of being waited for."""
-    before = getattr(_mode, "no_wait", False)
-    _mode.no_wait = True
-    try:
-        yield
-    finally:
-        _mode.no_wait = before
+class no_waiting:  # a function to its callers: ``with no_waiting():``
+    """In this thread, a lock a writer holds raises LockBusy instead of being waited for.
+    (A class, not a generator: every inline read of a layer file enters it.)"""
+
+    __slots__ = ("_before",)
+
+    def __enter__(self) -> None:
+        self._before = getattr(_mode, "no_wait", False)
+        _mode.no_wait = True
+
+    def __exit__(self, *exc: object) -> None:
+        _mode.no_wait = self._before
 
 
 def _lock_shared(fd: int, path: str | StoreFile) -> None:

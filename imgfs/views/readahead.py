@@ -65,6 +65,8 @@ class _Window:
     ordered: bool = False  # an open of the next file seen
     missing: bool = False  # a read of one of its files missed the page cache
     fds: dict[int, int] = field(default_factory=dict)  # warmed entries' open files, by index
+    ahead: int = 0  # bytes the entries in (pos, queued) count against ``max_bytes``
+    on_miss: OnMiss | None = None  # what ``opened`` hands out for this window (made once)
 
 
 class ReadAhead:
@@ -109,22 +111,26 @@ class ReadAhead:
                 at = None
                 if window is not None and window.listing is listing:
                     if _index(listing, name, window.pos, window.pos + 1) is not None:
-                        return functools.partial(self._missed, window), None  # the same again
+                        return window.on_miss, None  # the same again
                     at = _next_file(listing, name, window.pos + 1, window.pos + 1 + self.files)
                 if at is None:  # a new directory, or a jump: start over, warm nothing yet
                     window = self._start(directory, name, listing, warm, window, stale)
-                    return (
-                        None if window is None else functools.partial(self._missed, window)
-                    ), None
+                    return (None if window is None else window.on_miss), None
                 assert window is not None
+                # The entries passed over to reach ``at`` are no regular files (``_next_file``):
+                # of those that left (pos, queued), only ``at`` itself counted in ``ahead``
+                # (a reader past ``queued`` has none ahead: ``_plan`` starts over from it).
+                if at < window.queued:
+                    window.ahead -= self._weight(listing[at][1])
                 window.pos = at
                 window.ordered = True
                 self._windows.move_to_end(directory)
-                fd = window.fds.pop(at, None)
-                stale += [window.fds.pop(i) for i in [i for i in window.fds if i < at]]
+                fd = window.fds.pop(at, None) if window.fds else None
+                if window.fds:
+                    stale += [window.fds.pop(i) for i in [i for i in window.fds if i < at]]
                 if window.missing:
                     self._queue_ahead(window)
-                return functools.partial(self._missed, window), fd
+                return window.on_miss, fd
         finally:
             _close(stale)
 
@@ -160,6 +166,7 @@ class ReadAhead:
             return None
         last = next(reversed(self._windows.values()), None)
         window = _Window(listing, warm, at, at + 1)
+        window.on_miss = functools.partial(self._missed, window)
         # A walk that read its last directory in order to its last file goes on here (find
         # lists a directory's files, then the next directory's): in order from its first file.
         window.ordered = at == _first_file(listing) and last is not None and _walked(last, self)
@@ -170,23 +177,34 @@ class ReadAhead:
         return window
 
     def _plan(self, window: _Window) -> list[int]:
-        """The entries after ``window.pos`` within the bounds that are not queued yet."""
+        """The entries after ``window.pos`` within the bounds that are not queued yet: from
+        ``window.queued`` on, with the bytes of those queued before it (``window.ahead``), so
+        that each open costs the entries it adds, not the whole window again."""
         listing, start = window.listing, window.pos + 1
         out = []
-        ahead = 0
         end = min(len(listing), start + self.files)
-        i = start
+        if window.queued > start:
+            i, ahead = window.queued, window.ahead
+        else:
+            i, ahead = start, 0
         while i < end:
-            node = listing[i][1]
-            if node.kind == "file" and node.size and node.origin is not None:
-                ahead += min(node.size, self.max_bytes)
+            weight = self._weight(listing[i][1])
+            if weight:
+                ahead += weight
                 if ahead > self.max_bytes and i > start:
+                    ahead -= weight
                     break
-                if i >= window.queued:
-                    out.append(i)
+                out.append(i)
             i += 1
-        window.queued = max(window.queued, i)
+        if i > window.queued:
+            window.queued, window.ahead = i, ahead
         return out
+
+    def _weight(self, node: Node) -> int:
+        """What entry ``node`` counts against ``max_bytes`` (0: it is not warmed)."""
+        if node.kind == "file" and node.size and node.origin is not None:
+            return min(node.size, self.max_bytes)
+        return 0
 
     def _ensure_worker(self) -> None:
         if self._thread is None:
