@@ -21,7 +21,9 @@ fds kept are at most ``files`` per window, closed when the reader passes them or
 ends.
 
 It only warms the page cache: the view's ``warm`` opens each file through its ``LayerSource``
-(the one opener: under the layers lock, never waiting for a writer, never through a symlink),
+(the one opener: under the layers lock, never waiting for a writer, never through a symlink;
+up to ``WARM_BATCH`` entries of a window inside one ``hold`` of the view, which holds that
+lock across them, so that the opens take it again without a syscall),
 the bytes served are still read and checked by the file's verifier, and a failed warm is only
 logged (the reader's own open reports the error).
 Must not know: pyfuse3, trio, the store's formats (the view's ``warm`` opens).
