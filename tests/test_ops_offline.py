@@ -146,6 +146,38 @@ def test_errno_mapping_is_one_table() -> None:
         assert ops_module._errno_for(exc) == code, exc
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_handler_error_becomes_its_errno_and_one_log_line_with_or_without_debug(
+    made: storemaker.StoreMaker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    debug: bool,
+) -> None:
+    """Both ways through ``_boundary`` (``--debug``'s request log, and without it) map an
+    exception to the one errno table and log it once, naming the handler: a bug with its
+    traceback, an imgfs error as its message."""
+    ops = _ops(made, tmp_path)
+    ops.debug = debug
+
+    def failing(key: object) -> None:
+        raise errors.pop(0)
+
+    errors: list[Exception] = [RuntimeError("a bug"), imgfs.StorePermissionError("refused")]
+    monkeypatch.setattr(ops.view, "peek", failing)
+
+    async def main() -> None:
+        with caplog.at_level("DEBUG", logger="imgfs.fuse.ops"):
+            assert await _errno_of(ops.getattr(ROOT_INODE, ROOT_CTX)) == errno.EIO
+            assert await _errno_of(ops.getattr(ROOT_INODE, ROOT_CTX)) == errno.EACCES
+
+    _run(main)
+    lines = [r for r in caplog.records if r.name == "imgfs.fuse.ops"]
+    assert [r.getMessage() for r in lines] == ["getattr failed unexpectedly", "getattr: refused"]
+    assert lines[0].exc_info is not None
+    assert lines[1].levelname == "ERROR"
+
+
 def test_readdir_offsets_resume_and_lookup_counts(
     made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

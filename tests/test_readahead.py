@@ -9,9 +9,14 @@ never a file reached through a symlink, and the bytes read stay the layer's.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import ctypes
+import fcntl
 import mmap
 import os
+import random
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +26,8 @@ from typing import Any, cast
 import pytest
 
 import imgfs
+import imgfs.errors
+import imgfs.store.locks
 from imgfs.store.source import LayerSource
 from imgfs.views.content import Caches, Streamed, read_nowait, release
 from imgfs.views.keys import RootfsKey
@@ -469,3 +476,177 @@ def test_a_file_replaced_by_a_symlink_is_not_followed_and_the_rest_is_warmed(
     finally:
         target.unlink()
         target.write_bytes(saved)
+
+
+def _full_plan(ra: ReadAhead, listing: Any, pos: int, queued: int) -> tuple[list[int], int]:
+    """The plan recomputed over the whole window (the reference ``ReadAhead._plan`` must
+    equal, however it gets there): (entries to queue, the new ``queued``)."""
+    start, out, ahead = pos + 1, [], 0
+    end = min(len(listing), start + ra.files)
+    i = start
+    while i < end:
+        node = listing[i][1]
+        if node.kind == "file" and node.size and node.origin is not None:
+            ahead += min(node.size, ra.max_bytes)
+            if ahead > ra.max_bytes and i > start:
+                break
+            if i >= queued:
+                out.append(i)
+        i += 1
+    return out, max(queued, i)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_incremental_plan_queues_what_the_whole_window_recomputed_would(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each open adds only the entries it brings into the window (not a walk over the whole
+    window): what is queued, open after open, equals the plan recomputed from scratch, for
+    random listings (files of every size, empty files, directories and links between) read in
+    order with the reader now and then ahead of the worker."""
+    rng = random.Random(seed)
+    ra = ReadAhead(
+        files=rng.choice([1, 2, 4, 8, 32]), max_bytes=rng.choice([1, 500, 4096, 1 << 20])
+    )
+    monkeypatch.setattr(ra, "_ensure_worker", lambda: None)  # the queue is only looked at
+    monkeypatch.setattr(ra, "_queue", collections.deque())  # all of it (no worker takes any)
+    kinds, listing, others = ["file"] * 6 + ["dir", "link"], [], 0
+    for i in range(rng.randint(1, 120)):
+        # fewer entries between two files than the window holds: the reader never jumps
+        kind = "file" if others == ra.files - 1 else rng.choice(kinds)
+        others = 0 if kind == "file" else others + 1
+        size = rng.choice([0, 1, 99, 700, 5000])
+        listing.append((f"e{i:03}".encode(), _node(f"e{i:03}", kind, size)))
+    files = [i for i, (_, node) in enumerate(listing) if node.kind == "file"]
+    if not files:
+        return
+    warms = Warms()
+    pos, queued, expected = files[0], files[0] + 1, []
+    _cold(ra, "d", listing[files[0]][0], listing, warms)  # the first open: warms nothing yet
+    for at in files[1:]:
+        on_miss, fd = ra.opened("d", listing[at][0], listing, warms)
+        assert fd is None
+        if queued <= at:
+            queued = at + 1
+        pos = at
+        planned, queued = _full_plan(ra, listing, pos, queued)
+        expected += planned
+        if on_miss is not None and rng.random() < 0.5:
+            on_miss()  # a repeated miss queues nothing more
+        got = [i for _, i in ra._queue]
+        assert got == expected, (seed, at)
+    ra.close()
+
+
+class _Holds:
+    """A ``readahead.Hold`` counting its blocks; ``fail``: entering raises (a writer's lock)."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.entered = 0
+        self.inside = False
+        self._fail = fail
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.entered += 1
+        if self.entered <= self._fail:
+            raise imgfs.errors.LockBusy("layers.lock: held by a writer")
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+
+def test_the_worker_warms_a_batch_of_entries_inside_one_hold() -> None:
+    ra = ReadAhead(files=16, max_bytes=1 << 20)
+    holds = _Holds()
+    inside: list[bool] = []
+
+    class Recorded(Warms):
+        def fd(self) -> int | None:
+            inside.append(holds.inside)
+            return None
+
+    warms, listing = Recorded(), _listing(40)
+    try:
+        ra.opened("d", b"f000", listing, warms, holds.hold)
+        on_miss, _ = ra.opened("d", b"f001", listing, warms, holds.hold)
+        assert on_miss is not None
+        on_miss()  # queues f002..f017 at once
+        assert _settle(ra, warms, 16) == [f"f{i:03}".encode() for i in range(2, 18)]
+        assert inside == [True] * 16
+        assert holds.entered == 2  # 16 entries, WARM_BATCH (8) a hold
+    finally:
+        ra.close()
+
+
+def test_a_hold_that_cannot_be_had_skips_its_batch_harmlessly() -> None:
+    ra = ReadAhead(files=8, max_bytes=1 << 20)
+    holds, warms, listing = _Holds(fail=1), Warms(), _listing(40)
+
+    def cold(name: bytes) -> None:
+        on_miss, _ = ra.opened("d", name, listing, warms, holds.hold)
+        if on_miss is not None:
+            on_miss()
+
+    try:
+        cold(b"f000")
+        cold(b"f001")  # queues f002..f009: the hold fails
+        deadline = time.monotonic() + 10
+        while ra.pending() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert ra.pending() == 0
+        assert warms.names == []
+        assert holds.entered == 1
+        cold(b"f002")  # the next entry: its own batch, held
+        assert _settle(ra, warms, 1) == [b"f010"]
+        assert holds.entered == 2
+    finally:
+        ra.close()
+
+
+def test_the_view_holds_the_store_lock_once_for_a_batch_of_warms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    members: list[tuple[str, bytes | str | None]] = [("d", None)]
+    members += [(f"d/f{i:03}", _content(i)) for i in range(8)]
+    maker = storemaker.StoreMaker(tmp_path / "root")
+    maker.add_image("localhost/many:v1", [make_tar(members)])
+    maker.write()
+    lock = maker.root / f"{storemaker.DRIVER}-layers" / "layers.lock"
+    lock.write_bytes(b"t" * 64)  # a token: the kept directories are used
+    store = imgfs.Store.open(str(maker.root), str(tmp_path / "run"), storemaker.DRIVER)
+    caches = Caches.build(None)
+    view = build_view(store.images, 0, caches)
+    image_id = maker.images[0].id
+    top = view.resolve(f"{image_id}/rootfs/d".encode())
+    nodes = [node for _, node in view.children(top.key) if node.kind == "file"]
+    locked: list[object] = []
+    real = imgfs.store.locks._lock_shared
+
+    def counting(fd: int, path: object) -> None:
+        locked.append(path)
+        real(fd, cast(Any, path))
+
+    monkeypatch.setattr(imgfs.store.locks, "_lock_shared", counting)
+    try:
+        with view._hold(image_id):
+            fds = [view._warm(image_id, node, node.size) for node in nodes]
+        assert len(locked) == 1  # one lock for the eight opens
+        for i, fd in enumerate(fds):
+            assert fd is not None
+            try:
+                assert os.pread(fd, 1 << 17, 0) == _content(i)
+            finally:
+                os.close(fd)
+        writer = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.fcntl(writer, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+            with pytest.raises(imgfs.errors.LockBusy), view._hold(image_id):
+                pass  # never waits for the writer
+        finally:
+            os.close(writer)
+    finally:
+        caches.close()
+        imgfs.store.locks.close_kept()

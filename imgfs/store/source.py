@@ -35,7 +35,7 @@ from imgfs.layer.tarsplit import iter_entries
 from imgfs.lru import LRU
 from imgfs.store.files import RootLayout, StoreFile
 from imgfs.store.layerfiles import LayerFiles
-from imgfs.store.locks import read_locked
+from imgfs.store.locks import no_waiting, read_locked
 from imgfs.store.toc import FlatNames, flat_map, read_toc, toc_digest, toc_identity
 from imgfs.store.userns import is_rootless_store, open_layer_files
 
@@ -156,12 +156,22 @@ class LayerSource:
                 return files.open(name, size)
             finally:
                 files.close()
-        with read_locked(self.locks) as tokens:
+        with read_locked(self.locks, keep=True) as tokens:  # one lock per file: kept fds
             held = LAYER_DIRS.hold(self._dirs_key(), tokens, self._own_files)
         try:
             return held.files.open(name, size)
         finally:
             LAYER_DIRS.let_go(held)
+
+    def holding_opens(self) -> contextlib.AbstractContextManager[object]:
+        """This thread holds the layer's store locks (``read_locked(keep=True)``, never waiting
+        for a writer: ``LockBusy``) until the block ends, so that the ``open_file`` and
+        ``warm_file`` calls inside take them again without a syscall (nested: the lock and the
+        token read under it are the block's). Nothing for a store whose files are opened
+        without ``LAYER_DIRS`` (rootless, or the flat layout's name map)."""
+        if self.toc_names or is_rootless_store(self.home.layers_dir):
+            return contextlib.nullcontext()
+        return _holding(self.locks)
 
     def warm_file(self, name: bytes, size: int, length: int) -> int | None:
         """Content file ``name`` opened as ``open_file`` opens it, its first ``length`` bytes
@@ -240,6 +250,12 @@ class LayerSource:
             ) from exc
         except OSError as exc:
             raise LayerUnavailable(f"{self.what}: tar-split: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def _holding(paths: tuple[StoreFile, ...]) -> Iterator[None]:
+    with no_waiting(), read_locked(paths, keep=True):
+        yield
 
 
 class _Held:

@@ -13,6 +13,7 @@ Must not know: pyfuse3, trio, inode numbers, errno values, the tree's names.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -180,22 +181,35 @@ def _open_member(
     on_miss: Callable[[], None] | None,
     fd: int | None,
 ) -> Content:
-    what = f"{source.what}: file {member.data_name!r:.200}"
+    # The file's name in messages is built only for a message (an error, a new verifier):
+    # most opens need none.
     if member.typeflag != REGULAR:
-        raise LayerUnavailable(f"{what}: not a regular file (unresolved hardlink?)")
+        raise LayerUnavailable(
+            f"{_what(source, member.data_name)}: not a regular file (unresolved hardlink?)"
+        )
     identity = ("member", source.layer_id, member.data_name)
-    digest = source.toc_digest(member.data_name) if source.toc_tree and member.size else None
-    if source.toc_tree and member.size and digest is None:
-        raise LayerUnavailable(f"{what}: the TOC records no digest for it")
+    digest = None
+    if source.toc_tree and member.size:
+        digest = source.toc_digest(member.data_name)
+        if digest is None:
+            raise LayerUnavailable(
+                f"{_what(source, member.data_name)}: the TOC records no digest for it"
+            )
     verifier = verifiers.get(
-        identity, lambda: member_verifier(member.size, member.crc, what, digest)
+        identity,
+        lambda: member_verifier(member.size, member.crc, _what(source, member.data_name), digest),
     )
     if verifier.failure is not None:
         raise IntegrityError(verifier.failure)
-    file = MemberFile(source, member.data_name, member.size, what, on_miss, fd)
+    file = MemberFile(source, member.data_name, member.size, on_miss, fd)
     if not lazy and member.size:
         file.open()
     return Streamed(VerifiedReader(file, verifier), page_cache=True)
+
+
+def _what(source: LayerSource, name: bytes) -> str:
+    """A layer file as messages name it."""
+    return f"{source.what}: file {name!r:.200}"
 
 
 # Reads of layer files up to this size may be tried inline (``read_nowait``): larger ones may
@@ -212,29 +226,33 @@ class MemberFile:
     through its ``LayerSource`` at ``open`` or the first read, size-checked reads, and in
     ``read_nowait`` reads that raise ``BlockingIOError`` instead of waiting for the disk."""
 
+    __slots__ = ("_closed", "_fd", "_name", "_on_miss", "_source", "size")
+
     def __init__(
         self,
         source: LayerSource,
         name: bytes,
         size: int,
-        what: str,
         on_miss: Callable[[], None] | None = None,
         fd: int | None = None,
     ) -> None:
         self._source = source
         self._name = name
         self.size = size
-        self._what = what
         self._on_miss = on_miss
         self._fd = fd
         self._closed = False
+
+    @property
+    def _what(self) -> str:  # for messages only: built when one is
+        return _what(self._source, self._name)
 
     def open(self) -> int:
         if self._closed:
             raise ValueError(f"{self._what}: read after close")
         if self._fd is None:
             if getattr(_nowait, "on", False) and not _INLINE_OPEN:
-                raise BlockingIOError(f"{self._what}: opened by a worker thread")
+                raise BlockingIOError("opened by a worker thread")  # (caught: no message)
             self._fd = self._source.open_file(self._name, self.size)
         return self._fd
 
@@ -247,10 +265,10 @@ class MemberFile:
             got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
         except OSError as exc:  # EAGAIN (not cached), or a file system without RWF_NOWAIT
             self._missed()
-            raise BlockingIOError(f"{self._what}: {exc}") from exc
+            raise BlockingIOError(exc.errno, "not in the page cache") from None  # (caught)
         if got != n:  # partly cached, or short: a worker thread's read_exact tells which
             self._missed()
-            raise BlockingIOError(f"{self._what}: {got} of {n} bytes cached")
+            raise BlockingIOError(errno.EAGAIN, "partly in the page cache")  # (caught)
         return bytes(buf)
 
     def _missed(self) -> None:

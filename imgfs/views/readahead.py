@@ -21,7 +21,9 @@ fds kept are at most ``files`` per window, closed when the reader passes them or
 ends.
 
 It only warms the page cache: the view's ``warm`` opens each file through its ``LayerSource``
-(the one opener: under the layers lock, never waiting for a writer, never through a symlink),
+(the one opener: under the layers lock, never waiting for a writer, never through a symlink;
+up to ``WARM_BATCH`` entries of a window inside one ``hold`` of the view, which holds that
+lock across them, so that the opens take it again without a syscall),
 the bytes served are still read and checked by the file's verifier, and a failed warm is only
 logged (the reader's own open reports the error).
 Must not know: pyfuse3, trio, the store's formats (the view's ``warm`` opens).
@@ -30,6 +32,7 @@ Must not know: pyfuse3, trio, the store's formats (the view's ``warm`` opens).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import os
@@ -46,10 +49,14 @@ Listing = Sequence[tuple[bytes, Node]]
 # returns the file's open fd (for the reader's open to take) or None
 Warm = Callable[[Node, int], int | None]
 OnMiss = Callable[[], None]
+# hold(): what the worker's warms of one batch run inside (the view holds the store lock the
+# opens take across the batch: one lock and token read for it instead of one per file)
+Hold = Callable[[], contextlib.AbstractContextManager[object]]
 
 READ_AHEAD_FILES = 32
 READ_AHEAD_BYTES = 2 << 20  # per window (page cache the reader has not asked for yet)
 READ_AHEAD_WINDOWS = 4
+WARM_BATCH = 8  # entries of one window the worker warms under one ``hold``
 
 
 @dataclass(eq=False)
@@ -65,6 +72,9 @@ class _Window:
     ordered: bool = False  # an open of the next file seen
     missing: bool = False  # a read of one of its files missed the page cache
     fds: dict[int, int] = field(default_factory=dict)  # warmed entries' open files, by index
+    ahead: int = 0  # bytes the entries in (pos, queued) count against ``max_bytes``
+    on_miss: OnMiss | None = None  # what ``opened`` hands out for this window (made once)
+    hold: Hold | None = None
 
 
 class ReadAhead:
@@ -92,14 +102,21 @@ class ReadAhead:
         self._closed = False
 
     def opened(
-        self, directory: Hashable, name: bytes, listing: Listing, warm: Warm
+        self,
+        directory: Hashable,
+        name: bytes,
+        listing: Listing,
+        warm: Warm,
+        hold: Hold | None = None,
     ) -> tuple[OnMiss | None, int | None]:
         """The reader opened entry ``name`` of ``directory``, whose listing is ``listing``;
         ``warm(node, length)`` (in the worker) reads the first ``length`` bytes of a file of
         it into the page cache. Returns what to call when a read of this file misses the page
         cache (``MemberFile``'s ``on_miss``: only then does the window read ahead, so that a
         reader served from the page caches costs no warms), and the file's fd if the worker
-        opened it already (the caller owns it)."""
+        opened it already (the caller owns it). ``hold()``: the context the worker's warms of
+        one batch (at most ``WARM_BATCH`` entries) run in (an error entering it skips the
+        batch: harmless, as a failed warm is)."""
         stale: list[int] = []
         try:
             with self._cond:
@@ -109,22 +126,26 @@ class ReadAhead:
                 at = None
                 if window is not None and window.listing is listing:
                     if _index(listing, name, window.pos, window.pos + 1) is not None:
-                        return functools.partial(self._missed, window), None  # the same again
+                        return window.on_miss, None  # the same again
                     at = _next_file(listing, name, window.pos + 1, window.pos + 1 + self.files)
                 if at is None:  # a new directory, or a jump: start over, warm nothing yet
-                    window = self._start(directory, name, listing, warm, window, stale)
-                    return (
-                        None if window is None else functools.partial(self._missed, window)
-                    ), None
+                    window = self._start(directory, name, listing, warm, window, stale, hold)
+                    return (None if window is None else window.on_miss), None
                 assert window is not None
+                # The entries passed over to reach ``at`` are no regular files (``_next_file``):
+                # of those that left (pos, queued), only ``at`` itself counted in ``ahead``
+                # (a reader past ``queued`` has none ahead: ``_plan`` starts over from it).
+                if at < window.queued:
+                    window.ahead -= self._weight(listing[at][1])
                 window.pos = at
                 window.ordered = True
                 self._windows.move_to_end(directory)
-                fd = window.fds.pop(at, None)
-                stale += [window.fds.pop(i) for i in [i for i in window.fds if i < at]]
+                fd = window.fds.pop(at, None) if window.fds else None
+                if window.fds:
+                    stale += [window.fds.pop(i) for i in [i for i in window.fds if i < at]]
                 if window.missing:
                     self._queue_ahead(window)
-                return functools.partial(self._missed, window), fd
+                return window.on_miss, fd
         finally:
             _close(stale)
 
@@ -151,6 +172,7 @@ class ReadAhead:
         warm: Warm,
         old: _Window | None,
         stale: list[int],
+        hold: Hold | None = None,
     ) -> _Window | None:
         if old is not None:
             _retire(old, stale)
@@ -159,7 +181,8 @@ class ReadAhead:
             self._windows.pop(directory, None)
             return None
         last = next(reversed(self._windows.values()), None)
-        window = _Window(listing, warm, at, at + 1)
+        window = _Window(listing, warm, at, at + 1, hold=hold)
+        window.on_miss = functools.partial(self._missed, window)
         # A walk that read its last directory in order to its last file goes on here (find
         # lists a directory's files, then the next directory's): in order from its first file.
         window.ordered = at == _first_file(listing) and last is not None and _walked(last, self)
@@ -170,23 +193,34 @@ class ReadAhead:
         return window
 
     def _plan(self, window: _Window) -> list[int]:
-        """The entries after ``window.pos`` within the bounds that are not queued yet."""
+        """The entries after ``window.pos`` within the bounds that are not queued yet: from
+        ``window.queued`` on, with the bytes of those queued before it (``window.ahead``), so
+        that each open costs the entries it adds, not the whole window again."""
         listing, start = window.listing, window.pos + 1
         out = []
-        ahead = 0
         end = min(len(listing), start + self.files)
-        i = start
+        if window.queued > start:
+            i, ahead = window.queued, window.ahead
+        else:
+            i, ahead = start, 0
         while i < end:
-            node = listing[i][1]
-            if node.kind == "file" and node.size and node.origin is not None:
-                ahead += min(node.size, self.max_bytes)
+            weight = self._weight(listing[i][1])
+            if weight:
+                ahead += weight
                 if ahead > self.max_bytes and i > start:
+                    ahead -= weight
                     break
-                if i >= window.queued:
-                    out.append(i)
+                out.append(i)
             i += 1
-        window.queued = max(window.queued, i)
+        if i > window.queued:
+            window.queued, window.ahead = i, ahead
         return out
+
+    def _weight(self, node: Node) -> int:
+        """What entry ``node`` counts against ``max_bytes`` (0: it is not warmed)."""
+        if node.kind == "file" and node.size and node.origin is not None:
+            return min(node.size, self.max_bytes)
+        return 0
 
     def _ensure_worker(self) -> None:
         if self._thread is None:
@@ -200,15 +234,31 @@ class ReadAhead:
                     self._cond.wait()
                 if self._closed:
                     return
-                window, i = self._queue.popleft()
-                if not window.live or i <= window.pos:
-                    continue  # abandoned, or the reader got there first
-                self._busy += 1
-            try:
-                self._warm(window, i)
-            finally:
-                with self._cond:
-                    self._busy -= 1
+                window = self._queue[0][0]
+                batch: list[int] = []
+                while self._queue and self._queue[0][0] is window and len(batch) < WARM_BATCH:
+                    i = self._queue.popleft()[1]
+                    if window.live and i > window.pos:  # else abandoned, or the reader got there
+                        batch.append(i)
+                self._busy += len(batch)
+            if batch:
+                self._warm_batch(window, batch)
+
+    def _warm_batch(self, window: _Window, batch: list[int]) -> None:
+        done = 0
+        try:
+            with contextlib.nullcontext() if window.hold is None else window.hold():
+                for i in batch:
+                    if window.live and i > window.pos:  # the reader may have passed it since
+                        self._warm(window, i)
+                    done += 1
+                    with self._cond:
+                        self._busy -= 1
+        except Exception as exc:  # the hold could not be had (a writer's lock): harmless
+            log.debug("read-ahead of %d files: %s", len(batch) - done, exc)
+        finally:
+            with self._cond:
+                self._busy -= len(batch) - done
 
     def _warm(self, window: _Window, i: int) -> None:
         node = window.listing[i][1]

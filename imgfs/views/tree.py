@@ -15,6 +15,7 @@ affect that image's nodes only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -48,6 +49,7 @@ from imgfs.views.keys import (
     child_key,
 )
 from imgfs.views.node import Node
+from imgfs.views.readahead import Hold, Warm
 from imgfs.views.rootfs import RootFS
 from imgfs.views.sections import section_of
 from imgfs.views.sections.base import digest_hex
@@ -114,6 +116,7 @@ class TreeView:
         self._ordered: list[str] = []
         self._ahead: dict[ImageKey, threading.Event] = {}  # listings being built ahead
         self._signatures: dict[str, list[bytes]] = {}
+        self._warmers: dict[str, tuple[Warm, Hold]] = {}  # the read-ahead's, by image ID
         # every node computed, by key; bounded by the budget's share (NODE_BYTES each)
         self._nodes: LRU[Key, Node] = LRU(self.caches.budget.nodes, cost=_node_bytes)
         # every directory listing built, by key (a view never changes: built once, not per
@@ -234,11 +237,13 @@ class TreeView:
         """The content of file ``key`` (the caller gives it back with ``release``)."""
         return section_of(key).open(self, key)
 
-    def open_known(self, key: Key) -> Content | None:
+    def open_known(self, key: Key, node: Node | None = None) -> Content | None:
         """``open(key)`` without I/O, if this view knows the node of ``key`` (a ``layers/`` or
         ``rootfs/`` regular file: its ``Origin``) and its layer's tree is in memory; the file
-        is opened at its first read. None: ask ``open``."""
-        node = self.peek(key)
+        is opened at its first read. None: ask ``open``. ``node``: the node of ``key`` this
+        view gave the caller (``peek``/``node``), not looked up again."""
+        if node is None:
+            node = self.peek(key)
         where = None if node is None else node.origin
         if where is None or not isinstance(key, _MEMBER_KEYS):
             return None
@@ -252,11 +257,20 @@ class TreeView:
             return None
         on_miss, fd = None, None
         if isinstance(key, LayerKey | RootfsKey):
-            listing = self.peek_children(key.parent())
+            parent = key.parent()
+            listing = self.peek_children(parent)
             if listing is not None:  # the next files of the listing, into the page cache
                 name = key.path.rpartition(b"/")[2]
-                warm = functools.partial(self._warm, key.image)
-                on_miss, fd = self.caches.read_ahead.opened(key.parent(), name, listing, warm)
+                warm = self._warmers.get(key.image)
+                if warm is None:
+                    warm = self._warmers.setdefault(
+                        key.image,
+                        (
+                            functools.partial(self._warm, key.image),
+                            functools.partial(self._hold, key.image),
+                        ),
+                    )
+                on_miss, fd = self.caches.read_ahead.opened(parent, name, listing, *warm)
         member = tree.member(where.ref)
         return contents.open_member(
             self.verifiers, source, member, lazy=True, on_miss=on_miss, fd=fd
@@ -279,6 +293,15 @@ class TreeView:
             return None
         with locks.no_waiting():
             return source.warm_file(member.data_name, member.size, length)
+
+    def _hold(self, image_id: str) -> contextlib.AbstractContextManager[object]:
+        """``readahead.Hold``: the store locks of image ``image_id``'s top layer held across a
+        batch of ``_warm`` calls (their opens take them again without a syscall)."""
+        with self._lock:
+            content = self._content.get(image_id)
+        if content is None or not content.sources:
+            return contextlib.nullcontext()
+        return content.sources[-1].holding_opens()
 
     def resolve(self, path: bytes) -> Node:
         """The node at ``path`` below the root (lookups one name at a time; links not followed)."""
