@@ -446,3 +446,47 @@ def test_the_generation_calls_leak_nothing_on_any_exit_path(tmp_path: Path) -> N
         EXT.entries(chunk, 0, set(), 10, 5)
 
     _leak_check(decodes)
+
+
+def test_copy_entries_closes_no_descriptor_when_it_raises(tmp_path: Path) -> None:
+    """Each allocation of a call made to fail in turn: copy_entries returns (and has closed the
+    fds of the pairs it copied) or raises MemoryError having closed none, since the caller then
+    closes every fd from where it started; an fd closed twice could be another thread's by
+    then. (The old C closed each fd as it copied it, before building its result.)"""
+    assert EXT is not None
+    testcapi = pytest.importorskip("_testcapi")
+    content = b"abc" * 100
+    (tmp_path / "f").write_bytes(content)
+    crc = crc64.go_iso(content).to_bytes(8, "big")
+    buf = bytearray(1 << 16)
+    raised = 0
+    for start in range(40):
+        for stop in (start + 1, 0):
+            fds = [os.open(tmp_path / "f", os.O_RDONLY) for _ in range(3)]
+            items = [(FileEntry(b"f", len(content), crc), fd) for fd in fds]
+            testcapi.set_nomemory(start, stop)
+            try:
+                got = EXT.copy_entries(buf, 5000, items, 0, 1 << 40, 1 << 40)
+            except MemoryError:
+                got = None
+            finally:
+                testcapi.remove_mem_hooks()
+            closed = [k for k, fd in enumerate(fds) if not _is_open(fd)]
+            if got is None:
+                raised += 1
+                assert closed == [], f"allocation {start}: raised after closing {closed}"
+            else:
+                assert got == (3, 5000 + 3 * len(content), False)
+                assert closed == [0, 1, 2]
+            for k, fd in enumerate(fds):
+                if k not in closed:
+                    os.close(fd)
+    assert raised
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -1361,9 +1361,9 @@ PyDoc_STRVAR(copy_entries_doc,
 "copy_entries(buf, fill, items, start, limit, stop_fill) -> (next, fill, slow)\n\n"
 "Copy items[start:] -- (Segment | FileEntry, fd | None | Exception) pairs -- into the writable\n"
 "buf from offset fill, each only if it completes cleanly, adds at most limit bytes in all and\n"
-"fits the buffer; a copied file's fd is closed. Stops after the pair that brings fill to\n"
-"stop_fill or more (slow False), or before the first pair the Python code must copy (slow\n"
-"True), or at the end of items (slow False).");
+"fits the buffer; a copied file's fd is closed (none when it raises: the caller closes them\n"
+"all). Stops after the pair that brings fill to stop_fill or more (slow False), or before the\n"
+"first pair the Python code must copy (slow True), or at the end of items (slow False).");
 
 static PyObject *
 copy_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -1431,7 +1431,6 @@ copy_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         else if (it->size != 0) {
             if (copy_file(it->fd, dst, it->size, it->crc) != 0)
                 break;
-            close(it->fd);
         }
         pos += it->size;
         used += it->size;
@@ -1447,6 +1446,16 @@ copy_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     else if (stop_early)
         slow = 0;
     result = Py_BuildValue("(nnO)", start + done, (Py_ssize_t)pos, slow ? Py_True : Py_False);
+    /* The copied files' fds are closed only once the result is built: an exception means none
+     * was, as the caller then closes every fd from start (a second close could hit another
+     * thread's new fd). */
+    if (result != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < done; i++)
+            if (work[i].payload == NULL && work[i].size != 0)
+                close(work[i].fd);
+        Py_END_ALLOW_THREADS
+    }
 done:
     if (work != NULL)
         for (Py_ssize_t i = 0; i < count; i++)
