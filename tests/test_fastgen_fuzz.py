@@ -46,6 +46,7 @@ from imgfs.store.layerfiles import LayerFiles
 from tests.tarsplit_maker import disassemble, make_tar
 from tests.test_assemble import WHAT, RecordingSink, make_layer
 from tests.test_assemble_batch import _open_fds
+from tests.test_readahead import _is_open
 
 EXT = compiled.extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason="the extension is not built")
@@ -482,11 +483,3 @@ def test_copy_entries_closes_no_descriptor_when_it_raises(tmp_path: Path) -> Non
                 if k not in closed:
                     os.close(fd)
     assert raised
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
