@@ -483,3 +483,42 @@ def test_copy_entries_closes_no_descriptor_when_it_raises(tmp_path: Path) -> Non
                 if k not in closed:
                     os.close(fd)
     assert raised
+
+
+def test_open_files_keeps_the_names_alive_while_the_gil_is_released(tmp_path: Path) -> None:
+    """Another thread emptying the names list during the call (GIL released) must not free the
+    names the C is opening: the old C held only the list, whose items the other thread freed,
+    and the kernel read the names from freed memory (invisible to AddressSanitizer, but with
+    ``ASAN_OPTIONS=max_free_fill_size=999999:free_fill_byte=0`` freed memory is zeroed and the
+    last name, "xxxxx", was not found)."""
+    assert EXT is not None
+    dirfd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    (tmp_path / "xxxxx").write_bytes(b"x")
+    stop = threading.Event()
+    lists: list[list[bytes]] = []
+
+    def clearer() -> None:
+        while not stop.is_set():
+            for names in list(lists):
+                names.clear()
+
+    spin = threading.Thread(target=clearer)
+    spin.start()
+    try:
+        for _ in range(30):
+            names = [b"missing/%d/%s" % (i, b"n" * 200) for i in range(4000)]
+            names.append(("x" * 5).encode())  # (only the list holds it: no constant, no cache)
+            sizes = [1] * len(names)
+            lists.append(names)
+            got = EXT.open_files(dirfd, names, sizes, flags, 0x0F, 0)
+            lists.remove(names)
+            assert len(got) == len(sizes)
+            assert got[:-1] == [None] * (len(sizes) - 1)
+            fd = got[-1]
+            assert isinstance(fd, int)  # (freed, its name would be garbage: ASan's free fill)
+            os.close(fd)
+    finally:
+        stop.set()
+        spin.join()
+        os.close(dirfd)

@@ -1205,7 +1205,11 @@ open_files(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         cnames[i] = sz < 0 ? NULL : already_clean(name);
         csizes[i] = (uint64_t)(sz < 0 ? 0 : sz);
     }
-    Py_INCREF(names); /* (the list keeps the names alive; nobody may shrink it meanwhile) */
+    /* A copy of the list holds every name while the GIL is released: another thread may
+     * change the caller's list meanwhile (cnames point into the bytes objects). */
+    names = PyList_GetSlice(names, 0, n);
+    if (names == NULL)
+        goto done;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
         fds[i] = cnames[i] == NULL ? -1
