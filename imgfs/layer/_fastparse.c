@@ -998,7 +998,9 @@ PyInit__fastparse(void)
  * Python code copies that pair itself from offset 0 (pread leaves the fd's offset alone) and
  * raises. Bytes written past the returned fill are scratch. Both release the GIL for their
  * syscalls: the arguments are first copied into C arrays under the GIL, holding references to
- * the payloads and the staging buffer (a Py_buffer export: a bytearray cannot be resized).
+ * the names (a copy of the list), the payloads and the staging buffer (a Py_buffer export: a
+ * bytearray cannot be resized). copy_entries closes the fds it copied only once its result is
+ * built: when it raises, every fd is still the caller's.
  * ============================================================================================ */
 #include <errno.h>
 #include <fcntl.h>
