@@ -33,6 +33,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from fastcrc import crc64
@@ -522,3 +523,82 @@ def test_open_files_keeps_the_names_alive_while_the_gil_is_released(tmp_path: Pa
         stop.set()
         spin.join()
         os.close(dirfd)
+
+
+def _copy_model(
+    buflen: int, fill: int, items: list[tuple[object, object]], start: int, limit: int, stop: int,
+    truth: dict[int, bytes],
+) -> tuple[int, int, bool]:  # fmt: skip
+    """copy_entries as its docstring says, in Python (``truth``: what each fd's file holds)."""
+    pos, used = fill, 0
+    for i in range(start, min(len(items), start + 4096)):
+        entry, opened = items[i]
+        if isinstance(entry, Segment):
+            size = len(entry.payload)
+        elif isinstance(entry, FileEntry) and entry.size == 0:
+            size = 0
+        elif isinstance(entry, FileEntry) and isinstance(opened, int) and entry.crc is not None:
+            size = entry.size
+        else:
+            return i, pos, True
+        if size > limit - used or size > buflen - pos:
+            return i, pos, True
+        if isinstance(entry, FileEntry) and size:
+            content = truth[cast(int, opened)]
+            if len(content) != size or crc64.go_iso(content).to_bytes(8, "big") != entry.crc:
+                return i, pos, True
+        pos += size
+        used += size
+        if pos >= stop:
+            return i + 1, pos, False
+    return min(len(items), start + 4096), pos, False
+
+
+def test_copy_entries_fuzz_equals_its_python_model(tmp_path: Path) -> None:
+    assert EXT is not None
+    rng = random.Random(SEED)
+    before = _open_fds()
+    for case in _cases(400):
+        items: list[tuple[object, object]] = []
+        truth: dict[int, bytes] = {}
+        expect: list[bytes] = []
+        for k in range(rng.randrange(12)):
+            kind = rng.randrange(6)
+            data = rng.randbytes(rng.choice([0, 1, 7, 100, 511, 512, 3000]))
+            if kind == 0:
+                items.append((Segment(data), None))
+            elif kind == 1:
+                items.append((FileEntry(b"e", 0, None), None))
+            elif kind == 2:
+                items.append((FileEntry(b"n", len(data) or 1, b"\0" * 8), None))  # unopened
+            else:
+                path = tmp_path / f"{case}-{k}"
+                on_disk = rng.choice([data, data, data, data[:-1], data + b"x", b"Z" + data[1:]])
+                path.write_bytes(on_disk)
+                fd = os.open(path, os.O_RDONLY)
+                truth[fd] = on_disk
+                crc = crc64.go_iso(data).to_bytes(8, "big") if kind != 5 else b"\0" * 7
+                items.append((FileEntry(b"f", len(data), crc), fd))
+            expect.append(data)
+        buf = bytearray(rng.choice([0, 100, 600, 5000, 40_000]))
+        fill = rng.randrange(len(buf) + 1)
+        start = rng.randrange(len(items) + 1)
+        limit = rng.choice([0, 50, 1000, 1 << 40])
+        stop = rng.choice([0, fill + 1, fill + 600, 1 << 40])
+        want = _copy_model(len(buf), fill, items, start, limit, stop, truth)
+        got = EXT.copy_entries(buf, fill, items, start, limit, stop)
+        assert got == want, f"case {case} (seed {SEED})"
+        nxt, pos, _ = got
+        copied = b"".join(
+            expect[i]
+            for i in range(start, nxt)
+            if not isinstance(items[i][0], FileEntry) or items[i][1] is not None
+        )
+        assert buf[fill:pos] == copied
+        for i, (entry, opened) in enumerate(items):
+            if isinstance(opened, int):
+                copied_fd = start <= i < nxt and cast(FileEntry, entry).size > 0
+                assert _is_open(opened) != copied_fd, f"case {case} item {i}"
+                if _is_open(opened):
+                    os.close(opened)
+    assert _open_fds() == before
