@@ -998,7 +998,9 @@ PyInit__fastparse(void)
  * Python code copies that pair itself from offset 0 (pread leaves the fd's offset alone) and
  * raises. Bytes written past the returned fill are scratch. Both release the GIL for their
  * syscalls: the arguments are first copied into C arrays under the GIL, holding references to
- * the payloads and the staging buffer (a Py_buffer export: a bytearray cannot be resized).
+ * the names (a copy of the list), the payloads and the staging buffer (a Py_buffer export: a
+ * bytearray cannot be resized). copy_entries closes the fds it copied only once its result is
+ * built: when it raises, every fd is still the caller's.
  * ============================================================================================ */
 #include <errno.h>
 #include <fcntl.h>
@@ -1205,7 +1207,11 @@ open_files(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         cnames[i] = sz < 0 ? NULL : already_clean(name);
         csizes[i] = (uint64_t)(sz < 0 ? 0 : sz);
     }
-    Py_INCREF(names); /* (the list keeps the names alive; nobody may shrink it meanwhile) */
+    /* A copy of the list holds every name while the GIL is released: another thread may
+     * change the caller's list meanwhile (cnames point into the bytes objects). */
+    names = PyList_GetSlice(names, 0, n);
+    if (names == NULL)
+        goto done;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
         fds[i] = cnames[i] == NULL ? -1
@@ -1361,9 +1367,9 @@ PyDoc_STRVAR(copy_entries_doc,
 "copy_entries(buf, fill, items, start, limit, stop_fill) -> (next, fill, slow)\n\n"
 "Copy items[start:] -- (Segment | FileEntry, fd | None | Exception) pairs -- into the writable\n"
 "buf from offset fill, each only if it completes cleanly, adds at most limit bytes in all and\n"
-"fits the buffer; a copied file's fd is closed. Stops after the pair that brings fill to\n"
-"stop_fill or more (slow False), or before the first pair the Python code must copy (slow\n"
-"True), or at the end of items (slow False).");
+"fits the buffer; a copied file's fd is closed (none when it raises: the caller closes them\n"
+"all). Stops after the pair that brings fill to stop_fill or more (slow False), or before the\n"
+"first pair the Python code must copy (slow True), or at the end of items (slow False).");
 
 static PyObject *
 copy_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -1431,7 +1437,6 @@ copy_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         else if (it->size != 0) {
             if (copy_file(it->fd, dst, it->size, it->crc) != 0)
                 break;
-            close(it->fd);
         }
         pos += it->size;
         used += it->size;
@@ -1447,6 +1452,16 @@ copy_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     else if (stop_early)
         slow = 0;
     result = Py_BuildValue("(nnO)", start + done, (Py_ssize_t)pos, slow ? Py_True : Py_False);
+    /* The copied files' fds are closed only once the result is built: an exception means none
+     * was, as the caller then closes every fd from start (a second close could hit another
+     * thread's new fd). */
+    if (result != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < done; i++)
+            if (work[i].payload == NULL && work[i].size != 0)
+                close(work[i].fd);
+        Py_END_ALLOW_THREADS
+    }
 done:
     if (work != NULL)
         for (Py_ssize_t i = 0; i < count; i++)
