@@ -1008,6 +1008,28 @@ PyInit__fastparse(void)
 #include <sys/syscall.h>
 #include <unistd.h>
 
+/* Integer arguments, each converted and checked at once (no C-API call with an error set). */
+static int
+ssize_arg(PyObject *obj, Py_ssize_t *out)
+{
+    *out = PyLong_AsSsize_t(obj);
+    return !(*out == -1 && PyErr_Occurred());
+}
+
+static int
+ll_arg(PyObject *obj, long long *out)
+{
+    *out = PyLong_AsLongLong(obj);
+    return !(*out == -1 && PyErr_Occurred());
+}
+
+static int
+ull_arg(PyObject *obj, unsigned long long *out)
+{
+    *out = PyLong_AsUnsignedLongLong(obj);
+    return !(*out == (unsigned long long)-1 && PyErr_Occurred());
+}
+
 #ifndef SYS_openat2
 #define SYS_openat2 437
 #endif
@@ -1170,10 +1192,7 @@ open_files(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         dirfd = (int)d;
     }
-    flags = PyLong_AsUnsignedLongLong(args[3]);
-    resolve = PyLong_AsUnsignedLongLong(args[4]);
-    advise = PyLong_AsUnsignedLongLong(args[5]);
-    if (PyErr_Occurred())
+    if (!ull_arg(args[3], &flags) || !ull_arg(args[4], &resolve) || !ull_arg(args[5], &advise))
         return NULL;
     names = args[1];
     sizes = args[2];
@@ -1387,11 +1406,8 @@ copy_entries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "copy_entries() takes 6 arguments");
         return NULL;
     }
-    fill = PyLong_AsSsize_t(args[1]);
-    start = PyLong_AsSsize_t(args[3]);
-    limit_ll = PyLong_AsLongLong(args[4]);
-    stop_ll = PyLong_AsLongLong(args[5]);
-    if (PyErr_Occurred())
+    if (!ssize_arg(args[1], &fill) || !ssize_arg(args[3], &start)
+        || !ll_arg(args[4], &limit_ll) || !ll_arg(args[5], &stop_ll))
         return NULL;
     items = args[2];
     if (!PyList_CheckExact(items)) {
@@ -1516,10 +1532,7 @@ entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     chunk = args[0];
     seen = args[2];
-    pos = PyLong_AsSsize_t(args[1]);
-    room = PyLong_AsLongLong(args[3]);
-    max_lines = PyLong_AsSsize_t(args[4]);
-    if (PyErr_Occurred())
+    if (!ssize_arg(args[1], &pos) || !ll_arg(args[3], &room) || !ssize_arg(args[4], &max_lines))
         return NULL;
     buf = (const unsigned char *)PyBytes_AS_STRING(chunk);
     len = PyBytes_GET_SIZE(chunk);
