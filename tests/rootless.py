@@ -162,7 +162,7 @@ def ensure_users() -> tuple[TestUser, TestUser]:
     """The test user (with two subordinate ranges) and the other host user."""
     user = _ensure_user(USER, "imgfs rootless tests")
     _ensure_two_ranges(USER)
-    other = _ensure_user(OTHER, "imgfs rootless tests: another user")
+    other = _ensure_user(OTHER, "imgfs rootless tests, another user")  # no ":" in a GECOS field
     user.runtime_dir.mkdir(mode=0o700, exist_ok=True)
     os.chown(user.runtime_dir, user.uid, user.gid)
     return user, other
