@@ -135,23 +135,24 @@ class Recording:
         self.files.close()
 
 
-# Threads that live as long as the process by design (the views' listing pool, the userns
-# helper's reader): not stages of a generation, whichever test started them.
-_PROCESS_WIDE = ("imgfs-list-ahead", "imgfs-userns")
+def _threads() -> set[int | None]:
+    return {t.ident for t in threading.enumerate()}
 
 
-def _stage_threads() -> list[str]:
-    """The generation pipeline's threads still alive (open-ahead, hash, write, gunzip)."""
+def _stage_threads(before: set[int | None]) -> list[str]:
+    """The ``imgfs-`` threads alive now that were not before the generation (its open-ahead,
+    hash, write and gunzip stages; not a process-wide pool an earlier test started)."""
     return [
         t.name
         for t in threading.enumerate()
-        if t.name.startswith("imgfs-") and not t.name.startswith(_PROCESS_WIDE)
+        if t.name.startswith("imgfs-") and t.ident not in before
     ]
 
 
 def test_a_plain_opener_is_opened_ahead_in_a_helper_thread(tmp_path: Path) -> None:
     layer = make_layer(tmp_path, make_tar(_members(150)))
     before = _open_fds()
+    threads = _threads()
     files = Recording(layer.dir)
     sink = RecordingSink(truth=layer.tar)
     generate(layer.entries, files, sink, layer.digest, len(layer.tar), WHAT)
@@ -160,13 +161,14 @@ def test_a_plain_opener_is_opened_ahead_in_a_helper_thread(tmp_path: Path) -> No
     assert [name for name, _ in files.opened] == [f"d/f{i}".encode() for i in range(150)]
     assert {thread for _, thread in files.opened} == {"imgfs-open-ahead"}
     assert _open_fds() == before
-    assert _stage_threads() == []  # open-ahead, hash and write threads all joined
+    assert _stage_threads(threads) == []  # open-ahead, hash and write threads all joined
 
 
 @pytest.mark.parametrize("bad", [0, 70, 149])
 def test_a_plain_opener_error_stops_the_opening_ahead(tmp_path: Path, bad: int) -> None:
     layer = make_layer(tmp_path, make_tar(_members(150)))
     before = _open_fds()
+    threads = _threads()
     files = Recording(layer.dir, frozenset({f"d/f{bad}".encode()}))
     sink = RecordingSink(truth=layer.tar)
     with pytest.raises(LayerUnavailable, match=f"d/f{bad}'"):
@@ -175,7 +177,7 @@ def test_a_plain_opener_error_stops_the_opening_ahead(tmp_path: Path, bad: int) 
     assert files.opened[-1][0] == f"d/f{bad}".encode()  # nothing opened past the failure
     assert sink.high <= layer.tar.index(f"file {bad}\n".encode())
     assert _open_fds() == before
-    assert _stage_threads() == []
+    assert _stage_threads(threads) == []
 
 
 def test_a_corrupt_file_in_the_middle_fails_with_nothing_wrong_published(tmp_path: Path) -> None:
@@ -185,6 +187,7 @@ def test_a_corrupt_file_in_the_middle_fails_with_nothing_wrong_published(tmp_pat
     layer = make_layer(tmp_path, make_tar([("d", None), *big, *_members(100)[2:]]))
     (layer.dir / "d" / "big2").write_bytes(b"\2" * ((3 << 20) - 1) + b"X")  # last byte wrong
     before = _open_fds()
+    threads = _threads()
     files = Recording(layer.dir)
     sink = RecordingSink(truth=layer.tar)
     with pytest.raises(IntegrityError, match="big2"):
@@ -194,7 +197,7 @@ def test_a_corrupt_file_in_the_middle_fails_with_nothing_wrong_published(tmp_pat
     assert sink.high < end_of_big2  # its last byte never served
     assert sink.high > end_of_big2 - (4 << 20)  # (the check ran as the bytes streamed)
     assert _open_fds() == before
-    assert _stage_threads() == []
+    assert _stage_threads(threads) == []
 
 
 def test_a_tarsplit_error_comes_after_the_entries_before_it(tmp_path: Path) -> None:
@@ -206,6 +209,7 @@ def test_a_tarsplit_error_comes_after_the_entries_before_it(tmp_path: Path) -> N
         raise MalformedMetadata("tar-split line 88: broken")
 
     before = _open_fds()
+    threads = _threads()
     files = Recording(layer.dir)
     sink = RecordingSink(truth=layer.tar)
     with pytest.raises(MalformedMetadata, match="line 88"):
@@ -214,7 +218,7 @@ def test_a_tarsplit_error_comes_after_the_entries_before_it(tmp_path: Path) -> N
     copied = [e for e in layer.entries[:cut] if isinstance(e, FileEntry) and e.size]
     assert [name for name, _ in files.opened] == [e.name for e in copied]  # all, no more
     assert _open_fds() == before
-    assert _stage_threads() == []
+    assert _stage_threads(threads) == []
 
 
 def test_a_direct_read_over_many_files_opens_them_ahead_and_leaks_nothing(
