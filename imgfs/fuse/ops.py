@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -431,12 +431,13 @@ class Operations(pyfuse3.Operations):
 
     def _names_of(self, handle: _Handle) -> set[int]:
         """The inodes of ``handle``'s file that are open (its ``rootfs/`` and ``layers/`` names
-        in every image with the layer share one verifier): a failure must drop their pages."""
-        verifier = _verifier_of(handle.content)
+        in every image with the layer: one identity, one verifier), read yet or not: a failure
+        must drop their pages."""
+        identity = _identity_of(handle.content)
         return {handle.ino} | {
             other.ino
             for other in self.handles.values()
-            if verifier is not None and _verifier_of(other.content) is verifier
+            if identity is not None and _identity_of(other.content) == identity
         }
 
     def _drop_cached_pages(self, ino: int) -> None:
@@ -581,9 +582,9 @@ class Operations(pyfuse3.Operations):
         self.caches.close()
 
 
-def _verifier_of(content: Content | None) -> object:
-    """The shared verifier a streamed file is checked by (None for other contents)."""
-    return getattr(content.reader, "verifier", None) if isinstance(content, Streamed) else None
+def _identity_of(content: Content | None) -> Hashable | None:
+    """The file a streamed content reads, as its verifier knows it (None for other contents)."""
+    return content.identity if isinstance(content, Streamed) else None
 
 
 async def _until_published(snap: Snapshot, end: int) -> None:

@@ -335,21 +335,41 @@ class ClosableRange(RangeSource, Protocol):
 
 class VerifiedReader:
     """What one open handle reads: its own ``RangeSource`` checked by the file's shared
-    ``Verifier``. ``read(offset, n)`` returns up to ``n`` bytes (fewer only at EOF)."""
+    ``Verifier``, ``identity`` in ``verifiers`` (made by ``make`` if none is live), found at the
+    first read: an open whose reads the kernel serves from its page cache needs none.
+    ``read(offset, n)`` returns up to ``n`` bytes (fewer only at EOF)."""
 
-    def __init__(self, source: ClosableRange, verifier: Verifier) -> None:
+    __slots__ = ("_lock", "_make", "_source", "_verifier", "_verifiers", "identity")
+
+    def __init__(
+        self,
+        source: ClosableRange,
+        verifiers: Verifiers,
+        identity: Hashable,
+        make: Callable[[], Verifier],
+    ) -> None:
         self._source = source
-        self.verifier = verifier
+        self._verifiers = verifiers
+        self.identity = identity
+        self._make = make
+        self._verifier: Verifier | None = None
         self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
-        return self.verifier.size
+        return self._source.size
+
+    @property
+    def verifier(self) -> Verifier:
+        found = self._verifier
+        if found is None:
+            found = self._verifier = self._verifiers.get(self.identity, self._make)
+        return found
 
     def read(self, offset: int, n: int, wait: bool = True) -> bytes:
         """``wait=False``: ``BlockingIOError`` rather than wait for a lock (``Verifier.read``)."""
         if not self._lock.acquire(blocking=wait):
-            raise BlockingIOError(f"{self.verifier.what}: read by another request")
+            raise BlockingIOError("read by another request")  # (caught: no message)
         try:
             return self.verifier.read(self._source, offset, n, wait)
         finally:

@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,7 +29,7 @@ from imgfs.cache.trees import FileViews
 from imgfs.errors import IntegrityError, LayerUnavailable, LockBusy
 from imgfs.layer.tarheader import REGULAR
 from imgfs.layer.tree import Member
-from imgfs.layer.verify import VerifiedReader, Verifiers, member_verifier, read_exact
+from imgfs.layer.verify import VerifiedReader, Verifier, Verifiers, member_verifier, read_exact
 from imgfs.store import locks
 from imgfs.store.source import LayerSource
 from imgfs.views.readahead import ReadAhead
@@ -65,10 +65,13 @@ class Snapshotted:
 
 @dataclass(frozen=True)
 class Streamed:
-    """A file read through a reader. ``page_cache``: the kernel may keep its pages (a member
-    of a layer) or must not (a ``--direct`` layer blob, read with direct I/O)."""
+    """A file read through a reader. ``identity``: the file's in the ``Verifiers`` (every name
+    of one layer file, in ``layers/`` and ``rootfs/`` of each image with the layer, has the
+    same). ``page_cache``: the kernel may keep its pages (a member of a layer) or must not (a
+    ``--direct`` layer blob, read with direct I/O)."""
 
     reader: Reader
+    identity: Hashable
     page_cache: bool
 
 
@@ -137,7 +140,8 @@ def open_layer_blob(caches: Caches, verifiers: Verifiers, source: LayerSource) -
             source.size,
             caches.snapshots.max_bytes,
         )
-    return Streamed(caches.blobs.open_reader(source, verifiers, identity), page_cache=False)
+    reader = caches.blobs.open_reader(source, verifiers, identity)
+    return Streamed(reader, identity, page_cache=False)
 
 
 def _produce(
@@ -195,16 +199,17 @@ def _open_member(
             raise LayerUnavailable(
                 f"{_what(source, member.data_name)}: the TOC records no digest for it"
             )
-    verifier = verifiers.get(
-        identity,
-        lambda: member_verifier(member.size, member.crc, _what(source, member.data_name), digest),
-    )
-    if verifier.failure is not None:
-        raise IntegrityError(verifier.failure)
+    failure = verifiers.failure(identity)  # its verifier is found at the first read
+    if failure is not None:
+        raise IntegrityError(failure)
     file = MemberFile(source, member.data_name, member.size, on_miss, fd)
     if not lazy and member.size:
         file.open()
-    return Streamed(VerifiedReader(file, verifier), page_cache=True)
+
+    def make() -> Verifier:
+        return member_verifier(member.size, member.crc, _what(source, member.data_name), digest)
+
+    return Streamed(VerifiedReader(file, verifiers, identity, make), identity, page_cache=True)
 
 
 def _what(source: LayerSource, name: bytes) -> str:

@@ -240,13 +240,21 @@ def test_generation_under_a_low_descriptor_limit_opens_at_each_files_turn(
     assert got == layer.tar
 
 
+@pytest.mark.parametrize("held_read", [True, False], ids=["held-read", "held-unread"])
 def test_a_failed_file_drops_the_cached_pages_of_every_open_name_of_it(
-    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    made: storemaker.StoreMaker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    held_read: bool,
 ) -> None:
     """Finding 6: one layer file has several inodes (``rootfs/`` and ``layers/`` of each image
     that has the layer) sharing one verifier. A failed check dropped the kernel's pages of the
     inode read only: a process holding another name of the file open (``keep_cache``) went on
-    reading the pages cached before the failure, no EIO. Now every open name's are dropped."""
+    reading the pages cached before the failure, no EIO. Now every open name's are dropped.
+
+    ``held-unread``: a handle finds its verifier at its first read, so a name opened but not
+    yet read through this handle (its pages cached by an earlier open) has no verifier yet;
+    its pages are dropped all the same, found by the file's identity."""
     image = made.images[0]
     invalidated: list[int] = []
     monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, *a: invalidated.append(ino))
@@ -260,7 +268,8 @@ def test_a_failed_file_drops_the_cached_pages_of_every_open_name_of_it(
         other = await _lookup_path(ops, image.id.encode() + b"/layers/" + name + b"/dir/file")
         assert other.st_ino != rootfs.st_ino
         held = await ops.open(other.st_ino, os.O_RDONLY, ROOT_CTX)
-        assert bytes(await ops.read(held.fh, 0, 4096)) == FILE[:4096]  # cached by the kernel
+        if held_read:
+            assert bytes(await ops.read(held.fh, 0, 4096)) == FILE[:4096]  # kernel-cached
         diff = made.root / "overlay" / image.layers[0] / "diff" / "dir" / "file"
         data = bytearray(diff.read_bytes())
         data[-5] ^= 0xFF
@@ -342,3 +351,33 @@ def _thread_cannot_start(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         real_start(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
+
+
+def test_a_handle_finds_its_verifier_at_its_first_read_and_a_failed_file_fails_at_open(
+    made: storemaker.StoreMaker, tmp_path: Path
+) -> None:
+    """An open the kernel serves from its page cache (no read) makes no verifier, so a second
+    pass over many files does not churn the verifier cache; the first read makes it, and once
+    the file failed its check a new open fails at once (the failure is kept by identity)."""
+    image = made.images[0]
+    ops = _ops(made, tmp_path)
+    live = ops.view.verifiers._live
+
+    async def main() -> None:
+        attr = await _lookup_path(ops, image.id.encode() + b"/rootfs/dir/file")
+        info = await ops.open(attr.st_ino, os.O_RDONLY, ROOT_CTX)
+        await ops.release(info.fh)
+        assert len(live) == 0
+        diff = made.root / "overlay" / image.layers[0] / "diff" / "dir" / "file"
+        data = bytearray(diff.read_bytes())
+        data[7] ^= 0xFF
+        diff.write_bytes(data)
+        info = await ops.open(attr.st_ino, os.O_RDONLY, ROOT_CTX)
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.read(info.fh, 0, len(FILE))
+        assert len(live) == 1
+        await ops.release(info.fh)
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.open(attr.st_ino, os.O_RDONLY, ROOT_CTX)
+
+    _run(main)
