@@ -701,3 +701,23 @@ def test_complete_snapshot_reads_fill_one_reused_buffer_with_the_right_bytes(
         await ops.release(info.fh)
 
     _run(main)
+
+
+def test_flush_answers_enosys_so_the_kernel_sends_no_flush_again(
+    made: storemaker.StoreMaker, tmp_path: Path
+) -> None:
+    """A close sends FLUSH, then RELEASE; a read-only filesystem has nothing to flush, and an
+    ENOSYS answer (not pyfuse3's default 0) makes the kernel stop sending FLUSH for the whole
+    mount. The handle is untouched by it: it reads on and is released as usual."""
+    ops = _ops(made, tmp_path)
+    image = made.images[0].id.encode()
+
+    async def main() -> None:
+        attrs = await _lookup_path(ops, image + b"/rootfs/dir/file")
+        info = await ops.open(attrs.st_ino, os.O_RDONLY, ROOT_CTX)
+        assert await _errno_of(ops.flush(info.fh)) == errno.ENOSYS
+        assert bytes(await ops.read(info.fh, 0, 16)) == FILE[:16]
+        await ops.release(info.fh)
+        assert info.fh not in ops.handles
+
+    _run(main)

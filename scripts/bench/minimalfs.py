@@ -14,7 +14,8 @@ readdirplus (pyfuse3's readdir), 86400 s entry and attribute timeouts (imgfs's t
 content-addressed nodes), ``st_blksize`` 1 MiB, ``keep_cache`` for tree files, ``direct_io``
 for the big file (``--file-cache``: ``keep_cache`` instead), and ``getxattr`` answering
 ENOTSUP for ``security.``/``system.`` names (ENODATA for others), as imgfs does, so that
-``ls -l`` stops asking. Nothing is written anywhere.
+``ls -l`` stops asking, and ``flush`` answering ENOSYS, as imgfs does, so that the kernel stops
+sending FLUSH at every close. Nothing is written anywhere.
 
 Owns: nothing of imgfs (it imports none of it). Must not know: stores, images, tar.
 """
@@ -183,6 +184,9 @@ class MinimalFs(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(fh, size, off)
+
+    async def flush(self, fh: int) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)  # as imgfs: the kernel sends no FLUSH again
 
     async def release(self, fh: int) -> None:
         os.close(self.fds.pop(fh))
