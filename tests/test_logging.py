@@ -149,3 +149,24 @@ def test_debug_logs_each_request_and_explains_eio(tiny_store: Path, tmp_path: Pa
     cause = "\n".join(lines[max(0, failed_at - 20) : failed_at])
     assert "ERROR" in cause, cause
     assert "app.txt" in cause, cause
+
+
+@pytest.mark.fuse_required
+def test_the_kernel_sends_flush_once_per_mount_not_at_every_close(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """imgfs answers the first FLUSH with ENOSYS, and the kernel then sends none for the mount
+    (one round trip less per close): several files opened and closed, one FLUSH request in
+    ``--debug``'s log. With pyfuse3's default answer (0) every close sends one."""
+    base = tiny_store
+    with mounted(base / "root", base / "run", DRIVER, tmp_path / "work", "--debug") as m:
+        image = next(p for p in m.path.iterdir() if len(p.name) == 64)
+        names = ("config.json", "manifest.json") * 2
+        for name in names:
+            (image / name).read_bytes()
+        text = m.log()
+    opens = [line for line in text.splitlines() if "imgfs.fuse.requests: open inode=" in line]
+    flushes = [line for line in text.splitlines() if "imgfs.fuse.requests: flush " in line]
+    assert len(opens) >= len(names), text
+    assert len(flushes) == 1, text
+    assert "-> ENOSYS" in flushes[0], text

@@ -703,12 +703,12 @@ def test_complete_snapshot_reads_fill_one_reused_buffer_with_the_right_bytes(
     _run(main)
 
 
-def test_flush_answers_enosys_so_the_kernel_sends_no_flush_again(
+def test_flush_answers_enosys_and_leaves_the_handle_as_it_was(
     made: storemaker.StoreMaker, tmp_path: Path
 ) -> None:
-    """A close sends FLUSH, then RELEASE; a read-only filesystem has nothing to flush, and an
-    ENOSYS answer (not pyfuse3's default 0) makes the kernel stop sending FLUSH for the whole
-    mount. The handle is untouched by it: it reads on and is released as usual."""
+    """A close sends FLUSH, then RELEASE; a read-only filesystem has nothing to flush: ENOSYS
+    (not pyfuse3's default 0; what the kernel does with it: ``test_logging``). The handle is
+    untouched by it: it reads on and is released as usual."""
     ops = _ops(made, tmp_path)
     image = made.images[0].id.encode()
 

@@ -339,7 +339,7 @@ class VerifiedReader:
     first read: an open whose reads the kernel serves from its page cache needs none.
     ``read(offset, n)`` returns up to ``n`` bytes (fewer only at EOF)."""
 
-    __slots__ = ("_lock", "_make", "_source", "_verifier", "_verifiers", "identity")
+    __slots__ = ("_identity", "_lock", "_make", "_source", "_verifier", "_verifiers")
 
     def __init__(
         self,
@@ -350,7 +350,7 @@ class VerifiedReader:
     ) -> None:
         self._source = source
         self._verifiers = verifiers
-        self.identity = identity
+        self._identity = identity
         self._make = make
         self._verifier: Verifier | None = None
         self._lock = threading.Lock()
@@ -363,7 +363,7 @@ class VerifiedReader:
     def verifier(self) -> Verifier:
         found = self._verifier
         if found is None:
-            found = self._verifier = self._verifiers.get(self.identity, self._make)
+            found = self._verifier = self._verifiers.get(self._identity, self._make)
         return found
 
     def read(self, offset: int, n: int, wait: bool = True) -> bytes:
