@@ -294,3 +294,39 @@ def test_members_of_a_listing_equal_members_parsed_one_by_one(
     assert sorted(batch) == sorted(set(refs))
     for ref in refs:
         assert batch[ref] == tree._parse(ref) if ref >= 0 else batch[ref] == tree.member(ref)
+
+
+def test_a_known_files_open_parses_no_tar_header(
+    made: storemaker.StoreMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``layers/`` or ``rootfs/`` file whose node the view made (its ``Origin``) opens from
+    the layer tree's columns (``LayerTree.file``): its member, parsed when the node was made,
+    is not parsed again at each open once the tree's member cache has let it go (a walk over
+    more files than ``MEMBER_CACHE``). Checked here with a one-member cache and a header
+    parse that fails: every known file still opens and reads its own bytes."""
+    monkeypatch.setattr(layer_tree, "MEMBER_CACHE", 1)
+    store = imgfs.Store.open(str(made.root), str(tmp_path / "run"), storemaker.DRIVER)
+    view = build_view(store.images, 0, Caches.build(None))
+    app, _ = made.images
+    layer0 = _names(view, f"{app.id}/layers")[0].decode()
+    want = {
+        f"{app.id}/rootfs/etc/hostname": b"top\n",
+        f"{app.id}/rootfs/etc/hard": b"top\n",
+        f"{app.id}/rootfs/opt/new": b"new\n",
+        f"{app.id}/rootfs/big": bytes(range(256)) * 4096,
+        f"{app.id}/layers/{layer0}/etc/gone": b"to be deleted\n",
+        f"{app.id}/layers/{layer0}/opt/keep": b"kept\n",
+    }
+    nodes = {path: view.resolve(path.encode()) for path in want}
+
+    def parse(*args: object) -> None:
+        raise AssertionError("a tar header parsed at open")
+
+    monkeypatch.setattr(layer_tree.LayerTree, "_parse", parse)
+    for path, data in want.items():
+        content = view.open_known(nodes[path].key, nodes[path])
+        assert isinstance(content, Streamed), path
+        try:
+            assert content.reader.read(0, len(data) + 1) == data, path
+        finally:
+            release(view.caches, content)

@@ -15,7 +15,7 @@ from imgfs.cache import files as cachefiles
 from imgfs.errors import IntegrityError, MalformedMetadata, NotFound
 from imgfs.layer.tarheader import HARDLINK, parse_header
 from imgfs.layer.tarsplit import FileEntry, Segment, iter_entries
-from imgfs.layer.tree import MAX_DEPTH, LayerTree
+from imgfs.layer.tree import MAX_DEPTH, FileData, LayerTree
 from imgfs.views.node import Ownership
 from imgfs.views.oci import index_json, layout_manifest
 from imgfs.views.rootfs import RootFS
@@ -56,6 +56,53 @@ def test_members_equal_what_tarfile_reads(fmt: int) -> None:
             assert {k: v.decode() for k, v in m.xattrs} == xattrs, path
             checked += 1
     assert checked == tree.member_count
+
+
+def _old_style_regulars() -> bytes:
+    """A tar whose regular files have the type bytes ``'\\0'`` (pre-POSIX) and ``'7'``
+    (contiguous), next to a ``'\\0'`` member whose name ends in ``/`` (a directory)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, type_ in (("old", tarfile.AREGTYPE), ("contig", tarfile.CONTTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.size = type_, 5
+            tf.addfile(info, io.BytesIO(b"bytes"))
+        info = tarfile.TarInfo("olddir/")
+        info.type = tarfile.AREGTYPE
+        tf.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "old-style"])
+def test_a_regular_members_file_data_from_the_columns_equals_its_parsed_member(fmt: str) -> None:
+    """``LayerTree.file`` (what a known node's open uses, no header parse) says what
+    ``member`` says for every regular file: PAX and GNU long names (the tar-split name, not
+    the header block's), empty files (no CRC), the type bytes '\\0' and '7'; every other
+    member (directories, links, the '\\0' directory, implied ones) is refused."""
+    tar = {
+        "pax": lambda: awkward_tar(tarfile.PAX_FORMAT),
+        "gnu": lambda: awkward_tar(tarfile.GNU_FORMAT),
+        "old-style": _old_style_regulars,
+    }[fmt]()
+    tree = _tree(tar)
+    refs = [ref for children in tree.dirs.values() for ref in children.values()]
+    regular = [ref for ref in refs if tree.member(ref).typeflag == "0"]
+    for ref in regular:
+        m = tree.member(ref)
+        assert tree.file(ref) == FileData(m.data_name, m.size, m.crc), m.path
+    others = [ref for ref in refs if ref not in regular]
+    for ref in others:
+        with pytest.raises(MalformedMetadata, match="not a regular file"):
+            tree.file(ref)
+    data = [tree.file(ref) for ref in regular]
+    assert any(f.size == 0 and f.crc is None for f in data) or fmt == "old-style"
+    assert any(f.crc is not None for f in data)
+    if fmt == "old-style":
+        assert sorted(f.data_name for f in data) == [b"contig", b"old"]
+        assert [tree.member(ref).path for ref in others] == [b"olddir"]
+    else:  # the long names are the tar-split's, which the header blocks do not hold whole
+        assert any(len(f.data_name) > 100 for f in data)
+        assert any(tree.member(ref).typeflag == HARDLINK for ref in others)
 
 
 def test_pax_fractional_mtime_and_long_names() -> None:

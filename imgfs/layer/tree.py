@@ -63,6 +63,7 @@ _HEADER = struct.Struct("<8sI")  # magic, version (integrity: the cache files' e
 _COUNTS = struct.Struct("<QQQQ")  # members, header bytes, name bytes, frames
 _MAX_BODY = 4 << 30
 _DIR_BYTE = ord(DIRECTORY)
+_REGULAR_BYTE = ord(REGULAR)  # the columns' type byte of every regular member ('\0' and '7' too)
 _HARDLINK_BYTE = ord(HARDLINK)
 _SKIP_BYTE = ord(GLOBAL)
 
@@ -90,6 +91,16 @@ class Member:
     @property
     def is_dir(self) -> bool:
         return self.typeflag == DIRECTORY
+
+
+@dataclass(frozen=True, slots=True)
+class FileData:
+    """A regular member's content identity, all of it in the tree's columns: its tar-split
+    name (what ``LayerFiles.open`` wants), size and CRC-64/GO-ISO (None when empty)."""
+
+    data_name: bytes
+    size: int
+    crc: int | None
 
 
 def _fast_member() -> Callable[[bytes, bytes, int, int | None, int], Member | None] | None:
@@ -326,6 +337,18 @@ class LayerTree:
             found = self._parse(ref)
             self._members.put(ref, found)
         return found
+
+    def file(self, ref: int) -> FileData:
+        """The content identity of regular member ``ref`` from the columns alone: no header
+        is read or parsed, so this is for a member already parsed as a regular file (a node
+        made from ``member(ref)``, whose parse checked its header against these columns).
+        MalformedMetadata if the columns do not say regular file."""
+        cols = self._cols
+        if ref < 0 or cols.types[ref] != _REGULAR_BYTE:
+            raise MalformedMetadata(f"{self.what}: member {ref} is not a regular file")
+        size = cols.sizes[ref]
+        name = cols.names[cols.name_pos[ref] : cols.name_pos[ref + 1]]
+        return FileData(name, size, cols.crcs[ref] if size else None)
 
     def members(self, refs: Iterable[int], keep: bool = True) -> dict[int, Member]:
         """ref → member of each of ``refs`` (a listing's): the ones not cached are parsed in

@@ -28,7 +28,7 @@ from imgfs.cache.snapshots import Sink, Snapshot, SnapshotCache
 from imgfs.cache.trees import FileViews
 from imgfs.errors import IntegrityError, LayerUnavailable, LockBusy
 from imgfs.layer.tarheader import REGULAR
-from imgfs.layer.tree import Member
+from imgfs.layer.tree import FileData, Member
 from imgfs.layer.verify import VerifiedReader, Verifier, Verifiers, member_verifier, read_exact
 from imgfs.store import locks
 from imgfs.store.source import LayerSource
@@ -158,12 +158,14 @@ def _produce(
 def open_member(
     verifiers: Verifiers,
     source: LayerSource,
-    member: Member,
+    member: Member | FileData,
     lazy: bool = False,
     on_miss: Callable[[], None] | None = None,
     fd: int | None = None,
 ) -> Content:
     """A regular file of ``layers/`` or ``rootfs/``, checked by the member's verifier.
+    ``member``: its parsed member (LayerUnavailable unless a regular file) or, for a node
+    made from one (``Origin``), its ``LayerTree.file`` (no header parse at each open).
     ``lazy``: the layer file is opened at the first read (none at all when the kernel serves
     every read from its page cache), else now. ``on_miss``: called when an inline read
     (``read_nowait``) finds the bytes not in the page cache (the read-ahead's cue). ``fd``:
@@ -180,14 +182,14 @@ def open_member(
 def _open_member(
     verifiers: Verifiers,
     source: LayerSource,
-    member: Member,
+    member: Member | FileData,
     lazy: bool,
     on_miss: Callable[[], None] | None,
     fd: int | None,
 ) -> Content:
     # The file's name in messages is built only for a message (an error, a new verifier):
     # most opens need none.
-    if member.typeflag != REGULAR:
+    if isinstance(member, Member) and member.typeflag != REGULAR:
         raise LayerUnavailable(
             f"{_what(source, member.data_name)}: not a regular file (unresolved hardlink?)"
         )

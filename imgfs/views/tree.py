@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 from imgfs.budget import LISTING_ENTRY_BYTES, NODE_BYTES
 from imgfs.errors import ImgfsError, NotFound
-from imgfs.layer.tarheader import REGULAR
 from imgfs.layer.tree import LayerTree
 from imgfs.layer.verify import Verifiers
 from imgfs.lru import LRU
@@ -271,9 +270,8 @@ class TreeView:
                         ),
                     )
                 on_miss, fd = self.caches.read_ahead.opened(parent, name, listing, *warm)
-        member = tree.member(where.ref)
         return contents.open_member(
-            self.verifiers, source, member, lazy=True, on_miss=on_miss, fd=fd
+            self.verifiers, source, tree.file(where.ref), lazy=True, on_miss=on_miss, fd=fd
         )
 
     def _warm(self, image_id: str, node: Node, length: int) -> int | None:
@@ -288,11 +286,11 @@ class TreeView:
         if where is None or tree is None or content is None:
             return None
         source = content.sources[where.layer]
-        member = tree.member(where.ref)
-        if source.toc_tree or source.refused is not None or member.typeflag != REGULAR:
+        if source.toc_tree or source.refused is not None:
             return None
+        file = tree.file(where.ref)
         with locks.no_waiting():
-            return source.warm_file(member.data_name, member.size, length)
+            return source.warm_file(file.data_name, file.size, length)
 
     def _hold(self, image_id: str) -> contextlib.AbstractContextManager[object]:
         """``readahead.Hold``: the store locks of image ``image_id``'s top layer held across a
