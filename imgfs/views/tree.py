@@ -254,6 +254,7 @@ class TreeView:
         source = content.sources[where.layer]
         if source.toc_tree:  # its sha256 is looked up in the TOC: under layers.lock (I/O)
             return None
+        file = tree.file(where.ref)  # before the read-ahead may hand over an fd
         on_miss, fd = None, None
         if isinstance(key, LayerKey | RootfsKey):
             parent = key.parent()
@@ -270,9 +271,7 @@ class TreeView:
                         ),
                     )
                 on_miss, fd = self.caches.read_ahead.opened(parent, name, listing, *warm)
-        return contents.open_member(
-            self.verifiers, source, tree.file(where.ref), lazy=True, on_miss=on_miss, fd=fd
-        )
+        return contents.open_member(self.verifiers, source, file, lazy=True, on_miss=on_miss, fd=fd)
 
     def _warm(self, image_id: str, node: Node, length: int) -> int | None:
         """``readahead.Warm``: regular file ``node`` of image ``image_id`` opened as
