@@ -3,19 +3,22 @@ rules and the layout manifest, on tars made here (tests/tarsplit_maker.py disass
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imgfs.cache import files as cachefiles
 from imgfs.errors import IntegrityError, MalformedMetadata, NotFound
+from imgfs.layer import tree as layer_tree
 from imgfs.layer.tarheader import HARDLINK, parse_header
 from imgfs.layer.tarsplit import FileEntry, Segment, iter_entries
-from imgfs.layer.tree import MAX_DEPTH, FileData, LayerTree
+from imgfs.layer.tree import MAX_DEPTH, FileData, LayerTree, Member
 from imgfs.views.node import Ownership
 from imgfs.views.oci import index_json, layout_manifest
 from imgfs.views.rootfs import RootFS
@@ -60,16 +63,18 @@ def test_members_equal_what_tarfile_reads(fmt: int) -> None:
 
 def _old_style_regulars() -> bytes:
     """A tar whose regular files have the type bytes ``'\\0'`` (pre-POSIX) and ``'7'``
-    (contiguous), next to a ``'\\0'`` member whose name ends in ``/`` (a directory)."""
+    (contiguous), next to two ``'\\0'`` members whose names end in ``/`` (directories), one
+    of them too long for its header block (a GNU long name)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
         for name, type_ in (("old", tarfile.AREGTYPE), ("contig", tarfile.CONTTYPE)):
             info = tarfile.TarInfo(name)
             info.type, info.size = type_, 5
             tf.addfile(info, io.BytesIO(b"bytes"))
-        info = tarfile.TarInfo("olddir/")
-        info.type = tarfile.AREGTYPE
-        tf.addfile(info)
+        for name in ("olddir/", "d" * 120 + "/"):  # the second: in a GNU long name only
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.AREGTYPE
+            tf.addfile(info)
     return buf.getvalue()
 
 
@@ -99,10 +104,34 @@ def test_a_regular_members_file_data_from_the_columns_equals_its_parsed_member(f
     assert any(f.crc is not None for f in data)
     if fmt == "old-style":
         assert sorted(f.data_name for f in data) == [b"contig", b"old"]
-        assert [tree.member(ref).path for ref in others] == [b"olddir"]
+        # Go's rule goes by the final name: a '\\0' member whose GNU long name ends in '/'
+        # is a directory, though its header block's own (cut) name does not
+        assert sorted(tree.member(ref).path for ref in others) == [b"d" * 120, b"olddir"]
+        assert all(tree.member(ref).typeflag == "5" for ref in others)
     else:  # the long names are the tar-split's, which the header blocks do not hold whole
         assert any(len(f.data_name) > 100 for f in data)
         assert any(tree.member(ref).typeflag == HARDLINK for ref in others)
+
+
+def test_a_member_whose_header_type_differs_from_its_tree_column_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The directory model and ``LayerTree.file`` go by the columns' type byte, the nodes by
+    the parsed header: a parse that disagrees (a header parser bug, as the ``'\\0'`` rule
+    applied to a cut name was) is refused, so a node never says "file" for a member the
+    columns hold as a directory (or the reverse)."""
+    tree = _tree(make_tar([("d", None), ("d/f", b"data")]))
+    real = layer_tree.parse_member
+
+    def parse_member(*args: Any) -> Member:
+        found = real(*args)
+        return dataclasses.replace(found, typeflag="5" if found.typeflag == "0" else "0")
+
+    monkeypatch.setattr(layer_tree, "FAST_MEMBER", None)
+    monkeypatch.setattr(layer_tree, "parse_member", parse_member)
+    for path in (b"d", b"d/f"):
+        with pytest.raises(MalformedMetadata, match="its tar header and its type"):
+            tree.member(tree.ref(path))
 
 
 def test_pax_fractional_mtime_and_long_names() -> None:

@@ -42,6 +42,7 @@ DIRECTORY = "5"
 FIFO = "6"
 GLOBAL = "g"
 _REGULAR_FLAGS = frozenset(("0", "\x00", "7"))
+_OLD_REGULAR = "\x00"  # pre-POSIX regular file, or a directory when its name ends in '/'
 KNOWN_TYPES = frozenset((REGULAR, HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO, GLOBAL))
 
 
@@ -94,6 +95,8 @@ def parse_header(data: bytes, what: str) -> Header:
         header = _merge_pax(header, pax, what)
     if long_name is not None or long_link is not None:
         header = _replace_names(header, long_name, long_link)
+    if header.typeflag == _OLD_REGULAR:  # Go: by the final name (PAX path, GNU long name)
+        header = _with(header, {"typeflag": DIRECTORY if header.name.endswith(b"/") else REGULAR})
     if len(header.name) > MAX_NAME or len(header.linkname) > MAX_NAME:
         raise MalformedMetadata(f"{what}: tar member name longer than {MAX_NAME} bytes")
     return header
@@ -119,8 +122,8 @@ def _block(data: bytes, pos: int, what: str) -> Header:
         if head:
             name = head + b"/" + name
     typeflag = flag.decode("latin-1")
-    if typeflag in _REGULAR_FLAGS:
-        typeflag = DIRECTORY if typeflag == "\x00" and name.endswith(b"/") else REGULAR
+    if typeflag in _REGULAR_FLAGS and typeflag != _OLD_REGULAR:  # '\0': parse_header decides
+        typeflag = REGULAR
     numbers = _plain_numbers(data[pos + 100 : pos + 148])
     if numbers is None:
         numbers = (

@@ -392,11 +392,15 @@ class LayerTree:
             data = cols.headers.read(cols.head_pos[ref], cols.head_len[ref])
         size = cols.sizes[ref]
         crc = cols.crcs[ref] if size else None
-        if FAST_MEMBER is not None:
-            found = FAST_MEMBER(data, name, size, crc, ref)
-            if found is not None:
-                return found
-        return parse_member(data, name, size, crc, ref, self.what)
+        found = None if FAST_MEMBER is None else FAST_MEMBER(data, name, size, crc, ref)
+        if found is None:
+            found = parse_member(data, name, size, crc, ref, self.what)
+        if ord(found.typeflag) != cols.types[ref]:  # what ``file`` and the model go by
+            raise MalformedMetadata(
+                f"{_member_what(self.what, name)}: its tar header and its type in the layer "
+                f"tree differ ({found.typeflag!r}, {chr(cols.types[ref])!r})"
+            )
+        return found
 
     def link_target(self, ref: int) -> int | None:
         """The ref a hardlink shares its inode with (an earlier non-link member), else None."""
