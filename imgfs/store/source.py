@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -117,6 +118,13 @@ class LayerSource:
     refused: str | None = None  # why the layer cannot be reproduced (checked before any open)
     toc_tree: bool = False  # refused, known only by its TOC: the tree and digests come from it
 
+    @functools.cached_property
+    def rootless(self) -> bool:
+        """Whether the layer's files are opened by the user-namespace helper (our own store,
+        and we are not root): asked once per source, not per file (a stat for a non-root user
+        reading a store it does not own)."""
+        return is_rootless_store(self.home.layers_dir)
+
     @property
     def tarsplit(self) -> StoreFile:
         return self.home.layers_file(f"{self.layer_id}.tar-split.gz")
@@ -149,7 +157,7 @@ class LayerSource:
         """One content file of the layer (a regular file of ``size`` bytes), under the lock.
         The layer's directory fds are kept (``LAYER_DIRS``) while the store's write tokens
         stay the same."""
-        if self.toc_names or is_rootless_store(self.home.layers_dir):
+        if self.toc_names or self.rootless:
             with read_locked(self.locks):
                 files = self._layer_files()
             try:
@@ -169,7 +177,7 @@ class LayerSource:
         ``warm_file`` calls inside take them again without a syscall (nested: the lock and the
         token read under it are the block's). Nothing for a store whose files are opened
         without ``LAYER_DIRS`` (rootless, or the flat layout's name map)."""
-        if self.toc_names or is_rootless_store(self.home.layers_dir):
+        if self.toc_names or self.rootless:
             return contextlib.nullcontext()
         return _holding(self.locks)
 
@@ -179,7 +187,7 @@ class LayerSource:
         for); the caller owns the fd. None, and nothing opened, for a rootless store (its
         files are opened by the user-namespace helper: a round trip per file would cost more
         than the read it saves)."""
-        if is_rootless_store(self.home.layers_dir):
+        if self.rootless:
             return None
         fd = self.open_file(name, size)
         try:
@@ -199,7 +207,7 @@ class LayerSource:
 
     def _layer_files(self) -> FileOpener:
         dirs = _ChainDirs(self.chain, self.depth, self.what)
-        if is_rootless_store(self.home.layers_dir):
+        if self.rootless:
             paths = [lock.path for lock in self.locks]
             return self._named(open_layer_files(dirs.paths(), self.what, paths))
         return self._named(LayerFiles(dirs, self.what))
