@@ -224,8 +224,9 @@ def test_a_failed_warm_is_harmless(ahead: ReadAhead) -> None:
     _cold(ahead, "d", b"f000", listing, warms)
     _cold(ahead, "d", b"f001", listing, warms)
     assert _settle(ahead, warms, 4) == [b"f002", b"f003", b"f004", b"f005"]
-    _cold(ahead, "d", b"f002", listing, warms)
-    assert _settle(ahead, warms, 5)[-1] == b"f006"
+    _cold(ahead, "d", b"f002", listing, warms)  # 3 of 4 still ahead: no top-up yet
+    _cold(ahead, "d", b"f003", listing, warms)  # 2 left: topped up
+    assert _settle(ahead, warms, 6)[-2:] == [b"f006", b"f007"]
 
 
 def test_windows_are_bounded(ahead: ReadAhead) -> None:
@@ -641,8 +642,9 @@ def test_the_incremental_plan_queues_what_the_whole_window_recomputed_would(
         if queued <= at:
             queued = at + 1
         pos = at
-        planned, queued = _full_plan(ra, listing, pos, queued)
-        expected += planned
+        if queued - pos - 1 <= ra.files // 2:  # topped up once half of what is ahead is used
+            planned, queued = _full_plan(ra, listing, pos, queued)
+            expected += planned
         if on_miss is not None and rng.random() < 0.5:
             on_miss()  # a repeated miss queues nothing more
         got = [i for _, i in ra._queue]
@@ -711,8 +713,12 @@ def test_a_hold_that_cannot_be_had_skips_its_batch_harmlessly() -> None:
         assert ra.pending() == 0
         assert warms.names == []
         assert holds.entered == 1
-        cold(b"f002")  # the next entry: its own batch, held
-        assert _settle(ra, warms, 1) == [b"f010"]
+        for name in (b"f002", b"f003", b"f004"):  # more than half the window still ahead
+            cold(name)
+        assert ra.pending() == 0
+        assert holds.entered == 1
+        cold(b"f005")  # half used: f010..f013 topped up, one batch, held
+        assert _settle(ra, warms, 4) == [b"f010", b"f011", b"f012", b"f013"]
         assert holds.entered == 2
     finally:
         ra.close()
