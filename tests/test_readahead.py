@@ -30,6 +30,7 @@ import pytest
 
 import imgfs
 import imgfs.errors
+import imgfs.store.layerfiles
 import imgfs.store.locks
 from imgfs.store.source import LayerSource
 from imgfs.views.content import Caches, Streamed, read_nowait, release
@@ -768,3 +769,58 @@ def test_the_view_holds_the_store_lock_once_for_a_batch_of_warms(
     finally:
         caches.close()
         imgfs.store.locks.close_kept()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "fallback"])
+def test_a_warm_opens_checks_and_advises_a_file_as_open_file_does(
+    view: TreeView, made: storemaker.StoreMaker, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    """``LayerSource.warm_file`` opens a file of the layer's own directory in one compiled call
+    (``LayerFiles.open_many``: probe, openat2, checks, WILLNEED) and leaves what that call
+    does not open (here: every file, as without the extension) to ``LayerFiles.open``: either
+    way the fd holds the file, its pages are asked for, and a size the tar-split does not
+    record is refused."""
+    if compiled and imgfs.store.layerfiles._OPEN_FILES is None:
+        pytest.skip("imgfs.layer._fastparse is not built")
+    opens: list[bytes] = []
+    slow_open = imgfs.store.layerfiles.LayerFiles.open
+
+    def counted(files: Any, name: bytes, size: int) -> int:
+        opens.append(name)
+        return slow_open(files, name, size)
+
+    monkeypatch.setattr(imgfs.store.layerfiles.LayerFiles, "open", counted)
+    if not compiled:
+        monkeypatch.setattr(
+            imgfs.store.layerfiles.LayerFiles,
+            "open_many",
+            lambda _files, items, _advise=0: [None] * len(items),
+        )
+    image_id = made.images[0].id
+    source = view.content(view.image(image_id)).sources[0]
+    tree = view.layer_tree(source)
+    top = view.resolve(f"{image_id}/rootfs/d".encode())
+    entries = [(name, node) for name, node in view.children(top.key) if node.kind == "file"][:8]
+    nodes = [node for _, node in entries]
+    paths = [_diff(made) / "d" / name.decode() for name, _ in entries]
+    _evict(paths)
+    if any(_resident(p) for p in paths):
+        pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED")
+    for i, node in enumerate(nodes):
+        assert node.origin is not None
+        file = tree.file(node.origin.ref)
+        fd = source.warm_file(file.data_name, file.size, file.size)
+        assert fd is not None
+        try:
+            deadline = time.monotonic() + 10
+            while not _fd_resident(fd) and time.monotonic() < deadline:
+                time.sleep(0.01)  # WILLNEED is queued, not waited for
+            assert _fd_resident(fd)
+            assert os.pread(fd, 1 << 17, 0) == _content(i)
+        finally:
+            os.close(fd)
+        with pytest.raises(imgfs.IntegrityError, match="tar-split records"):
+            source.warm_file(file.data_name, file.size + 1, file.size)
+    # the compiled call opened every right-sized file; LayerFiles.open saw only the refusals
+    refused = [tree.file(n.origin.ref).data_name for n in nodes if n.origin is not None]
+    assert opens == (refused if compiled else [x for name in refused for x in (name, name)])

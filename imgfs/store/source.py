@@ -157,19 +157,7 @@ class LayerSource:
         """One content file of the layer (a regular file of ``size`` bytes), under the lock.
         The layer's directory fds are kept (``LAYER_DIRS``) while the store's write tokens
         stay the same."""
-        if self.toc_names or self.rootless:
-            with read_locked(self.locks):
-                files = self._layer_files()
-            try:
-                return files.open(name, size)
-            finally:
-                files.close()
-        with read_locked(self.locks, keep=True) as tokens:  # one lock per file: kept fds
-            held = LAYER_DIRS.hold(self._dirs_key(), tokens, self._own_files)
-        try:
-            return held.files.open(name, size)
-        finally:
-            LAYER_DIRS.let_go(held)
+        return self._open(name, size, 0)
 
     def holding_opens(self) -> contextlib.AbstractContextManager[object]:
         """This thread holds the layer's store locks (``read_locked(keep=True)``, never waiting
@@ -189,12 +177,39 @@ class LayerSource:
         than the read it saves)."""
         if self.rootless:
             return None
-        fd = self.open_file(name, size)
-        try:
-            os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
-        except BaseException:
-            os.close(fd)
-            raise
+        return self._open(name, size, length)
+
+    def _open(self, name: bytes, size: int, advise: int) -> int:
+        """``open_file``, and with ``advise`` > 0 its first ``advise`` bytes asked into the
+        page cache. Through the kept directory fds, a file of the layer's own directory is
+        opened, checked and advised in one compiled call (``LayerFiles.open_many``: the same
+        probe, openat2 rules and checks as ``LayerFiles.open``, with the GIL released); what
+        that call leaves (a file of a lower directory, an odd name, an error: None) and every
+        other open go through ``LayerFiles.open``, which says why."""
+        if self.toc_names or self.rootless:
+            with read_locked(self.locks):
+                files = self._layer_files()
+            try:
+                fd = files.open(name, size)
+            finally:
+                files.close()
+        else:
+            with read_locked(self.locks, keep=True) as tokens:  # one lock per file: kept fds
+                held = LAYER_DIRS.hold(self._dirs_key(), tokens, self._own_files)
+            try:
+                if advise:
+                    got = held.files.open_many([(name, size)], advise)[0]
+                    if isinstance(got, int):
+                        return got
+                fd = held.files.open(name, size)
+            finally:
+                LAYER_DIRS.let_go(held)
+        if advise:
+            try:
+                os.posix_fadvise(fd, 0, advise, os.POSIX_FADV_WILLNEED)
+            except BaseException:
+                os.close(fd)
+                raise
         return fd
 
     def _dirs_key(self) -> tuple[object, ...]:
