@@ -592,6 +592,13 @@ def test_a_file_replaced_by_a_symlink_is_not_followed_and_the_rest_is_warmed(
         target.write_bytes(saved)
 
 
+def _weight(ra: ReadAhead, node: Node) -> int:
+    """What ``node`` counts against ``ra.max_bytes`` (0: not warmed)."""
+    if node.kind == "file" and node.size and node.origin is not None:
+        return min(node.size, ra.max_bytes)
+    return 0
+
+
 def _full_plan(ra: ReadAhead, listing: Any, pos: int, queued: int) -> tuple[list[int], int]:
     """The plan recomputed over the whole window (the reference ``ReadAhead._plan`` must
     equal, however it gets there): (entries to queue, the new ``queued``)."""
@@ -599,9 +606,9 @@ def _full_plan(ra: ReadAhead, listing: Any, pos: int, queued: int) -> tuple[list
     end = min(len(listing), start + ra.files)
     i = start
     while i < end:
-        node = listing[i][1]
-        if node.kind == "file" and node.size and node.origin is not None:
-            ahead += min(node.size, ra.max_bytes)
+        weight = _weight(ra, listing[i][1])
+        if weight:
+            ahead += weight
             if ahead > ra.max_bytes and i > start:
                 break
             if i >= queued:
@@ -643,7 +650,9 @@ def test_the_incremental_plan_queues_what_the_whole_window_recomputed_would(
         if queued <= at:
             queued = at + 1
         pos = at
-        if queued - pos - 1 <= ra.files // 2:  # topped up once half of what is ahead is used
+        # topped up once at most half of either bound is queued ahead of the reader
+        weights = [_weight(ra, listing[i][1]) for i in range(pos + 1, queued)]
+        if sum(1 for w in weights if w) <= ra.files // 2 and sum(weights) <= ra.max_bytes // 2:
             planned, queued = _full_plan(ra, listing, pos, queued)
             expected += planned
         if on_miss is not None and rng.random() < 0.5:

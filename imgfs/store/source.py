@@ -184,8 +184,9 @@ class LayerSource:
         page cache. Through the kept directory fds, a file of the layer's own directory is
         opened, checked and advised in one compiled call (``LayerFiles.open_many``: the same
         probe, openat2 rules and checks as ``LayerFiles.open``, with the GIL released); what
-        that call leaves (a file of a lower directory, an odd name, an error: None) and every
-        other open go through ``LayerFiles.open``, which says why."""
+        that call leaves (None: a file of a lower directory, an odd name, an error; an
+        ``OSError`` when out of descriptors) and every other open go through
+        ``LayerFiles.open``, which says why."""
         if self.toc_names or self.rootless:
             with read_locked(self.locks):
                 files = self._layer_files()

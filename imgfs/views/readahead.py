@@ -15,8 +15,8 @@ warms nothing; a directory whose first file is opened right after the last file 
 directory read in order counts as in order at once: ``find | xargs cat`` walks on) and a read
 of one of its files missed the page cache (a reader served from the page caches, as a second
 pass is, costs no warms); then at most ``files`` entries and ``max_bytes`` bytes ahead of the
-reader, topped up once the reader has used half of the entries queued ahead of it (the worker
-wakes once per ``files // 2`` opens, not per open). An open elsewhere in the directory (a
+reader, topped up once at most half of either bound is queued ahead of it (the worker wakes
+once per ``files // 2`` opens of small files, not per open). An open elsewhere in the directory (a
 jump) abandons what the window had queued; an entry the reader reached before the worker is
 passed over; the fds kept are at most ``files`` per window, closed when the reader passes them
 or the window ends.
@@ -74,6 +74,7 @@ class _Window:
     missing: bool = False  # a read of one of its files missed the page cache
     fds: dict[int, int] = field(default_factory=dict)  # warmed entries' open files, by index
     ahead: int = 0  # bytes the entries in (pos, queued) count against ``max_bytes``
+    files_ahead: int = 0  # the entries in (pos, queued) that are warmed (weight > 0)
     on_miss: OnMiss | None = None  # what ``opened`` hands out for this window (made once)
     hold: Hold | None = None
 
@@ -137,7 +138,10 @@ class ReadAhead:
                 # of those that left (pos, queued), only ``at`` itself counted in ``ahead``
                 # (a reader past ``queued`` has none ahead: ``_plan`` starts over from it).
                 if at < window.queued:
-                    window.ahead -= self._weight(listing[at][1])
+                    weight = self._weight(listing[at][1])
+                    window.ahead -= weight
+                    if weight:
+                        window.files_ahead -= 1
                 window.pos = at
                 window.ordered = True
                 self._windows.move_to_end(directory)
@@ -159,12 +163,15 @@ class ReadAhead:
                 self._queue_ahead(window)
 
     def _queue_ahead(self, window: _Window) -> None:
-        """Top the window up, once the reader has used half of what was queued ahead of it:
-        the worker then wakes once per ``files // 2`` opens and warms their files in batches
-        under one ``hold``, not once per open (that wake-up and its lock cost more than the
-        warm: a cold ``find | xargs cat`` of 20k files took 7.1 s of daemon CPU per pass
-        topped up at every open, 5.4 s like this)."""
-        if window.queued - window.pos - 1 > self.files // 2:
+        """Top the window up once at most half of either bound is queued ahead of the reader
+        (``files // 2`` files to warm, ``max_bytes // 2`` of their bytes): the worker then
+        wakes once per ``files // 2`` opens of small files (per half of ``max_bytes`` of big
+        ones) and warms them in batches under one ``hold``, not once per open (that wake-up
+        and its lock cost more than the warm: a cold ``find | xargs cat`` of 20k files took
+        7.1 s of daemon CPU per pass topped up at every open, 5.4 s like this). Entries that
+        are not warmed (empty files, directories, links) do not count: a window they fill is
+        topped up at each open, as before."""
+        if window.files_ahead > self.files // 2 or window.ahead > self.max_bytes // 2:
             return
         queued = self._plan(window)
         if queued:
@@ -208,9 +215,9 @@ class ReadAhead:
         out = []
         end = min(len(listing), start + self.files)
         if window.queued > start:
-            i, ahead = window.queued, window.ahead
+            i, ahead, count = window.queued, window.ahead, window.files_ahead
         else:
-            i, ahead = start, 0
+            i, ahead, count = start, 0, 0
         while i < end:
             weight = self._weight(listing[i][1])
             if weight:
@@ -219,9 +226,10 @@ class ReadAhead:
                     ahead -= weight
                     break
                 out.append(i)
+                count += 1
             i += 1
         if i > window.queued:
-            window.queued, window.ahead = i, ahead
+            window.queued, window.ahead, window.files_ahead = i, ahead, count
         return out
 
     def _weight(self, node: Node) -> int:
