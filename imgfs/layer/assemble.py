@@ -268,7 +268,7 @@ class _OpenedAhead:
         if not advised:
             for entry, fd in zip(wanted, opened, strict=True):
                 if isinstance(fd, int):
-                    _advise(fd, 0, min(entry.size, READAHEAD))
+                    will_need(fd, 0, min(entry.size, READAHEAD))
         return opened
 
     def close(self) -> None:
@@ -302,7 +302,7 @@ def _close_opened(batch: Iterable[tuple[Segment | FileEntry, _Opened]]) -> None:
             os.close(opened)
 
 
-def _advise(fd: int, offset: int, length: int) -> None:
+def will_need(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to read ``[offset, offset + length)`` of ``fd`` ahead (a hint)."""
     with contextlib.suppress(OSError):  # not a regular file (a test's pipe): a hint only
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
@@ -515,7 +515,7 @@ class _Generator:
         advised = READAHEAD  # the open asked for the first READAHEAD bytes
         while remaining:
             if entry.size - remaining + READAHEAD - READAHEAD_STEP >= advised < entry.size:
-                _advise(fd, advised, READAHEAD_STEP)  # keep a big file's window ahead
+                will_need(fd, advised, READAHEAD_STEP)  # keep a big file's window ahead
                 advised += READAHEAD_STEP
             room = self._room()
             n = os.readv(fd, [room[: min(remaining, len(room))]])
@@ -640,7 +640,7 @@ class LayerReader:
                     ahead[k] = exc
                 break
             ahead[k] = fd
-            _advise(fd, 0, min(ext.size, READAHEAD))
+            will_need(fd, 0, min(ext.size, READAHEAD))
 
     def _fd(self, ext: FileExtent, opened: _Opened = None) -> int:
         """The cached fd of ``ext``'s file; else ``opened`` (an fd or error opened ahead) or a

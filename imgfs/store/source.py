@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
 from imgfs.errors import IntegrityError, LayerUnavailable
-from imgfs.layer.assemble import BlobFile, FileOpener, LayerReader
+from imgfs.layer.assemble import BlobFile, FileOpener, LayerReader, will_need
 from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import iter_entries
 from imgfs.lru import LRU
@@ -181,37 +181,20 @@ class LayerSource:
 
     def _open(self, name: bytes, size: int, advise: int) -> int:
         """``open_file``, and with ``advise`` > 0 its first ``advise`` bytes asked into the
-        page cache. Through the kept directory fds, a file of the layer's own directory is
-        opened, checked and advised in one compiled call (``LayerFiles.open_many``: the same
-        probe, openat2 rules and checks as ``LayerFiles.open``, with the GIL released); what
-        that call leaves (None: a file of a lower directory, an odd name, an error; an
-        ``OSError`` when out of descriptors) and every other open go through
-        ``LayerFiles.open``, which says why."""
+        page cache (``_open_advised``)."""
         if self.toc_names or self.rootless:
             with read_locked(self.locks):
                 files = self._layer_files()
             try:
-                fd = files.open(name, size)
+                return _open_advised(files, name, size, advise)
             finally:
                 files.close()
-        else:
-            with read_locked(self.locks, keep=True) as tokens:  # one lock per file: kept fds
-                held = LAYER_DIRS.hold(self._dirs_key(), tokens, self._own_files)
-            try:
-                if advise:
-                    got = held.files.open_many([(name, size)], advise)[0]
-                    if isinstance(got, int):
-                        return got
-                fd = held.files.open(name, size)
-            finally:
-                LAYER_DIRS.let_go(held)
-        if advise:
-            try:
-                os.posix_fadvise(fd, 0, advise, os.POSIX_FADV_WILLNEED)
-            except BaseException:
-                os.close(fd)
-                raise
-        return fd
+        with read_locked(self.locks, keep=True) as tokens:  # one lock per file: kept fds
+            held = LAYER_DIRS.hold(self._dirs_key(), tokens, self._own_files)
+        try:
+            return _open_advised(held.files, name, size, advise)
+        finally:
+            LAYER_DIRS.let_go(held)
 
     def _dirs_key(self) -> tuple[object, ...]:
         chain = self.chain
@@ -274,6 +257,22 @@ class LayerSource:
             ) from exc
         except OSError as exc:
             raise LayerUnavailable(f"{self.what}: tar-split: {exc.strerror}") from exc
+
+
+def _open_advised(files: FileOpener, name: bytes, size: int, advise: int) -> int:
+    """``files.open(name, size)``, with ``advise`` > 0 its first ``advise`` bytes asked into the
+    page cache (``will_need``: a hint). The store's ``LayerFiles`` does both for a file of its
+    first directory in one compiled call (``open_many``: the same probe, openat2 rules and
+    checks, with the GIL released); what that call leaves (a file of a lower directory, an odd
+    name, an error) is opened by ``open``, which says why."""
+    if advise and isinstance(files, LayerFiles):
+        got = files.open_many([(name, size)], advise)[0]
+        if isinstance(got, int):
+            return got
+    fd = files.open(name, size)
+    if advise:
+        will_need(fd, 0, advise)
+    return fd
 
 
 @contextlib.contextmanager

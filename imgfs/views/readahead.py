@@ -16,10 +16,10 @@ directory read in order counts as in order at once: ``find | xargs cat`` walks o
 of one of its files missed the page cache (a reader served from the page caches, as a second
 pass is, costs no warms); then at most ``files`` entries and ``max_bytes`` bytes ahead of the
 reader, topped up once at most half of either bound is queued ahead of it (the worker wakes
-once per ``files // 2`` opens of small files, not per open). An open elsewhere in the directory (a
-jump) abandons what the window had queued; an entry the reader reached before the worker is
-passed over; the fds kept are at most ``files`` per window, closed when the reader passes them
-or the window ends.
+once per ``files // 2`` opens of small files, not per open). An open elsewhere in the
+directory (a jump) abandons what the window had queued; an entry the reader reached before
+the worker is passed over; the fds kept are at most ``files`` per window, closed when the
+reader passes them or the window ends.
 
 It only warms the page cache: the view's ``warm`` opens each file through its ``LayerSource``
 (the one opener: under the layers lock, never waiting for a writer, never through a symlink;
@@ -167,10 +167,11 @@ class ReadAhead:
         (``files // 2`` files to warm, ``max_bytes // 2`` of their bytes): the worker then
         wakes once per ``files // 2`` opens of small files (per half of ``max_bytes`` of big
         ones) and warms them in batches under one ``hold``, not once per open (that wake-up
-        and its lock cost more than the warm: a cold ``find | xargs cat`` of 20k files took
-        7.1 s of daemon CPU per pass topped up at every open, 5.4 s like this). Entries that
-        are not warmed (empty files, directories, links) do not count: a window they fill is
-        topped up at each open, as before."""
+        and its lock cost more than the warm: a cold ``find | xargs cat`` of 20k small files
+        took 7.1 s of daemon CPU per pass topped up at every open, 5.4 s topped up at half the
+        entries, as this rule does for such files). Entries that are not warmed (empty
+        files, directories, links) do not count: a window they fill is topped up at each open,
+        as before."""
         if window.files_ahead > self.files // 2 or window.ahead > self.max_bytes // 2:
             return
         queued = self._plan(window)
