@@ -4,7 +4,7 @@ The window logic on listings of plain nodes (what is warmed, its bounds, jumps, 
 reader passed, failures, the windows' bound, close), then on a store written by
 tests/storemaker: files opened in listing order through ``TreeView.open_known`` bring the
 next files' pages into the page cache (``mincore`` of the layer files after ``DONTNEED``;
-what ``LayerSource.warm_file`` was asked for, recorded; the reader's ``RWF_NOWAIT`` reads told
+what ``LayerSource.warm_files`` was asked for, recorded; the reader's ``RWF_NOWAIT`` reads told
 of a miss whenever the file is not in the page cache, which the kernel does not always do),
 never a file reached through a symlink, and the bytes read stay the layer's.
 """
@@ -22,7 +22,7 @@ import random
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,30 +54,35 @@ def _listing(n: int, size: int = 100) -> list[tuple[bytes, Node]]:
 
 
 class Warms:
-    """A ``readahead.Warm`` that records what it warmed; ``gate``: the first warm waits for
-    it; ``fail``: names that raise."""
+    """A ``readahead.Warm`` that records what it warmed (the names, the bytes asked for, the
+    files of each call); ``gate``: the first call waits for it; ``fail``: a call with one of
+    these names raises (after recording them all)."""
 
     def __init__(self, gate: threading.Event | None = None, fail: frozenset[bytes] = frozenset()):
         self.names: list[bytes] = []
         self.lengths: list[int] = []
+        self.calls: list[int] = []
         self.started = threading.Event()
         self._gate = gate
         self._fail = fail
         self._lock = threading.Lock()
 
-    def __call__(self, node: Node, length: int) -> int | None:
-        assert isinstance(node.key, RootfsKey)
-        name = node.key.path.rpartition(b"/")[2]
+    def __call__(self, nodes: Sequence[Node], length: int) -> list[int | None]:
         self.started.set()
         if self._gate is not None:
             self._gate.wait(10)
             self._gate = None
+        names = []
+        for node in nodes:
+            assert isinstance(node.key, RootfsKey)
+            names.append(node.key.path.rpartition(b"/")[2])
         with self._lock:
-            self.names.append(name)
-            self.lengths.append(length)
-        if name in self._fail:
-            raise OSError(f"cannot open {name!r}")
-        return self.fd()
+            self.names += names
+            self.lengths += [min(node.size, length) for node in nodes]
+            self.calls.append(len(nodes))
+        if self._fail.intersection(names):
+            raise OSError(f"cannot open {names!r}")
+        return [self.fd() for _ in nodes]
 
     def fd(self) -> int | None:
         return None
@@ -195,29 +200,64 @@ def test_a_walk_goes_on_in_order_into_the_next_directory(ahead: ReadAhead) -> No
     assert _settle(ahead, warms_c, 0) == []
 
 
-def test_a_jump_abandons_what_was_queued(ahead: ReadAhead) -> None:
+def test_a_jump_abandons_what_was_queued() -> None:
+    ra = ReadAhead(files=16, max_bytes=1 << 20)
     gate = threading.Event()
-    listing, warms = _listing(50), Warms(gate)
-    _cold(ahead, "d", b"f000", listing, warms)
-    _cold(ahead, "d", b"f001", listing, warms)  # queues f002..f005; the worker waits in f002
-    assert warms.started.wait(10)
-    _cold(ahead, "d", b"f030", listing, warms)  # elsewhere: f003..f005 are not wanted now
-    gate.set()
-    assert _settle(ahead, warms, 1) == [b"f002"]
-    _cold(ahead, "d", b"f031", listing, warms)  # in order again from the new place
-    assert _settle(ahead, warms, 5) == [b"f002", b"f032", b"f033", b"f034", b"f035"]
+    listing, warms = _listing(60), Warms(gate)
+    try:
+        _cold(ra, "d", b"f000", listing, warms)
+        _cold(ra, "d", b"f001", listing, warms)  # queues f002..f017: two batches
+        assert warms.started.wait(10)  # the worker waits in the first, f002..f009
+        _cold(ra, "d", b"f030", listing, warms)  # elsewhere: f010..f017 are not wanted now
+        gate.set()
+        assert _settle(ra, warms, 8) == [f"f{i:03}".encode() for i in range(2, 10)]
+        _cold(ra, "d", b"f031", listing, warms)  # in order again from the new place
+        assert _settle(ra, warms, 24)[8:] == [f"f{i:03}".encode() for i in range(32, 48)]
+    finally:
+        ra.close()
 
 
-def test_files_the_reader_reached_first_are_passed_over(ahead: ReadAhead) -> None:
+def test_a_jump_while_a_batch_is_warmed_keeps_none_of_its_files(
+    ahead: ReadAhead, tmp_path: Path
+) -> None:
     gate = threading.Event()
-    listing, warms = _listing(50), Warms(gate)
+    (tmp_path / "f").write_bytes(b"x")
+    listing, warms = _listing(50), OpeningWarms(tmp_path / "f", gate)
     _cold(ahead, "d", b"f000", listing, warms)
     _cold(ahead, "d", b"f001", listing, warms)
-    assert warms.started.wait(10)  # the worker is in f002
-    _cold(ahead, "d", b"f003", listing, warms)
+    assert warms.started.wait(10)  # the worker is in its batch f002..f005
+    _cold(ahead, "d", b"f003", listing, warms)  # f002 passed over: a jump, a new window
     _cold(ahead, "d", b"f004", listing, warms)
     gate.set()
-    assert _settle(ahead, warms, 4) == [b"f002", b"f005", b"f006", b"f007", b"f008"]
+    first, second = [b"f002", b"f003", b"f004", b"f005"], [b"f005", b"f006", b"f007", b"f008"]
+    assert _settle(ahead, warms, 8) == [*first, *second]
+    assert warms.calls == [4, 4]
+    assert ahead.open_fds() == 4  # the first batch's fds were closed: its window is gone
+
+
+def test_entries_the_reader_reached_before_their_batch_was_taken_are_passed_over(
+    tmp_path: Path,
+) -> None:
+    ra = ReadAhead(files=16, max_bytes=1 << 20)
+    gate = threading.Event()
+    (tmp_path / "f").write_bytes(b"x")
+    listing, warms = _listing(60), OpeningWarms(tmp_path / "f", gate)
+    try:
+        _cold(ra, "d", b"f000", listing, warms)
+        _cold(ra, "d", b"f001", listing, warms)  # f002..f017 queued: two batches
+        assert warms.started.wait(10)  # the worker is in the first, f002..f009
+        for i in range(2, 12):  # the reader goes on to f011, none of them warmed yet
+            _, fd = ra.opened("d", f"f{i:03}".encode(), listing, warms)
+            assert fd is None
+        gate.set()
+        names = _settle(ra, warms, 22)  # to f025: a window of 16 from f010, where it topped up
+        assert names[:8] == [f"f{i:03}".encode() for i in range(2, 10)]
+        assert names[8:] == [f"f{i:03}".encode() for i in range(12, 26)]  # not f010, f011
+        assert warms.calls == [8, 8, 6]
+        assert len(warms.fds) == 22
+        assert ra.open_fds() == 14  # the first batch's were closed: the reader had passed them
+    finally:
+        ra.close()
 
 
 def test_a_failed_warm_is_harmless(ahead: ReadAhead) -> None:
@@ -262,10 +302,10 @@ def test_close_stops_the_worker_and_later_opens_do_nothing() -> None:
 
 
 class OpeningWarms(Warms):
-    """Warms that open a file (as ``LayerSource.warm_file`` does) and remember its fd."""
+    """Warms that open a file (as ``LayerSource.warm_files`` does) and remember its fd."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__()
+    def __init__(self, path: Path, gate: threading.Event | None = None) -> None:
+        super().__init__(gate)
         self.path = path
         self.fds: list[int] = []
 
@@ -414,7 +454,7 @@ def _open_in_order(view: TreeView, image_id: str, names: list[bytes]) -> list[by
     return out
 
 
-# What is asked of the kernel is checked by what ``LayerSource.warm_file`` was called for; that
+# What is asked of the kernel is checked by what ``LayerSource.warm_files`` was called for; that
 # the kernel read it in, by ``mincore``. The page cache is shared with the whole machine: this
 # VM's init drops it now and then (``idle-reclaim (87): drop_caches: 1`` in dmesg), so an
 # attempt during which a page the test read in itself (a sentinel) left the cache too says
@@ -423,26 +463,32 @@ ATTEMPTS = 3
 
 
 class _WarmLog:
-    """``LayerSource.warm_file`` recorded: the names it was called for, the errors it raised."""
+    """``LayerSource.warm_files`` recorded: the names it was called for, those it did not open
+    (None), the errors it raised."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.names: list[bytes] = []
+        self.refused: list[bytes] = []
         self.failures: list[BaseException] = []
-        warm_file = LayerSource.warm_file
+        warm_files = LayerSource.warm_files
 
-        def recorded(source: LayerSource, name: bytes, size: int, length: int) -> int | None:
+        def recorded(
+            source: LayerSource, items: Sequence[tuple[bytes, int]], length: int
+        ) -> list[int | None]:
+            self.names += [name for name, _ in items]
             try:
-                return warm_file(source, name, size, length)
+                got = warm_files(source, items, length)
             except BaseException as exc:
                 self.failures.append(exc)
                 raise
-            finally:
-                self.names.append(name)
+            self.refused += [name for (name, _), fd in zip(items, got, strict=True) if fd is None]
+            return got
 
-        monkeypatch.setattr(LayerSource, "warm_file", recorded)
+        monkeypatch.setattr(LayerSource, "warm_files", recorded)
 
     def clear(self) -> None:
         self.names.clear()
+        self.refused.clear()
         self.failures.clear()
 
     def settled(self, view: TreeView) -> list[bytes]:
@@ -582,8 +628,8 @@ def test_a_file_replaced_by_a_symlink_is_not_followed_and_the_rest_is_warmed(
         # f003 among them: asked for, refused (below)
         assert warm_log.settled(view) == [f"f{i:03}".encode() for i in range(2, 2 + ahead)]
         assert seen == [True] * len(files)
-        assert len(warm_log.failures) == 1, warm_log.failures
-        assert isinstance(warm_log.failures[0], imgfs.ImgfsError), warm_log.failures
+        assert [n.rpartition(b"/")[2] for n in warm_log.refused] == [b"f003"]
+        assert warm_log.failures == []
         assert not _resident(outside)
         with pytest.raises(imgfs.ImgfsError):  # the reader's own open reports it
             _open_in_order(view, image_id, [b"f003"])
@@ -701,6 +747,7 @@ def test_the_worker_warms_a_batch_of_entries_inside_one_hold() -> None:
         assert _settle(ra, warms, 16) == [f"f{i:03}".encode() for i in range(2, 18)]
         assert inside == [True] * 16
         assert holds.entered == 2  # 16 entries, WARM_BATCH (8) a hold
+        assert warms.calls == [8, 8]  # and one warm call
     finally:
         ra.close()
 
@@ -760,7 +807,7 @@ def test_the_view_holds_the_store_lock_once_for_a_batch_of_warms(
     monkeypatch.setattr(imgfs.store.locks, "_lock_shared", counting)
     try:
         with view._hold(image_id):
-            fds = [view._warm(image_id, node, node.size) for node in nodes]
+            fds = view._warm(image_id, nodes, 1 << 20)
         assert len(locked) == 1  # one lock for the eight opens
         for i, fd in enumerate(fds):
             assert fd is not None
@@ -784,11 +831,11 @@ def test_the_view_holds_the_store_lock_once_for_a_batch_of_warms(
 def test_a_warm_opens_checks_and_advises_a_file_as_open_file_does(
     view: TreeView, made: storemaker.StoreMaker, monkeypatch: pytest.MonkeyPatch, compiled: bool
 ) -> None:
-    """``LayerSource.warm_file`` opens a file of the layer's own directory in one compiled call
-    (``LayerFiles.open_many``: probe, openat2, checks, WILLNEED) and leaves what that call
-    does not open (here: every file, as without the extension) to ``LayerFiles.open``: either
-    way the fd holds the file, its pages are asked for, and a size the tar-split does not
-    record is refused."""
+    """``LayerSource.warm_files`` opens the files of the layer's own directory in one compiled
+    call (``LayerFiles.open_many``: probe, openat2, checks, WILLNEED) and leaves what that
+    call does not open (here: every file, as without the extension) to ``LayerFiles.open``:
+    either way each fd holds its file, its pages are asked for, and a size the tar-split does
+    not record is refused (None; ``open_file`` raises)."""
     if compiled and imgfs.store.layerfiles._OPEN_FILES is None:
         pytest.skip("imgfs.layer._fastparse is not built")
     opens: list[bytes] = []
@@ -815,19 +862,26 @@ def test_a_warm_opens_checks_and_advises_a_file_as_open_file_does(
     _evict(paths)
     if any(_resident(p) for p in paths):
         pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED")
-    for i, file in enumerate(files):
-        fd = source.warm_file(file.data_name, file.size, file.size)
-        assert fd is not None
-        try:
+    items = [(file.data_name, file.size) for file in files]
+    wrong = [(file.data_name, file.size + 1) for file in files[:2]]
+    fds = source.warm_files([*items[:4], *wrong, *items[4:]], 1 << 20)
+    assert fds[4:6] == [None, None]  # refused, and the files after them opened all the same
+    try:
+        for i, fd in enumerate([*fds[:4], *fds[6:]]):
+            assert fd is not None
             deadline = time.monotonic() + 10
             while not _fd_resident(fd) and time.monotonic() < deadline:
                 time.sleep(0.01)  # WILLNEED is queued, not waited for
             assert _fd_resident(fd)
             assert os.pread(fd, 1 << 17, 0) == _content(i)
-        finally:
-            os.close(fd)
-        with pytest.raises(imgfs.IntegrityError, match="tar-split records"):
-            source.warm_file(file.data_name, file.size + 1, file.size)
-    # compiled: LayerFiles.open saw each name once, for its wrong size only; fallback: twice
-    names = [file.data_name for file in files]
-    assert opens == (names if compiled else [x for name in names for x in (name, name)])
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+    with pytest.raises(imgfs.IntegrityError, match="tar-split records"):
+        source.open_file(*wrong[0])
+    # compiled: LayerFiles.open saw only the wrong sizes (and open_file's); fallback: all
+    names = [name for name, _ in items]
+    refused = [name for name, _ in wrong]
+    expected = refused if compiled else [*names[:4], *refused, *names[4:]]
+    assert opens == [*expected, refused[0]]

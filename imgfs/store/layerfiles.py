@@ -11,8 +11,8 @@ Resolution uses ``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLI
 RESOLVE_NO_XDEV)`` through ``syscall(437)``; where openat2 is missing (ENOSYS, or EPERM from a
 seccomp filter) it walks the name one component at a time with ``O_PATH|O_NOFOLLOW``.
 
-``open_many`` (generation opens files ahead in batches; the read-ahead's warm opens one file
-and asks its first bytes of the disk in it) does ``open``'s first-directory case
+``open_many`` (generation opens files ahead in batches; the read-ahead's warm opens a batch
+of files and asks the disk for their first bytes in it) does ``open``'s first-directory case
 for a whole batch in one call of the compiled ``_fastparse.open_files`` when it is built: the
 same probe, openat2 flags and resolve rules, O_NOATIME fallback and fstat checks, in C with the
 GIL released. Whatever it does not open cleanly (a name found elsewhere, any error) it leaves

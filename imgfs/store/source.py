@@ -23,22 +23,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
-from imgfs.errors import IntegrityError, LayerUnavailable
+from imgfs.errors import ImgfsError, IntegrityError, LayerUnavailable, OutOfResources
 from imgfs.layer.assemble import BlobFile, FileOpener, LayerReader, will_need
 from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import iter_entries
 from imgfs.lru import LRU
-from imgfs.store.files import RootLayout, StoreFile
+from imgfs.store.files import EXHAUSTED, RootLayout, StoreFile
 from imgfs.store.layerfiles import LayerFiles
 from imgfs.store.locks import no_waiting, read_locked
 from imgfs.store.toc import FlatNames, flat_map, read_toc, toc_digest, toc_identity
 from imgfs.store.userns import is_rootless_store, open_layer_files
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,42 +160,48 @@ class LayerSource:
         """One content file of the layer (a regular file of ``size`` bytes), under the lock.
         The layer's directory fds are kept (``LAYER_DIRS``) while the store's write tokens
         stay the same."""
-        return self._open(name, size, 0)
+        fd = self._open([(name, size)], 0, strict=True)[0]
+        assert fd is not None  # (strict: an error is raised)
+        return fd
 
     def holding_opens(self) -> contextlib.AbstractContextManager[object]:
         """This thread holds the layer's store locks (``read_locked(keep=True)``, never waiting
         for a writer: ``LockBusy``) until the block ends, so that the ``open_file`` and
-        ``warm_file`` calls inside take them again without a syscall (nested: the lock and the
-        token read under it are the block's). Nothing for a store whose files are opened
+        ``warm_files`` calls inside take them again without a syscall (nested: the lock and
+        the token read under it are the block's). Nothing for a store whose files are opened
         without ``LAYER_DIRS`` (rootless, or the flat layout's name map)."""
         if self.toc_names or self.rootless:
             return contextlib.nullcontext()
         return _holding(self.locks)
 
-    def warm_file(self, name: bytes, size: int, length: int) -> int | None:
-        """Content file ``name`` opened as ``open_file`` opens it, its first ``length`` bytes
-        asked into the kernel's page cache (``posix_fadvise`` WILLNEED: queued, not waited
-        for); the caller owns the fd. None, and nothing opened, for a rootless store (its
-        files are opened by the user-namespace helper: a round trip per file would cost more
-        than the read it saves)."""
-        if self.rootless:
-            return None
-        return self._open(name, size, length)
+    def warm_files(self, items: Sequence[tuple[bytes, int]], length: int) -> list[int | None]:
+        """Content files ``(name, size)`` opened as ``open_file`` opens them, the first
+        ``length`` bytes of each asked into the kernel's page cache (``posix_fadvise``
+        WILLNEED: queued, not waited for), those of the layer's own directory all in one
+        compiled call (``LayerFiles.open_many``, the GIL released once for them all); the
+        caller owns the fds. None for a file not opened: one that fails (logged; the reader's
+        own open reports it), every one after the descriptors ran out, and all of a rootless
+        store (its files are opened by the user-namespace helper: a round trip per file would
+        cost more than the read it saves)."""
+        if self.rootless or not items:
+            return [None] * len(items)
+        return self._open(items, length, strict=False)
 
-    def _open(self, name: bytes, size: int, advise: int) -> int:
-        """``open_file``, and with ``advise`` > 0 its first ``advise`` bytes asked into the
-        page cache (``_open_advised``)."""
+    def _open(
+        self, items: Sequence[tuple[bytes, int]], advise: int, strict: bool
+    ) -> list[int | None]:
+        """``_open_advised`` of ``items`` under the lock, with the layer's directories."""
         if self.toc_names or self.rootless:
             with read_locked(self.locks):
                 files = self._layer_files()
             try:
-                return _open_advised(files, name, size, advise)
+                return _open_advised(files, items, advise, strict)
             finally:
                 files.close()
-        with read_locked(self.locks, keep=True) as tokens:  # one lock per file: kept fds
+        with read_locked(self.locks, keep=True) as tokens:  # one lock per call: kept fds
             held = LAYER_DIRS.hold(self._dirs_key(), tokens, self._own_files)
         try:
-            return _open_advised(held.files, name, size, advise)
+            return _open_advised(held.files, items, advise, strict)
         finally:
             LAYER_DIRS.let_go(held)
 
@@ -259,20 +268,51 @@ class LayerSource:
             raise LayerUnavailable(f"{self.what}: tar-split: {exc.strerror}") from exc
 
 
-def _open_advised(files: FileOpener, name: bytes, size: int, advise: int) -> int:
-    """``files.open(name, size)``, with ``advise`` > 0 its first ``advise`` bytes asked into the
-    page cache (``will_need``: a hint). The store's ``LayerFiles`` does both for a file of its
-    first directory in one compiled call (``open_many``: the same probe, openat2 rules and
-    checks, with the GIL released); what that call leaves (a file of a lower directory, an odd
-    name, an error) is opened by ``open``, which says why."""
+def _open_advised(
+    files: FileOpener, items: Sequence[tuple[bytes, int]], advise: int, strict: bool
+) -> list[int | None]:
+    """``files.open(name, size)`` of each item, with ``advise`` > 0 its first ``advise`` bytes
+    asked into the page cache (``will_need``: a hint). The store's ``LayerFiles`` does both
+    for the files of its first directory in one compiled call (``open_many``: the same probe,
+    openat2 rules and checks, with the GIL released); what that call leaves (a file of a
+    lower directory, an odd name, an error) is opened by ``open``, which says why.
+    ``strict``: that error is raised (the fds opened before it closed); else the item is None
+    and logged, and once the descriptors ran out every later one is None too."""
+    got: Sequence[int | Exception | None] = [None] * len(items)
     if advise and isinstance(files, LayerFiles):
-        got = files.open_many([(name, size)], advise)[0]
-        if isinstance(got, int):
-            return got
-    fd = files.open(name, size)
-    if advise:
-        will_need(fd, 0, advise)
-    return fd
+        got = files.open_many(items, advise)
+    fds: list[int | None] = []
+    exhausted = False
+    try:
+        for (name, size), fd in zip(items, got, strict=True):
+            if isinstance(fd, Exception):  # out of descriptors (open_many gives None after it)
+                if strict:
+                    raise fd
+                exhausted, fd = True, None
+            elif fd is None and not exhausted:
+                try:
+                    fd = files.open(name, size)
+                except (OSError, ImgfsError) as exc:
+                    if strict:
+                        raise
+                    log.debug("file %r not opened ahead: %s", name[-120:], exc)
+                    exhausted = isinstance(exc, OutOfResources) or (
+                        isinstance(exc, OSError) and exc.errno in EXHAUSTED
+                    )
+                else:
+                    if advise:
+                        will_need(fd, 0, advise)
+            fds.append(fd)
+    except BaseException:
+        _close_all([*fds, *got[len(fds) :]])  # (the item that failed holds no fd)
+        raise
+    return fds
+
+
+def _close_all(fds: Sequence[object]) -> None:
+    for fd in fds:
+        if isinstance(fd, int):
+            os.close(fd)
 
 
 @contextlib.contextmanager

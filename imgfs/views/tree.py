@@ -19,9 +19,10 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -273,27 +274,44 @@ class TreeView:
                 on_miss, fd = self.caches.read_ahead.opened(parent, name, listing, *warm)
         return contents.open_member(self.verifiers, source, file, lazy=True, on_miss=on_miss, fd=fd)
 
-    def _warm(self, image_id: str, node: Node, length: int) -> int | None:
-        """``readahead.Warm``: regular file ``node`` of image ``image_id`` opened as
-        ``open_known`` would open it, its first ``length`` bytes asked into the page cache;
-        its fd, or None for a file ``open_known`` would not open. Never waits for a store
-        lock."""
-        where = node.origin
-        tree = None if where is None else where.tree()
+    def _warm(self, image_id: str, nodes: Sequence[Node], length: int) -> list[int | None]:
+        """``readahead.Warm``: the regular files ``nodes`` of image ``image_id`` opened as
+        ``open_known`` would open them, the first ``length`` bytes of each asked into the
+        page cache, one ``LayerSource.warm_files`` call per layer they are in; their fds, None
+        for a file ``open_known`` would not open or that was not opened. Never waits for a
+        store lock."""
         with self._lock:
             content = self._content.get(image_id)
-        if where is None or tree is None or content is None:
-            return None
-        source = content.sources[where.layer]
-        if source.toc_tree or source.refused is not None:
-            return None
-        file = tree.file(where.ref)
-        with locks.no_waiting():
-            return source.warm_file(file.data_name, file.size, length)
+        fds: list[int | None] = [None] * len(nodes)
+        if content is None:
+            return fds
+        by_layer: dict[int, list[tuple[int, bytes, int]]] = {}
+        for at, node in enumerate(nodes):
+            where = node.origin
+            tree = None if where is None else where.tree()
+            if where is None or tree is None:
+                continue
+            source = content.sources[where.layer]
+            if source.toc_tree or source.refused is not None:
+                continue
+            file = tree.file(where.ref)
+            by_layer.setdefault(where.layer, []).append((at, file.data_name, file.size))
+        try:
+            with locks.no_waiting():
+                for layer, files in by_layer.items():
+                    got = content.sources[layer].warm_files([f[1:] for f in files], length)
+                    for (at, _, _), fd in zip(files, got, strict=True):
+                        fds[at] = fd
+        except BaseException:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+            raise
+        return fds
 
     def _hold(self, image_id: str) -> contextlib.AbstractContextManager[object]:
         """``readahead.Hold``: the store locks of image ``image_id``'s top layer held across a
-        batch of ``_warm`` calls (their opens take them again without a syscall)."""
+        ``_warm`` of a batch (its opens take them again without a syscall)."""
         with self._lock:
             content = self._content.get(image_id)
         if content is None or not content.sources:
