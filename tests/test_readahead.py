@@ -19,6 +19,7 @@ import fcntl
 import mmap
 import os
 import random
+import resource
 import struct
 import threading
 import time
@@ -827,15 +828,9 @@ def test_the_view_holds_the_store_lock_once_for_a_batch_of_warms(
         imgfs.store.locks.close_kept()
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "fallback"])
-def test_a_warm_opens_checks_and_advises_a_file_as_open_file_does(
-    view: TreeView, made: storemaker.StoreMaker, monkeypatch: pytest.MonkeyPatch, compiled: bool
-) -> None:
-    """``LayerSource.warm_files`` opens the files of the layer's own directory in one compiled
-    call (``LayerFiles.open_many``: probe, openat2, checks, WILLNEED) and leaves what that
-    call does not open (here: every file, as without the extension) to ``LayerFiles.open``:
-    either way each fd holds its file, its pages are asked for, and a size the tar-split does
-    not record is refused (None; ``open_file`` raises)."""
+def _counted_opens(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> list[bytes]:
+    """The names ``LayerFiles.open`` is called for, from now on; without ``compiled``, as
+    without the extension (``open_many`` opens nothing). Skips if it is not built."""
     if compiled and imgfs.store.layerfiles._OPEN_FILES is None:
         pytest.skip("imgfs.layer._fastparse is not built")
     opens: list[bytes] = []
@@ -852,6 +847,19 @@ def test_a_warm_opens_checks_and_advises_a_file_as_open_file_does(
             "open_many",
             lambda _files, items, _advise=0: [None] * len(items),
         )
+    return opens
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "fallback"])
+def test_a_warm_opens_checks_and_advises_a_file_as_open_file_does(
+    view: TreeView, made: storemaker.StoreMaker, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    """``LayerSource.warm_files`` opens the files of the layer's own directory in one compiled
+    call (``LayerFiles.open_many``: probe, openat2, checks, WILLNEED) and leaves what that
+    call does not open (here: every file, as without the extension) to ``LayerFiles.open``:
+    either way each fd holds its file, its pages are asked for, and a size the tar-split does
+    not record is refused (None; ``open_file`` raises)."""
+    opens = _counted_opens(monkeypatch, compiled)
     image_id = made.images[0].id
     source = view.content(view.image(image_id)).sources[0]
     tree = view.layer_tree(source)
@@ -885,3 +893,105 @@ def test_a_warm_opens_checks_and_advises_a_file_as_open_file_does(
     refused = [name for name, _ in wrong]
     expected = refused if compiled else [*names[:4], *refused, *names[4:]]
     assert opens == [*expected, refused[0]]
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "fallback"])
+def test_a_warm_stops_opening_once_the_descriptors_ran_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    """Out of descriptors (EMFILE), a batch's warm opens nothing more: through the compiled
+    call or through ``LayerFiles.open`` (whose error names the file, the EMFILE its cause)."""
+    opens = _counted_opens(monkeypatch, compiled)
+    maker = storemaker.StoreMaker(tmp_path / "root")
+    maker.add_image("localhost/few:v1", [make_tar([("d", None), *_members(8)])])
+    maker.write()
+    (maker.root / f"{storemaker.DRIVER}-layers" / "layers.lock").write_bytes(b"t" * 64)
+    store = imgfs.Store.open(str(maker.root), str(tmp_path / "run"), storemaker.DRIVER)
+    caches = Caches.build(None)
+    try:
+        view = build_view(store.images, 0, caches)
+        image_id = maker.images[0].id
+        source = view.content(view.image(image_id)).sources[0]
+        tree = view.layer_tree(source)
+        top = view.resolve(f"{image_id}/rootfs/d".encode())
+        nodes = [node for _, node in view.children(top.key) if node.kind == "file"]
+        items = [(tree.file(cast(Origin, n.origin).ref).data_name, n.size) for n in nodes]
+        with source.holding_opens():
+            for fd in source.warm_files(items[:1], 1):  # the directories and lock: open now
+                if fd is not None:
+                    os.close(fd)
+            opens.clear()
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            probe = os.open(os.devnull, os.O_RDONLY)
+            os.close(probe)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (probe + 3, hard))  # a few left
+            try:
+                fds = source.warm_files(items, 1)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        try:
+            opened = [fd is not None for fd in fds]
+            ran_out = opened.index(False)
+            assert 0 < ran_out < 8, opened
+            assert not any(opened[ran_out:]), opened
+        finally:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+        names = [name for name, _ in items]
+        assert opens == ([] if compiled else names[: ran_out + 1])  # none after it
+    finally:
+        caches.close()
+        imgfs.store.locks.close_kept()
+
+
+def _members(n: int, prefix: str = "f") -> list[tuple[str, bytes | str | None]]:
+    return [(f"d/{prefix}{i:03}", _content(i)) for i in range(n)]
+
+
+def test_a_layer_whose_warm_fails_leaves_the_other_layers_warmed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = make_tar([("d", None), *_members(3, "b")])
+    upper = make_tar([("d", None), *_members(3, "u")])
+    maker = storemaker.StoreMaker(tmp_path / "root")
+    maker.add_image("localhost/two:v1", [base, upper])
+    maker.write()
+    store = imgfs.Store.open(str(maker.root), str(tmp_path / "run"), storemaker.DRIVER)
+    caches = Caches.build(None)
+    try:
+        view = build_view(store.images, 0, caches)
+        image_id = maker.images[0].id
+        top = view.resolve(f"{image_id}/rootfs/d".encode())
+        listing = [(name, node) for name, node in view.children(top.key) if node.kind == "file"]
+        assert [name for name, _ in listing] == [
+            b"b000",
+            b"b001",
+            b"b002",
+            b"u000",
+            b"u001",
+            b"u002",
+        ]
+        real = LayerSource.warm_files
+
+        def failing_base(
+            source: LayerSource, items: Sequence[tuple[bytes, int]], length: int
+        ) -> list[int | None]:
+            if source.depth == 0:
+                raise imgfs.errors.LayerUnavailable(f"{source.what}: its directory is gone")
+            return real(source, items, length)
+
+        monkeypatch.setattr(LayerSource, "warm_files", failing_base)
+        fds = view._warm(image_id, [node for _, node in listing], 1 << 20)
+        try:
+            assert [fd is not None for fd in fds] == [False] * 3 + [True] * 3
+            assert [os.pread(fd, 1 << 17, 0) for fd in fds[3:] if fd is not None] == [
+                _content(i) for i in range(3)
+            ]
+        finally:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+    finally:
+        caches.close()
+        imgfs.store.locks.close_kept()

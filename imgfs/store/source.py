@@ -182,7 +182,8 @@ class LayerSource:
         caller owns the fds. None for a file not opened: one that fails (logged; the reader's
         own open reports it), every one after the descriptors ran out, and all of a rootless
         store (its files are opened by the user-namespace helper: a round trip per file would
-        cost more than the read it saves)."""
+        cost more than the read it saves). Raises what fails them all (the layer's directories
+        cannot be opened, a writer holds the lock)."""
         if self.rootless or not items:
             return [None] * len(items)
         return self._open(items, length, strict=False)
@@ -296,9 +297,7 @@ def _open_advised(
                     if strict:
                         raise
                     log.debug("file %r not opened ahead: %s", name[-120:], exc)
-                    exhausted = isinstance(exc, OutOfResources) or (
-                        isinstance(exc, OSError) and exc.errno in EXHAUSTED
-                    )
+                    exhausted = _out_of_descriptors(exc)
                 else:
                     if advise:
                         will_need(fd, 0, advise)
@@ -307,6 +306,15 @@ def _open_advised(
         _close_all([*fds, *got[len(fds) :]])  # (the item that failed holds no fd)
         raise
     return fds
+
+
+def _out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the OSError it was raised from: ``LayerFiles.open`` names the file
+    in a ``LayerUnavailable``) says the process or the system ran out of descriptors."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    return isinstance(exc, OutOfResources) or (
+        isinstance(cause, OSError) and cause.errno in EXHAUSTED
+    )
 
 
 def _close_all(fds: Sequence[object]) -> None:

@@ -116,13 +116,13 @@ class ReadAhead:
         hold: Hold | None = None,
     ) -> tuple[OnMiss | None, int | None]:
         """The reader opened entry ``name`` of ``directory``, whose listing is ``listing``;
-        ``warm(node, length)`` (in the worker) reads the first ``length`` bytes of a file of
-        it into the page cache. Returns what to call when a read of this file misses the page
-        cache (``MemberFile``'s ``on_miss``: only then does the window read ahead, so that a
-        reader served from the page caches costs no warms), and the file's fd if the worker
-        opened it already (the caller owns it). ``hold()``: the context the worker's warms of
-        one batch (at most ``WARM_BATCH`` entries) run in (an error entering it skips the
-        batch: harmless, as a failed warm is)."""
+        ``warm(nodes, length)`` (in the worker) reads the first ``length`` bytes of each of a
+        batch of its files into the page cache. Returns what to call when a read of this file
+        misses the page cache (``MemberFile``'s ``on_miss``: only then does the window read
+        ahead, so that a reader served from the page caches costs no warms), and its fd if the
+        worker opened it already (the caller owns it). ``hold()``: the context the worker's
+        warm of one batch (at most ``WARM_BATCH`` entries) runs in (an error entering it skips
+        the batch: harmless, as a failed warm is)."""
         stale: list[int] = []
         try:
             with self._cond:
@@ -270,6 +270,7 @@ class ReadAhead:
         inside one ``hold``, and keep the fds of those it has not reached since."""
         taken = len(batch)
         fds: Sequence[int | None] = ()
+        stale: list[int] = []
         try:
             with contextlib.nullcontext() if window.hold is None else window.hold():
                 batch = [i for i in batch if window.live and i > window.pos]
@@ -277,17 +278,18 @@ class ReadAhead:
                     fds = window.warm([window.listing[i][1] for i in batch], self.max_bytes)
         except Exception as exc:  # harmless: a hold that cannot be had (a writer's lock), or
             log.debug("read-ahead of %d files: %s", len(batch), exc)  # the reader's open says
-        stale: list[int] = []
-        with self._cond:
-            self._busy -= taken
-            for i, fd in zip(batch, fds, strict=False):  # (none if the warm failed)
-                if fd is None:
-                    continue
-                if window.live and i > window.pos and i not in window.fds:
-                    window.fds[i] = fd
-                else:
-                    stale.append(fd)
-        _close(stale)
+        finally:
+            with self._cond:
+                self._busy -= taken
+                for i, fd in zip(batch, fds, strict=False):  # (none if the warm failed)
+                    if fd is None:
+                        continue
+                    if window.live and i > window.pos and i not in window.fds:
+                        window.fds[i] = fd
+                    else:
+                        stale.append(fd)
+            stale += [fd for fd in fds[len(batch) :] if fd is not None]  # (more than asked)
+            _close(stale)
 
     def pending(self) -> int:
         """Entries queued for the worker or being warmed by it (tests)."""

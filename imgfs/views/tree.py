@@ -278,8 +278,9 @@ class TreeView:
         """``readahead.Warm``: the regular files ``nodes`` of image ``image_id`` opened as
         ``open_known`` would open them, the first ``length`` bytes of each asked into the
         page cache, one ``LayerSource.warm_files`` call per layer they are in; their fds, None
-        for a file ``open_known`` would not open or that was not opened. Never waits for a
-        store lock."""
+        for a file ``open_known`` would not open or that was not opened (a layer that fails
+        them all is logged: the others are warmed all the same). Never waits for a store
+        lock."""
         with self._lock:
             content = self._content.get(image_id)
         fds: list[int | None] = [None] * len(nodes)
@@ -299,7 +300,12 @@ class TreeView:
         try:
             with locks.no_waiting():
                 for layer, files in by_layer.items():
-                    got = content.sources[layer].warm_files([f[1:] for f in files], length)
+                    source = content.sources[layer]
+                    try:
+                        got = source.warm_files([f[1:] for f in files], length)
+                    except (ImgfsError, OSError) as exc:
+                        log.debug("read-ahead in %s: %s", source.what, exc)
+                        continue
                     for (at, _, _), fd in zip(files, got, strict=True):
                         fds[at] = fd
         except BaseException:
