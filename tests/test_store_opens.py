@@ -1,10 +1,13 @@
-"""How the core opens store files: lock files (every kind of wrong file is an error naming the
-path, never a hang or a skipped lock), O_NOATIME (and its EPERM fallback), the fd limit."""
+"""How the core opens and reads store files: lock files (every kind of wrong file is an error
+naming the path, never a hang or a skipped lock; the images lock of big-data reads kept open
+between them), O_NOATIME (and its EPERM fallback), the fd limit, whole-file reads."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
+import imgfs
 from imgfs.errors import ImgfsError, LockUnusable, OutOfResources, StorePermissionError
 from imgfs.store import files, locks
+from tests import storemaker
+from tests.tarsplit_maker import make_tar
 
 NOBODY = 65534
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -239,3 +245,72 @@ def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
         """
     )
     assert result.stdout.split() == ["True", "True", "True"], result.stdout + result.stderr
+
+
+def test_a_whole_file_is_read_in_one_pread_and_a_changing_one_to_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"m" * 889)
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counted(fd: int, length: int, offset: int) -> bytes:
+        reads.append(length)
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", counted)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert files.read_bounded(fd, 4096, "f") == b"m" * 889
+        assert reads == [890]  # short of the byte asked past the size: the end
+        reads.clear()
+        assert files.read_bounded(fd, 4096, "f", size=900) == b"m" * 889  # it shrank
+        assert reads == [901, 12]
+        reads.clear()
+        with open(path, "ab") as grow:  # it grew after its size was taken
+            grow.write(b"n" * 20)
+        assert files.read_bounded(fd, 4096, "f", size=889) == b"m" * 889 + b"n" * 20
+        assert reads == [890, 4096 - 890 + 1]  # the rest, up to a byte past the limit
+        reads.clear()
+        with pytest.raises(ImgfsError, match="grew beyond the limit of 900"):
+            files.read_bounded(fd, 900, "f", size=889)
+        assert reads == [890, 11]  # never more than a byte past the limit
+    finally:
+        os.close(fd)
+
+
+def test_big_data_reads_keep_the_images_lock_open_and_lock_it_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    maker = storemaker.StoreMaker(tmp_path / "root")
+    for n in range(3):
+        maker.add_image(f"localhost/img{n}:v1", [make_tar([(f"f{n}", b"x")])])
+    maker.write()
+    lock = maker.root / f"{storemaker.DRIVER}-images" / "images.lock"
+    lock.write_bytes(b"t" * 64)
+    opened: list[str] = []
+    real_open = locks._open_lock
+
+    def counted(where: object) -> int | None:
+        opened.append(str(where))
+        return real_open(where)  # type: ignore[arg-type]
+
+    locks.close_kept()
+    monkeypatch.setattr(locks, "_open_lock", counted)
+    try:
+        store = imgfs.Store.open(str(maker.root), str(tmp_path / "run"), storemaker.DRIVER)
+        images = store.images()
+        opened.clear()
+        for image in images:
+            assert image.manifest()
+            writer = os.open(lock, os.O_RDWR)  # not held between reads: a writer may lock it
+            try:
+                fcntl.fcntl(
+                    writer, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+                )
+            finally:
+                os.close(writer)
+        assert [p for p in opened if p.endswith("images.lock")] == [str(lock)]  # opened once
+    finally:
+        locks.close_kept()

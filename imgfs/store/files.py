@@ -380,21 +380,32 @@ def _check_regular(fd: int, what: str) -> None:
         raise UnsafePath(f"{what}: is a {file_kind(st.st_mode)}, not a regular file")
 
 
-def read_bounded(fd: int, limit: int, what: str) -> bytes:
-    """Read a whole file from ``fd`` (at most ``limit`` bytes, else MalformedMetadata)."""
-    size = os.fstat(fd).st_size
+_GROWN_READ = 64 << 10  # what one read asks for past the size a file had
+
+
+def read_bounded(fd: int, limit: int, what: str, size: int | None = None) -> bytes:
+    """Read a whole file from ``fd`` (at most ``limit`` bytes, else MalformedMetadata).
+    ``size``: its ``st_size``, if the caller has just asked ``fstat``. A read asks for a byte
+    more than the size (past it, for up to ``_GROWN_READ`` more): one that comes back short
+    there ends at the end of the file (one ``pread`` for a file that does not change); one
+    short of the size (a file that shrank) goes on to a read that returns nothing."""
+    if size is None:
+        size = os.fstat(fd).st_size
     if size > limit:
         raise MalformedMetadata(f"{what}: {size} bytes, more than the limit of {limit}")
     chunks = []
     offset = 0
     while True:
-        chunk = os.pread(fd, max(size - offset, 0) + 1, offset)
+        want = size - offset + 1 if offset < size else min(_GROWN_READ, limit - offset + 1)
+        chunk = os.pread(fd, want, offset)
         if not chunk:
             break
         chunks.append(chunk)
         offset += len(chunk)
         if offset > limit:
             raise MalformedMetadata(f"{what}: grew beyond the limit of {limit} bytes")
+        if len(chunk) < want and offset >= size:
+            break
     return b"".join(chunks)
 
 

@@ -588,7 +588,7 @@ class Image:
         what = f"{self.what}: big data {key!r:.80}"
         if "/" in name:
             raise MalformedMetadata(f"{what}: its file name would contain '/'")
-        with read_locked([self._root.images_file("images.lock")]):
+        with read_locked([self._root.images_file("images.lock")], keep=True):
             dir_fd = self._open_image_dir()
             try:
                 fd = open_regular(name, what, dir_fd=dir_fd)
@@ -604,7 +604,7 @@ class Image:
                 if cap < size <= MAX_BIG_DATA_BYTES:
                     log.error("%s: %d bytes, over the memory budget's %d per item", what, size, cap)
                     raise OverBudget(f"{what}: {size} bytes, over the memory budget's {cap}")
-                return read_bounded(fd, min(cap, MAX_BIG_DATA_BYTES), what)
+                return read_bounded(fd, min(cap, MAX_BIG_DATA_BYTES), what, size)
             finally:
                 os.close(fd)
 

@@ -15,11 +15,11 @@ Lock files are opened non-blocking (a FIFO never hangs the open) and with O_NOAT
 file named as a ``StoreFile`` is opened below its store root without following any symlink
 (``files.StoreRoot``), one named by a path only without following its last component.
 
-``read_locked(keep=True)`` (the per-file opens of layer files: one lock per file read) keeps
-each thread's descriptor of a ``StoreFile`` lock file open between calls (at most
-``KEPT_PER_THREAD`` per thread, closed when the thread ends or by ``close_kept``), and takes
-and releases its lock on that descriptor (``F_UNLCK``) instead of opening and closing the file
-each time: the open below the store root, its ``fstat`` and the close were most of the cost
+``read_locked(keep=True)`` (the per-file opens of layer files and the big-data reads: one lock
+per file read) keeps each thread's descriptor of a ``StoreFile`` lock file open between calls
+(at most ``KEPT_PER_THREAD`` per thread, closed when the thread ends or by ``close_kept``),
+and takes and releases its lock on that descriptor (``F_UNLCK``) instead of opening and closing
+the file each time: the open below the store root, its ``fstat`` and the close were most of the cost
 (measured 13 us -> 4 us a call). Each call first checks (one ``lstat`` of its path) that the
 path still names the file the descriptor holds, so a lock file that was deleted, replaced, or
 moved away with its directory (a store removed and made again at the same place) is opened
