@@ -28,20 +28,27 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, cast
+from typing import BinaryIO, TypeVar, cast
 
-from imgfs.errors import ImgfsError, IntegrityError, LayerUnavailable, OutOfResources
-from imgfs.layer.assemble import BlobFile, FileOpener, LayerReader, will_need
+from imgfs.errors import ImgfsError, IntegrityError, LayerUnavailable
+from imgfs.layer.assemble import (
+    BlobFile,
+    FileOpener,
+    LayerReader,
+    out_of_descriptors,
+    will_need,
+)
 from imgfs.layer.index import LayerIndex
 from imgfs.layer.tarsplit import iter_entries
 from imgfs.lru import LRU
-from imgfs.store.files import EXHAUSTED, RootLayout, StoreFile
+from imgfs.store.files import RootLayout, StoreFile
 from imgfs.store.layerfiles import LayerFiles
 from imgfs.store.locks import no_waiting, read_locked
 from imgfs.store.toc import FlatNames, flat_map, read_toc, toc_digest, toc_identity
 from imgfs.store.userns import is_rootless_store, open_layer_files
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -160,9 +167,7 @@ class LayerSource:
         """One content file of the layer (a regular file of ``size`` bytes), under the lock.
         The layer's directory fds are kept (``LAYER_DIRS``) while the store's write tokens
         stay the same."""
-        fd = self._open([(name, size)], 0, strict=True)[0]
-        assert fd is not None  # (strict: an error is raised)
-        return fd
+        return self._with_files(lambda files: files.open(name, size))
 
     def holding_opens(self) -> contextlib.AbstractContextManager[object]:
         """This thread holds the layer's store locks (``read_locked(keep=True)``, never waiting
@@ -186,23 +191,24 @@ class LayerSource:
         cannot be opened, a writer holds the lock)."""
         if self.rootless or not items:
             return [None] * len(items)
-        return self._open(items, length, strict=False)
+        return self._with_files(lambda files: _open_advised(files, items, length))
 
-    def _open(
-        self, items: Sequence[tuple[bytes, int]], advise: int, strict: bool
-    ) -> list[int | None]:
-        """``_open_advised`` of ``items`` under the lock, with the layer's directories."""
+    def _with_files(self, use: Callable[[FileOpener], _T]) -> _T:
+        """``use(files)`` with the layer's content files (``files``), taken under the lock:
+        the kept directories of ``LAYER_DIRS`` (one lock per call: kept fds), or for a store
+        whose files are opened without them (rootless, the flat layout's name map) ones opened
+        for this call."""
         if self.toc_names or self.rootless:
             with read_locked(self.locks):
                 files = self._layer_files()
             try:
-                return _open_advised(files, items, advise, strict)
+                return use(files)
             finally:
                 files.close()
-        with read_locked(self.locks, keep=True) as tokens:  # one lock per call: kept fds
+        with read_locked(self.locks, keep=True) as tokens:
             held = LAYER_DIRS.hold(self._dirs_key(), tokens, self._own_files)
         try:
-            return _open_advised(held.files, items, advise, strict)
+            return use(held.files)
         finally:
             LAYER_DIRS.let_go(held)
 
@@ -270,57 +276,39 @@ class LayerSource:
 
 
 def _open_advised(
-    files: FileOpener, items: Sequence[tuple[bytes, int]], advise: int, strict: bool
+    files: FileOpener, items: Sequence[tuple[bytes, int]], advise: int
 ) -> list[int | None]:
-    """``files.open(name, size)`` of each item, with ``advise`` > 0 its first ``advise`` bytes
-    asked into the page cache (``will_need``: a hint). The store's ``LayerFiles`` does both
-    for the files of its first directory in one compiled call (``open_many``: the same probe,
-    openat2 rules and checks, with the GIL released); what that call leaves (a file of a
-    lower directory, an odd name, an error) is opened by ``open``, which says why.
-    ``strict``: that error is raised (the fds opened before it closed); else the item is None
-    and logged, and once the descriptors ran out every later one is None too."""
+    """``files.open(name, size)`` of each item, its first ``advise`` bytes asked into the page
+    cache (``will_need``: a hint). The store's ``LayerFiles`` does both for the files of its
+    first directory in one compiled call (``open_many``: the same probe, openat2 rules and
+    checks, with the GIL released); what that call leaves (a file of a lower directory, an odd
+    name, an error) is opened by ``open``, which says why. An item that fails is None (its
+    error logged); once the descriptors ran out every later one is None too."""
     got: Sequence[int | Exception | None] = [None] * len(items)
-    if advise and isinstance(files, LayerFiles):
+    if isinstance(files, LayerFiles):
         got = files.open_many(items, advise)
     fds: list[int | None] = []
     exhausted = False
     try:
         for (name, size), fd in zip(items, got, strict=True):
             if isinstance(fd, Exception):  # out of descriptors (open_many gives None after it)
-                if strict:
-                    raise fd
                 exhausted, fd = True, None
             elif fd is None and not exhausted:
                 try:
                     fd = files.open(name, size)
                 except (OSError, ImgfsError) as exc:
-                    if strict:
-                        raise
                     log.debug("file %r not opened ahead: %s", name[-120:], exc)
-                    exhausted = _out_of_descriptors(exc)
+                    exhausted = out_of_descriptors(exc)
                 else:
                     if advise:
                         will_need(fd, 0, advise)
             fds.append(fd)
     except BaseException:
-        _close_all([*fds, *got[len(fds) :]])  # (the item that failed holds no fd)
+        for opened in [*fds, *got[len(fds) :]]:  # (the item that failed holds no fd)
+            if isinstance(opened, int):
+                os.close(opened)
         raise
     return fds
-
-
-def _out_of_descriptors(exc: BaseException) -> bool:
-    """Whether ``exc`` (or the OSError it was raised from: ``LayerFiles.open`` names the file
-    in a ``LayerUnavailable``) says the process or the system ran out of descriptors."""
-    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-    return isinstance(exc, OutOfResources) or (
-        isinstance(cause, OSError) and cause.errno in EXHAUSTED
-    )
-
-
-def _close_all(fds: Sequence[object]) -> None:
-    for fd in fds:
-        if isinstance(fd, int):
-            os.close(fd)
 
 
 @contextlib.contextmanager

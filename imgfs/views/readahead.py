@@ -266,21 +266,19 @@ class ReadAhead:
                 self._warm_batch(window, batch)
 
     def _warm_batch(self, window: _Window, batch: list[int]) -> None:
-        """Warm the entries of ``batch`` the reader has not reached, in one ``warm`` call
-        inside one ``hold``, and keep the fds of those it has not reached since."""
-        taken = len(batch)
+        """Warm the entries of ``batch`` (none the reader had reached when ``_work`` took
+        them) in one ``warm`` call inside one ``hold``, and keep the fds of those it has not
+        reached since."""
         fds: Sequence[int | None] = ()
         stale: list[int] = []
         try:
             with contextlib.nullcontext() if window.hold is None else window.hold():
-                batch = [i for i in batch if window.live and i > window.pos]
-                if batch:
-                    fds = window.warm([window.listing[i][1] for i in batch], self.max_bytes)
+                fds = window.warm([window.listing[i][1] for i in batch], self.max_bytes)
         except Exception as exc:  # harmless: a hold that cannot be had (a writer's lock), or
             log.debug("read-ahead of %d files: %s", len(batch), exc)  # the reader's open says
         finally:
             with self._cond:
-                self._busy -= taken
+                self._busy -= len(batch)
                 for i, fd in zip(batch, fds, strict=False):  # (none if the warm failed)
                     if fd is None:
                         continue
@@ -288,7 +286,6 @@ class ReadAhead:
                         window.fds[i] = fd
                     else:
                         stale.append(fd)
-            stale += [fd for fd in fds[len(batch) :] if fd is not None]  # (more than asked)
             _close(stale)
 
     def pending(self) -> int:
