@@ -280,15 +280,21 @@ def test_a_whole_file_is_read_in_one_pread_and_a_changing_one_to_its_end(
         os.close(fd)
 
 
-def test_big_data_reads_keep_the_images_lock_open_and_lock_it_each_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _three_images(tmp_path: Path) -> tuple[storemaker.StoreMaker, Path]:
+    """A store of three images and its images lock file."""
     maker = storemaker.StoreMaker(tmp_path / "root")
     for n in range(3):
         maker.add_image(f"localhost/img{n}:v1", [make_tar([(f"f{n}", b"x")])])
     maker.write()
     lock = maker.root / f"{storemaker.DRIVER}-images" / "images.lock"
     lock.write_bytes(b"t" * 64)
+    return maker, lock
+
+
+def test_big_data_reads_keep_the_images_lock_open_and_lock_it_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    maker, lock = _three_images(tmp_path)
     opened: list[str] = []
     real_open = locks._open_lock
 
@@ -314,3 +320,48 @@ def test_big_data_reads_keep_the_images_lock_open_and_lock_it_each_time(
         assert [p for p in opened if p.endswith("images.lock")] == [str(lock)]  # opened once
     finally:
         locks.close_kept()
+
+
+def test_a_big_data_read_opens_its_file_in_one_openat2_and_stats_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    maker, _ = _three_images(tmp_path)
+    store = imgfs.Store.open(str(maker.root), str(tmp_path / "run"), storemaker.DRIVER)
+    images = sorted(store.images(), key=lambda image: image.id)
+    opens: list[bytes] = []
+    stats: list[int] = []
+    real_openat2, real_fstat = files.openat2, os.fstat
+
+    def counted_openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+        opens.append(path)
+        return real_openat2(dirfd, path, flags, resolve)
+
+    def counted_fstat(fd: int) -> os.stat_result:
+        stats.append(fd)
+        return real_fstat(fd)
+
+    locks.close_kept()
+    try:
+        images[0].manifest()  # the images lock opened and kept
+        monkeypatch.setattr(files, "openat2", counted_openat2)
+        monkeypatch.setattr(os, "fstat", counted_fstat)
+        manifest = maker.root / _image_dir(images[1].id) / "manifest"
+        assert images[1].manifest() == manifest.read_bytes()
+        assert opens == [f"{_image_dir(images[1].id)}/manifest".encode()]  # not its directory
+        assert len(stats) == 1  # the check that it is a regular file gave its size
+        monkeypatch.undo()
+        (maker.root / _image_dir(images[2].id) / "manifest").unlink()
+        missing = f"image {images[2].id[:12]}.*file manifest is missing"
+        with pytest.raises(ImgfsError, match=missing):
+            images[2].manifest()
+        for path in (maker.root / _image_dir(images[2].id)).iterdir():
+            path.unlink()
+        (maker.root / _image_dir(images[2].id)).rmdir()
+        with pytest.raises(imgfs.ImageNotFound, match="removed from the store"):
+            images[2].manifest()
+    finally:
+        locks.close_kept()
+
+
+def _image_dir(image_id: str) -> str:
+    return f"{storemaker.DRIVER}-images/{image_id}"

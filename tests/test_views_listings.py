@@ -109,9 +109,12 @@ def test_a_listed_name_is_answered_as_its_section_would(store: Path) -> None:
                 assert (name, peeked) == (b"rootfs", None), parent
                 real = fresh.lookup(parent, name)
                 assert (real.key, real.kind, real.provisional) == (listed.key, "dir", False)
+                assert view.peek(listed.key) is None  # a getattr computes the real node
                 continue
             assert peeked is not None, (parent, name)
             assert peeked == listed == fresh.lookup(parent, name), (parent, name)
+            # found in the listing by its key (getattr, opendir: no thread hop), not remembered
+            assert view.peek(listed.key) == fresh.node(listed.key), (parent, name)
             if listed.kind == "link":  # readlink asks peek(key)
                 assert view.peek(listed.key) == fresh.node(listed.key)
             checked += 1

@@ -207,9 +207,7 @@ class Snapshot:
         """True once the temp file was closed (evicted or dropped)."""
         return self._fd_closed
 
-    def read(
-        self, offset: int, n: int, timeout: float | None = None, ahead: int = 0
-    ) -> bytes:
+    def read(self, offset: int, n: int, timeout: float | None = None, ahead: int = 0) -> bytes:
         """Return bytes ``[offset, offset + n)``, fewer only at EOF.
 
         Waits until the range is published; a published range never waits. Raises the

@@ -60,7 +60,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # built once and never written again (so threads share it): the per-file open is the hot loop
 # of generating a many-file layer blob.
 _syscall = ctypes.CFUNCTYPE(
-    ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
     use_errno=True,
 )(("syscall", _libc))
 _HOW_SIZE = ctypes.sizeof(_OpenHow)
@@ -192,13 +197,19 @@ class StoreRoot:
 
     def open_file(self, rel: str, what: str, flags: int = _OPEN_FLAGS) -> int:
         """A regular file below the root, read-only, non-blocking (a FIFO never hangs)."""
-        fd = self.open_at(rel, flags, what)
-        _check_regular(fd, what)
-        return fd
+        return self._open_sized(rel, what, flags)[0]
 
-    def read(self, rel: str, limit: int, what: str) -> bytes | None:
-        """The bytes of a regular file below the root (at most ``limit``), None if absent."""
-        return _read_whole(lambda: self.open_file(rel, what), limit, what)
+    def _open_sized(self, rel: str, what: str, flags: int = _OPEN_FLAGS) -> tuple[int, int]:
+        """``open_file``, and the file's size from the ``fstat`` that checked it."""
+        fd = self.open_at(rel, flags, what)
+        return fd, _check_regular(fd, what)
+
+    def read(
+        self, rel: str, limit: int, what: str, check: Callable[[int], None] | None = None
+    ) -> bytes | None:
+        """The bytes of a regular file below the root (at most ``limit``), None if absent.
+        ``check``: called with the file's size before it is read (it may raise)."""
+        return _read_whole(lambda: self._open_sized(rel, what), limit, what, check)
 
     def is_dir(self, rel: str) -> bool:
         """Whether ``rel`` is a real directory (not a symlink to one) below the root."""
@@ -355,6 +366,11 @@ def open_regular(path: str, what: str, dir_fd: int | None = None) -> int:
     """Open a regular file read-only without following a final symlink or blocking on a FIFO
     (``path`` one component when ``dir_fd`` is a StoreRoot directory; else a path the caller
     trusts up to its last component)."""
+    return _open_regular_sized(path, what, dir_fd)[0]
+
+
+def _open_regular_sized(path: str, what: str, dir_fd: int | None = None) -> tuple[int, int]:
+    """``open_regular``, and the file's size from the ``fstat`` that checked it."""
     try:
         fd = open_noatime(path, _OPEN_FLAGS, dir_fd=dir_fd)
     except PermissionError as exc:
@@ -365,11 +381,11 @@ def open_regular(path: str, what: str, dir_fd: int | None = None) -> int:
         if exc.errno in EXHAUSTED:
             raise OutOfResources(f"{what}: cannot open: {exc.strerror}") from exc
         raise
-    _check_regular(fd, what)
-    return fd
+    return fd, _check_regular(fd, what)
 
 
-def _check_regular(fd: int, what: str) -> None:
+def _check_regular(fd: int, what: str) -> int:
+    """The size of the regular file ``fd`` (closed, and UnsafePath, if it is not one)."""
     try:
         st = os.fstat(fd)
     except OSError:
@@ -378,6 +394,7 @@ def _check_regular(fd: int, what: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise UnsafePath(f"{what}: is a {file_kind(st.st_mode)}, not a regular file")
+    return st.st_size
 
 
 _GROWN_READ = 64 << 10  # what one read asks for past the size a file had
@@ -411,15 +428,22 @@ def read_bounded(fd: int, limit: int, what: str, size: int | None = None) -> byt
 
 def read_file(path: str, limit: int, what: str) -> bytes | None:
     """The bytes of a regular file, or None when it does not exist."""
-    return _read_whole(lambda: open_regular(path, what), limit, what)
+    return _read_whole(lambda: _open_regular_sized(path, what), limit, what)
 
 
-def _read_whole(open_: Callable[[], int], limit: int, what: str) -> bytes | None:
+def _read_whole(
+    open_: Callable[[], tuple[int, int]],
+    limit: int,
+    what: str,
+    check: Callable[[int], None] | None = None,
+) -> bytes | None:
     try:
-        fd = open_()
+        fd, size = open_()
     except FileNotFoundError:
         return None
     try:
-        return read_bounded(fd, limit, what)
+        if check is not None:
+            check(size)
+        return read_bounded(fd, limit, what, size)
     finally:
         os.close(fd)

@@ -44,8 +44,6 @@ from imgfs.store.files import (
     StoreFile,
     StoreRoot,
     big_data_file_name,
-    open_regular,
-    read_bounded,
 )
 from imgfs.store.locks import read_locked
 from imgfs.store.records import (
@@ -588,25 +586,25 @@ class Image:
         what = f"{self.what}: big data {key!r:.80}"
         if "/" in name:
             raise MalformedMetadata(f"{what}: its file name would contain '/'")
+        cap = self._store.budget.big_data_item
+
+        def within_budget(size: int) -> None:
+            if cap < size <= MAX_BIG_DATA_BYTES:
+                log.error("%s: %d bytes, over the memory budget's %d per item", what, size, cap)
+                raise OverBudget(f"{what}: {size} bytes, over the memory budget's {cap}")
+
+        rel = f"{self._root.image_dir(self.id)}/{name}"
         with read_locked([self._root.images_file("images.lock")], keep=True):
-            dir_fd = self._open_image_dir()
-            try:
-                fd = open_regular(name, what, dir_fd=dir_fd)
-            except FileNotFoundError as exc:
-                raise MalformedMetadata(f"{what}: file {name} is missing") from exc
+            try:  # the file opened below the root in one openat2 (not its directory first)
+                data = self._root.store_root.read(
+                    rel, min(cap, MAX_BIG_DATA_BYTES), what, within_budget
+                )
             except OSError as exc:
-                raise MalformedMetadata(f"{what}: cannot open {name}: {exc.strerror}") from exc
-            finally:
-                os.close(dir_fd)
-            try:
-                cap = self._store.budget.big_data_item
-                size = os.fstat(fd).st_size
-                if cap < size <= MAX_BIG_DATA_BYTES:
-                    log.error("%s: %d bytes, over the memory budget's %d per item", what, size, cap)
-                    raise OverBudget(f"{what}: {size} bytes, over the memory budget's {cap}")
-                return read_bounded(fd, min(cap, MAX_BIG_DATA_BYTES), what, size)
-            finally:
-                os.close(fd)
+                raise MalformedMetadata(f"{what}: cannot read {name}: {exc.strerror}") from exc
+            if data is None:
+                os.close(self._open_image_dir())  # ImageNotFound when the image went
+                raise MalformedMetadata(f"{what}: file {name} is missing")
+            return data
 
     def _open_image_dir(self) -> int:
         rel = self._root.image_dir(self.id)

@@ -209,6 +209,29 @@ def child_key(parent: Key, name: bytes) -> Key | None:
     return None
 
 
+def listed_name(key: Key) -> bytes | None:
+    """The name ``key`` is listed under in the listing of ``key.parent()``, where it follows
+    from the key alone (not for a layer's directory, whose name holds its digest, a hardlink
+    identity, or what is never listed: the root, a prefix link)."""
+    if isinstance(key, LayerKey | RootfsKey):
+        if key.path:
+            return key.path.rpartition(b"/")[2]
+        return b"rootfs" if isinstance(key, RootfsKey) else None
+    if isinstance(key, OciKey | ByNameKey):
+        return key.parts[-1] if key.parts else (b"oci" if isinstance(key, OciKey) else b"by-name")
+    if isinstance(key, BlobKey | InstanceKey):
+        return key.digest.encode()
+    if isinstance(key, SignatureKey):
+        return b"signature-%d" % key.number
+    if isinstance(key, SectionKey):
+        return key.section.encode()
+    if isinstance(key, ImageFileKey):
+        return key.name.encode()
+    if isinstance(key, ImageKey):
+        return key.image.encode()
+    return None
+
+
 def display(key: Key) -> str:
     """A path-like text for logs: ``/<id>/rootfs/etc/hostname``, ``/by-name/…`` (hardlink
     identities as ``…/rootfs#<layer>:<ref>``; non-UTF-8 bytes escaped)."""

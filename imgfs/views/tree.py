@@ -39,7 +39,6 @@ from imgfs.views import oci as ocilayout
 from imgfs.views.content import Caches, Content
 from imgfs.views.keys import (
     ROOT,
-    ByNameKey,
     ImageKey,
     Key,
     LayerInodeKey,
@@ -47,6 +46,7 @@ from imgfs.views.keys import (
     RootfsInodeKey,
     RootfsKey,
     child_key,
+    listed_name,
 )
 from imgfs.views.node import Node
 from imgfs.views.readahead import Hold, Warm
@@ -136,20 +136,24 @@ class TreeView:
             self._nodes.put(key, found)
         return found
 
+    def listed_node(self, key: Key) -> Node:
+        """The node of ``key`` for its directory's listing, computed by its section and not
+        remembered apart (``peek`` finds it in the listing)."""
+        return section_of(key).node(self, key)
+
     def peek(self, key: Key) -> Node | None:
         """The node of ``key`` if this view computed it already (no I/O, no parse): remembered,
-        or in its directory's listing."""
+        or in its directory's listing (where a listing's nodes are kept: they are not
+        remembered one by one), unless only provisional there."""
         found = self._nodes.get(key)
         if found is not None:
             return found
-        if isinstance(key, LayerKey | RootfsKey) and key.path:
-            name = key.path.rpartition(b"/")[2]
-        elif isinstance(key, ByNameKey) and key.parts:  # a link's readlink
-            name = key.parts[-1]
-        else:
+        name = listed_name(key)
+        if name is None:
             return None
         listed = self._listings.get(key.parent())
-        return None if listed is None else listed[1].get(name)
+        found = None if listed is None else listed[1].get(name)
+        return None if found is None or found.provisional else found
 
     def peek_child(self, parent: Key, name: bytes) -> Node | None:
         """``peek`` of the child ``name`` of ``parent``: known by its key, or listed in

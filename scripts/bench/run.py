@@ -414,9 +414,7 @@ class Bench:
         ref = self.time_row(
             sec, "minimal pyfuse3 fs, the same tree: ls -lR again", ref_again, "s", note="reference"
         )
-        self.time_row(
-            sec, "the same ls -lR again (cached)", ls_again, "s", ref=(ref, "minimal fs")
-        )
+        self.time_row(sec, "the same ls -lR again (cached)", ls_again, "s", ref=(ref, "minimal fs"))
         self.add(
             Row(sec, "daemon RSS after ls -lR", median(rss) / MiB, "MiB", note="target <= 150 MiB")
         )

@@ -91,7 +91,7 @@ class ImageDir(Section):
         child = _child_key(key.image, name)
         assert child is not None
         try:
-            return view.node(child)
+            return view.listed_node(child)
         except ImgfsError as exc:
             if name not in (b"rootfs", b"layers", b"oci"):
                 raise

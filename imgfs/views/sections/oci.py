@@ -32,15 +32,7 @@ _FILES = ((b"oci-layout",), (b"index.json",))
 class Oci(Section):
     def node(self, view: TreeView, key: OciKey) -> Node:
         image = _image(view, key)
-        mtime = view.image_mtime(image)
-        if key.parts in _DIRS:
-            return Node(key, "dir", 0, mtime, stable=True)
-        if key.parts in _FILES:
-            return Node(key, "file", len(_small_file(view, image, key.parts)), mtime, stable=True)
-        info = _blob(view, image, key)
-        if info is None:
-            return Node(key, "file", len(view.layout(image).manifest), mtime, stable=True)
-        return Node(key, "file", info.size, mtime, stable=True, xattrs=blob_xattrs(info))
+        return _node(view, image, view.image_mtime(image), key)
 
     def children(self, view: TreeView, key: OciKey) -> list[tuple[bytes, Node]]:
         image = _image(view, key)
@@ -49,8 +41,8 @@ class Oci(Section):
         names = _DIRS[key.parts]
         if names is None:
             names = sorted(view.layout(image).blobs)
-        # view.node: remembered, so an opendir of a listed directory needs no thread hop
-        return [(n, view.node(OciKey(key.image, (*key.parts, n)))) for n in names]
+        mtime = view.image_mtime(image)
+        return [(n, _node(view, image, mtime, OciKey(key.image, (*key.parts, n)))) for n in names]
 
     def lookup(self, view: TreeView, key: OciKey, name: bytes) -> Node:
         return self.node(view, OciKey(key.image, (*key.parts, name)))
@@ -63,6 +55,18 @@ class Oci(Section):
         if info is None:
             return Inline(view.layout(image).manifest)
         return open_blob(view, image, info)
+
+
+def _node(view: TreeView, image: Image, mtime: int, key: OciKey) -> Node:
+    """The node of ``key`` in ``image``'s ``oci/`` (``mtime``: the image's)."""
+    if key.parts in _DIRS:
+        return Node(key, "dir", 0, mtime, stable=True)
+    if key.parts in _FILES:
+        return Node(key, "file", len(_small_file(view, image, key.parts)), mtime, stable=True)
+    info = _blob(view, image, key)
+    if info is None:
+        return Node(key, "file", len(view.layout(image).manifest), mtime, stable=True)
+    return Node(key, "file", info.size, mtime, stable=True, xattrs=blob_xattrs(info))
 
 
 def _image(view: TreeView, key: OciKey) -> Image:
